@@ -1,0 +1,234 @@
+"""The Grain input pipeline over `tfds.data_source`: deterministic, sharded, checkpointable.
+
+    builder = load_builder('synthetic_patients', data_dir=D)          # prepares it if needed
+    spec = DatasetSpec.from_builder(builder)
+    train = train_loader(builder, spec, batch_size=64, seed=0)       # infinite, shuffled
+    it = iter(train); batch = next(it); state = it.get_state()       # ... it.set_state(state)
+    for batch in eval_batches(builder, spec, 'test', batch_size=64):  # one pass, padded
+        ...
+
+Batches follow the contract in `mmjax/batch.py`. Each JAX process reads its own shard
+(`jax.process_index()` of `jax.process_count()`); `batch_size` is per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmjax.batch import MODALITIES, TaskSpec
+from mmjax.data import transforms as T
+from mmjax.data.tokenizer import WordPieceTokenizer
+
+# One reader thread: more threads only contend for the GIL with the transforms (measured on 2 cores:
+# 980 examples/s with 1 thread, 790 with 2, 650 with 4).
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=128)
+DEFAULT_DATA_DIR = os.environ.get("MMJAX_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the pipeline and the models need to know about a prepared dataset."""
+
+    name: str
+    tasks: tuple[TaskSpec, ...]
+    tokenizer: WordPieceTokenizer
+    tabular_names: tuple[str, ...]
+    tabular_mean: np.ndarray
+    tabular_std: np.ndarray
+    tabular_log_scale: np.ndarray
+    image_shape: tuple[int, ...]
+    image_mean: float
+    image_std: float
+    signal_length: int
+    split_sizes: dict
+
+    @classmethod
+    def from_builder(cls, builder) -> DatasetSpec:
+        md = builder.info.metadata
+        if not md or "vocab" not in md:
+            raise T.DataError(f"{builder.data_dir}: dataset metadata (vocab, statistics) is missing; "
+                              "re-run download_and_prepare")
+        feats = builder.info.features
+        tab = md["tabular"]
+        return cls(
+            name=builder.name,
+            tasks=tuple(TaskSpec.from_dict(t) for t in md["tasks"]),
+            tokenizer=WordPieceTokenizer(md["vocab"]),
+            tabular_names=tuple(tab["names"]),
+            tabular_mean=np.asarray(tab["mean"], np.float32),
+            tabular_std=np.maximum(np.asarray(tab["std"], np.float32), 1e-6),
+            tabular_log_scale=np.asarray(tab["log_scale"], bool),
+            image_shape=tuple(feats["image"].shape),
+            image_mean=float(md["image"]["mean"]),
+            image_std=float(md["image"]["std"]),
+            signal_length=int(feats["ecg"].shape[0]),
+            split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
+        )
+
+    def select_tasks(self, names: Sequence[str] | None) -> tuple[TaskSpec, ...]:
+        if not names:
+            return self.tasks
+        known = {t.name: t for t in self.tasks}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; dataset {self.name!r} has {sorted(known)}")
+        return tuple(known[n] for n in names)
+
+
+def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, prepare: bool = True):
+    """The TFDS builder for `name` (e.g. 'synthetic_patients/tiny'), prepared if needed."""
+    import mmjax.data  # noqa: F401  (registers the builders)
+
+    builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
+    if prepare:
+        builder.download_and_prepare(file_format="array_record")
+    return builder
+
+
+class _CheckedSource:
+    """A data source whose read errors name the split, record and files."""
+
+    def __init__(self, builder, split: str):
+        try:
+            self._source = builder.as_data_source(split)
+        except Exception as e:  # noqa: BLE001  (re-raised with context)
+            raise T.DataError(f"cannot open split {split!r} of {builder.name} in {builder.data_dir}: {e}") from e
+        self._split = split
+        self._where = builder.data_dir
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, i):
+        try:
+            return self._source[i]
+        except Exception as e:  # noqa: BLE001  (re-raised with context)
+            raise T.DataError(f"split {self._split!r}, record {i} in {self._where}: cannot read or decode "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str], tasks: Sequence[TaskSpec],
+                   text_max_length: int = 96, spectrogram: bool = False) -> list:
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or not modalities:
+        raise ValueError(f"unknown modalities {unknown or modalities}; choose from {MODALITIES}")
+    ops = [T.CheckExample(spec.image_shape, spec.signal_length, len(spec.tabular_names))]
+    if "image" in modalities:
+        ops.append(T.SelectImage())
+    if "text" in modalities:
+        ops.append(T.TokenizeText(spec.tokenizer, text_max_length))
+    if "tabular" in modalities:
+        ops.append(T.StandardizeTabular(spec.tabular_mean, spec.tabular_std, spec.tabular_log_scale))
+    if "signal" in modalities:
+        ops.append(T.NormalizeSignal())
+        if spectrogram:
+            ops.append(T.Spectrogram())
+    ops += [T.CollectLabels(tuple(tasks)), T.Assemble(tuple(modalities))]
+    return ops
+
+
+def _shard(shard_index, shard_count):
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    return shard_index, shard_count
+
+
+def _records(source, shard_index, shard_count) -> grain.MapDataset:
+    """This process's records: every shard_count-th, from shard_index (disjoint, covering)."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} is not in [0, {shard_count})")
+    return grain.MapDataset.source(source)[shard_index::shard_count]
+
+
+def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, split: str = "train",
+                 modalities: Sequence[str] = MODALITIES, tasks: Sequence[TaskSpec] | None = None,
+                 augment: bool = True, text_max_length: int = 96, spectrogram: bool = False,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 worker_count: int = 0) -> grain.IterDataset:
+    """Infinite, shuffled (differently each epoch, deterministic for `seed`), full batches.
+
+    `iter(loader)` is checkpointable: `it.get_state()` / `it.set_state(state)`. With
+    `worker_count` > 0, preprocessing runs in that many processes (same batches, same order).
+    """
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    ds = _records(_CheckedSource(builder, split), shard_index, shard_count).shuffle(seed=seed).repeat()
+    for op in preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram):
+        ds = ds.map(op)
+    ds = ds.batch(batch_size, drop_remainder=True).map(T.ImageToFloat(spec.image_mean, spec.image_std))
+    if augment and "image" in modalities:
+        ds = ds.random_map(T.AugmentImages(), seed=seed + 1)
+    ds = ds.to_iter_dataset(_READ_OPTIONS)
+    if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside app.run use defaults
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ds
+
+
+def num_eval_batches(num_records: int, batch_size: int, shard_count: int) -> int:
+    """Batches each process yields in one evaluation pass: equal on every process."""
+    return math.ceil(math.ceil(num_records / shard_count) / batch_size)
+
+
+def eval_batches(builder, spec: DatasetSpec, split: str, batch_size: int, *,
+                 modalities: Sequence[str] = MODALITIES, tasks: Sequence[TaskSpec] | None = None,
+                 text_max_length: int = 96, spectrogram: bool = False,
+                 shard_index: int | None = None, shard_count: int | None = None) -> Iterator[dict]:
+    """One pass over this process's shard of `split`, in order, no augmentation.
+
+    Every batch has `batch_size` rows; rows past the end are padding with `example_mask` False,
+    so each example counts exactly once. All processes yield the same number of batches.
+    """
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    source = _CheckedSource(builder, split)
+    ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram)
+    ops.append(T.ImageToFloat(spec.image_mean, spec.image_std))  # per batch, after `batch` below
+    ds = _records(source, shard_index, shard_count)
+    for op in ops[:-1]:
+        ds = ds.map(op)
+    ds = ds.batch(batch_size, drop_remainder=False).map(ops[-1])
+    total = num_eval_batches(len(source), batch_size, shard_count)
+    template = None
+    count = 0
+    for batch in ds.to_iter_dataset(_READ_OPTIONS):
+        template = batch
+        count += 1
+        yield pad_batch(batch, batch_size)
+    if count < total:
+        if template is None:  # this process's shard is empty: shape the padding on record 0
+            template = grain.MapDataset.source(source)[:1]
+            for op in ops[:-1]:
+                template = template.map(op)
+            template = template.batch(1).map(ops[-1])[0]
+        for _ in range(total - count):
+            yield pad_batch(_empty_like(template), batch_size)
+
+
+def _empty_like(batch):
+    import jax
+
+    return jax.tree.map(lambda x: np.zeros_like(x[:0]), batch)
+
+
+def pad_batch(batch: dict, batch_size: int) -> dict:
+    """Pads every array to `batch_size` rows with zeros (False for masks and presence)."""
+    import jax
+
+    def pad(x):
+        missing = batch_size - x.shape[0]
+        if missing < 0:
+            raise ValueError(f"batch of {x.shape[0]} rows is larger than batch_size={batch_size}")
+        return np.concatenate([x, np.zeros((missing,) + x.shape[1:], x.dtype)]) if missing else x
+
+    return jax.tree.map(pad, batch)

@@ -1,0 +1,1 @@
+"""Evaluation beyond per-batch metrics: reference bounds and reports."""

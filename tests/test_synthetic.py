@@ -1,0 +1,145 @@
+"""The `synthetic_patients` generator and builder: determinism, documented statistics, structure."""
+
+import numpy as np
+import pytest
+
+from mmjax.batch import MODALITIES
+from mmjax.data.synthetic.generate import GenerationSettings, generate_split
+from mmjax.data.synthetic.labs import FEATURES
+from mmjax.data.synthetic.latent import CONDITIONS
+
+
+@pytest.fixture(scope="module")
+def train_columns():
+    return generate_split(GenerationSettings(), "train", 3000)
+
+
+def test_generation_is_deterministic_and_splits_differ():
+    s = GenerationSettings(image_size=32)
+    a, _ = generate_split(s, "validation", 64)
+    b, _ = generate_split(s, "validation", 64)
+    c, _ = generate_split(s, "test", 64)
+    for key in ("image", "labs", "ecg", "diagnosis", "severity"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["note"] == b["note"]
+    assert not np.array_equal(a["image"], c["image"])
+    d, _ = generate_split(GenerationSettings(image_size=32, seed=1), "validation", 64)
+    assert not np.array_equal(a["ecg"], d["ecg"])
+
+
+def test_builds_are_identical(tiny_builder, tmp_path):
+    from mmjax.data import pipeline
+
+    again = pipeline.load_builder("synthetic_patients/tiny", str(tmp_path))
+    assert again.info.metadata["vocab"] == tiny_builder.info.metadata["vocab"]
+    for split in ("train", "validation", "test"):
+        a, b = tiny_builder.as_data_source(split), again.as_data_source(split)
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            ea, eb = a[i], b[i]
+            assert ea["patient_id"] == eb["patient_id"] and ea["note"] == eb["note"]
+            for key in ("image", "labs", "ecg"):
+                np.testing.assert_array_equal(ea[key], eb[key])
+            np.testing.assert_array_equal(ea["labels"]["diagnosis"], eb["labels"]["diagnosis"])
+
+
+def test_label_statistics_within_documented_ranges(train_columns):
+    cols, state = train_columns
+    prevalence = cols["diagnosis"].mean(0)
+    assert cols["diagnosis"].shape == (3000, len(CONDITIONS))
+    assert np.all((prevalence > 0.08) & (prevalence < 0.30)), dict(zip(CONDITIONS, prevalence))
+    assert 1.5 < cols["severity"].mean() < 3.0 and cols["severity"].min() >= 0 and cols["severity"].max() < 15
+    known = cols["mortality_known"]
+    assert 0.87 < known.mean() < 0.93
+    assert 0.08 < cols["mortality"][known].mean() < 0.22
+    # Mortality follows severity.
+    assert cols["severity"][cols["mortality"] == 1].mean() > cols["severity"][cols["mortality"] == 0].mean() + 1
+    # Sepsis only with an infection.
+    assert not np.any(state.sepsis & ~(state.pneumonia | state.uti))
+
+
+def test_modality_presence_rates_and_content(train_columns):
+    cols, _ = train_columns
+    rates = dict(GenerationSettings().missing_rates)
+    present = np.stack([cols["present"][m] for m in MODALITIES])
+    assert present.any(axis=0).all(), "every patient has at least one modality"
+    for m, p in zip(MODALITIES, present):
+        assert abs((1 - p.mean()) - rates[m]) < 0.03, m
+    img, ecg = cols["present"]["image"], cols["present"]["signal"]
+    assert np.all(cols["image"][~img] == 0) and np.all(cols["image"][img].std(axis=(1, 2, 3)) > 5)
+    assert np.all(cols["ecg"][~ecg] == 0)
+    assert np.all(np.isnan(cols["labs"][~cols["present"]["tabular"]]))
+    assert all(n == "" for n, p in zip(cols["note"], cols["present"]["text"]) if not p)
+    assert all(len(n) > 20 for n, p in zip(cols["note"], cols["present"]["text"]) if p)
+
+
+def test_labs_ranges_missingness_and_correlations(train_columns):
+    cols, state = train_columns
+    labs = cols["labs"][cols["present"]["tabular"]]
+    for j, f in enumerate(FEATURES):
+        col = labs[:, j]
+        observed = col[~np.isnan(col)]
+        assert np.all((observed >= f.low) & (observed <= f.high)), f.name
+        assert abs(np.isnan(col).mean() - f.missing_rate) < 0.04, f.name
+    names = [f.name for f in FEATURES]
+    tab = cols["present"]["tabular"]
+    bnp = cols["labs"][:, names.index("bnp")]
+    hf = state.heart_failure
+    assert np.nanmedian(bnp[tab & hf]) > 3 * np.nanmedian(bnp[tab & ~hf])
+    log = lambda k: np.log(cols["labs"][:, names.index(k)])
+    for a, b, lo in (("wbc", "crp", 0.2), ("creatinine", "potassium", 0.4)):  # shared causes, shared noise
+        x, y = log(a), log(b)
+        ok = ~np.isnan(x) & ~np.isnan(y)
+        assert np.corrcoef(x[ok], y[ok])[0, 1] > lo, (a, b)
+
+
+def test_images_show_findings(train_columns):
+    cols, state = train_columns
+    img, ok = cols["image"][..., 0].astype(np.float32), cols["present"]["image"]
+    h = img.shape[1]
+    # A wider heart covers the lung beside it: that region brightens with the cardiothoracic ratio.
+    beside_heart = img[:, int(h * 0.57):int(h * 0.63), int(h * 0.66):int(h * 0.73)].mean(axis=(1, 2))
+    assert np.corrcoef(beside_heart[ok], state.cardiothoracic_ratio[ok])[0, 1] > 0.3
+    # Effusion fills the lung bases.
+    base = img[:, int(h * 0.66):int(h * 0.74), int(h * 0.1):int(h * 0.3)].mean(axis=(1, 2))
+    big = ok & (state.effusion_size > 0.5) & (state.effusion_side != 1)
+    assert base[big].mean() > base[ok & ~state.effusion].mean() + 5
+
+
+def _rr_irregularity(x, hz):
+    """Coefficient of variation of RR intervals; R peaks found as the steepest slopes."""
+    slope = np.abs(np.diff(x))
+    thr = 0.35 * np.percentile(slope, 99.5)
+    above = np.where(slope > thr)[0]
+    peaks = [p for k, p in enumerate(above) if k == 0 or p - above[k - 1] > 0.25 * hz]
+    rr = np.diff(peaks)
+    return rr.std() / rr.mean() if len(rr) > 2 else np.nan
+
+
+def test_ecg_rhythm_structure(train_columns):
+    cols, state = train_columns
+    idx = np.where(cols["present"]["signal"])[0][:400]
+    cv = np.array([_rr_irregularity(cols["ecg"][i], 100) for i in idx])
+    af = state.af_during_ecg[idx]
+    assert np.nanmedian(cv[af]) > 2 * np.nanmedian(cv[~af])
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="image_size"):
+        GenerationSettings(image_size=512)
+    with pytest.raises(ValueError, match="unknown modalities"):
+        GenerationSettings(missing_rates=(("xray", 0.1),))
+    with pytest.raises(ValueError, match=r"missing_rates\['text'\]"):
+        GenerationSettings(missing_rates=(("text", 1.5),))
+
+
+def test_registered_with_tfds(tiny_builder):
+    import tensorflow_datasets as tfds
+
+    import mmjax.data  # noqa: F401
+
+    assert "synthetic_patients" in tfds.list_builders(with_community_datasets=False)
+    b = tfds.builder("synthetic_patients/tiny", data_dir=tiny_builder.data_dir_root)
+    assert b.info.splits["train"].num_examples == 256
+    assert b.info.features["image"].shape == (32, 32, 1)
+    assert b.info.version == "1.0.0"
