@@ -1,0 +1,79 @@
+"""Evaluation over one pass of a split: per task and label AUROC, AUPRC, F1, accuracy (classification)
+and MAE, RMSE (regression), with macro averages.
+
+`macro_auroc` at the top level is the mean AUROC over every binary output: each label of a
+multilabel task and each binary task. Only rows with `example_mask` and a known label count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from mmjax import metrics
+from mmjax.batch import TaskSpec
+
+
+def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec]):
+    """Runs `predict(batch) -> {task: [B, ...]}` over batches; returns (predictions, labels, masks)
+    concatenated over real rows only."""
+    preds, labels, masks = ({t.name: [] for t in tasks} for _ in range(3))
+    for batch in batches:
+        out = predict(batch)
+        rows = np.asarray(batch["example_mask"], bool)
+        for t in tasks:
+            preds[t.name].append(np.asarray(out[t.name], np.float64)[rows])
+            labels[t.name].append(np.asarray(batch["labels"][t.name], np.float64)[rows])
+            masks[t.name].append(np.asarray(batch["label_mask"][t.name], bool)[rows])
+    cat = lambda d: {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in d.items()}
+    return cat(preds), cat(labels), cat(masks)
+
+
+def _binary(y, p, known) -> dict:
+    y, p = y[known], p[known]
+    hard = (p >= 0.5).astype(np.float64)
+    return {"auroc": metrics.roc_auc(y, p), "auprc": metrics.average_precision(y, p),
+            "f1": metrics.f1_score(y, hard), "accuracy": metrics.accuracy(y, hard),
+            "positives": int(y.sum()), "count": int(len(y))}
+
+
+def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[TaskSpec]) -> dict:
+    results, aurocs = {}, []
+    for t in tasks:
+        p, y, known = preds[t.name], labels[t.name], masks[t.name]
+        if t.kind == "regression":
+            results[t.name] = {"mae": metrics.mae(y[known], p[known]), "rmse": metrics.rmse(y[known], p[known]),
+                               "count": int(known.sum())}
+        elif t.kind == "binary":
+            results[t.name] = _binary(y, p, known)
+            aurocs.append(results[t.name]["auroc"])
+        else:
+            per = {name: _binary(y[:, k], p[:, k], known[:, k]) for k, name in enumerate(t.label_names)}
+            macro = {m: float(np.nanmean([r[m] for r in per.values()])) for m in ("auroc", "auprc", "f1", "accuracy")}
+            results[t.name] = {"labels": per, **{f"macro_{m}": v for m, v in macro.items()}}
+            aurocs += [r["auroc"] for r in per.values()]
+    results["macro_auroc"] = float(np.nanmean(aurocs)) if aurocs else float("nan")
+    return results
+
+
+def format_table(results: dict, tasks: Sequence[TaskSpec]) -> str:
+    """A fixed-width table of `{split: metrics}`."""
+    splits = list(results)
+    rows = [("metric", *splits)]
+    rows.append(("macro_auroc (all binary outputs)", *(f"{results[s]['macro_auroc']:.4f}" for s in splits)))
+    for t in tasks:
+        if t.kind == "multilabel":
+            for m in ("macro_auroc", "macro_auprc", "macro_f1"):
+                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+            for name in t.label_names:
+                cells = (f"{results[s][t.name]['labels'][name]['auroc']:.4f}" for s in splits)
+                rows.append((f"  {name} auroc", *cells))
+        elif t.kind == "binary":
+            for m in ("auroc", "auprc", "f1", "accuracy"):
+                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+        else:
+            for m in ("mae", "rmse"):
+                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>10}" for c in r[1:]) for r in rows)

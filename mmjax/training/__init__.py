@@ -1,0 +1,1 @@
+"""Training: state, optimizer, the pure train step, parallelism, checkpoints, logging, the loop."""

@@ -1,0 +1,86 @@
+"""Train-step benchmark: compile time, step time, steps/s, examples/s, the fraction of a training
+loop's wall time spent inside the compiled step, and peak memory.
+
+    python -m mmjax.training.benchmark [--config=experiments/synthetic_patients.py[:args]] \
+        [--config.model.dtype=bfloat16] [--steps=30]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax.data import pipeline
+from mmjax.training import parallel
+from mmjax.training.optimizer import make_optimizer
+from mmjax.training.state import TrainState
+from mmjax.training.step import make_train_step
+from mmjax.training.train import build_model, parse_list
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
+
+
+def benchmark(config, steps: int) -> dict:
+    builder = pipeline.load_builder(f"{config.data.name}/{config.data.config}", config.data.data_dir or None)
+    spec = pipeline.DatasetSpec.from_builder(builder)
+    tasks = spec.select_tasks(parse_list(config.tasks))
+    kw = dict(modalities=parse_list(config.modalities), tasks=tasks, text_max_length=config.data.text_max_length,
+              spectrogram=config.data.spectrogram)
+    it = iter(pipeline.train_loader(builder, spec, config.train.batch_size, config.seed, augment=config.data.augment,
+                                    worker_count=config.data.worker_count, shard_index=0, shard_count=1, **kw))
+    model = build_model(config, spec, tasks)
+    tx = make_optimizer(config.optimizer, config.train.num_steps)
+    mesh = parallel.make_mesh()
+    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    batch = parallel.global_batch(next(it), shard)
+
+    def init(rng):
+        params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
+        return TrainState(step=jax.numpy.zeros((), "int32"), params=params, opt_state=tx.init(params), rng=rng)
+
+    state = jax.jit(init, out_shardings=repl)(jax.random.PRNGKey(0))
+    train_step = make_train_step(model, tx, tasks, dict(config.loss.weights),
+                                 modality_heads_weight=config.loss.modality_heads_weight)
+    step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    for _ in range(3):
+        state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t) / steps
+    t = time.perf_counter()  # the training loop's shape: fresh data every step, no host sync
+    for _ in range(steps):
+        state, m = compiled(state, parallel.global_batch(next(it), shard))
+    jax.block_until_ready(m)
+    loop_s = (time.perf_counter() - t) / steps
+    return {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "cpus": os.cpu_count(),
+        "batch_size": config.train.batch_size, "dtype": config.model.dtype, "fusion": config.model.fusion.name,
+        "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
+        "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 1), "steps_per_s": round(1 / step_s, 2),
+        "examples_per_s": round(config.train.batch_size / step_s, 1), "loop_step_ms": round(loop_s * 1e3, 1),
+        "fraction_in_step": round(step_s / loop_s, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main(argv):
+    del argv
+    print(json.dumps(benchmark(_CONFIG.value, _STEPS.value)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,82 @@
+"""Run output on process 0: a progress line, `metrics.jsonl`, TensorBoard event files (tensorboardX,
+no TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+def _fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, total_steps: int, batch_size: int):
+        self.active = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last = None  # (time, step) of the last progress line
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, event: str, step: int, values: dict) -> None:
+        """One JSON object per event: {"event", "step", "time", **values}; scalars to TensorBoard."""
+        if not self.active:
+            return
+        record = {"event": event, "step": int(step), "time": round(time.time(), 3), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in _flatten(values).items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(f"{event}/{k}", v, int(step))
+        self._tb.flush()
+
+    def progress(self, step: int, loss: float, compiled_fraction: float | None = None) -> dict:
+        """Prints `step, loss, steps/s, examples/s, ETA`; returns the rates."""
+        now = time.perf_counter()
+        rates = {}
+        if self._last is not None and step > self._last[1]:
+            sps = (step - self._last[1]) / (now - self._last[0])
+            rates = {"steps_per_s": round(sps, 3), "examples_per_s": round(sps * self.batch_size, 1)}
+            eta = _fmt_seconds((self.total_steps - step) / sps)
+        else:
+            eta = "?"
+        self._last = (now, step)
+        if self.active:
+            line = f"step {step:>6d}/{self.total_steps}  loss {loss:.4f}"
+            if rates:
+                line += f"  {rates['steps_per_s']:.2f} steps/s  {rates['examples_per_s']:.0f} ex/s  ETA {eta}"
+            print(line, flush=True)
+        return rates
+
+    def reset_clock(self, step: int) -> None:
+        """Restart rate measurement (after evaluation or compilation, which are not steps)."""
+        self._last = (time.perf_counter(), step)
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out

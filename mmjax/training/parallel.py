@@ -1,0 +1,79 @@
+"""Data parallelism: a named mesh (the main path) or pmap (the alternative), and multi-process setup.
+
+Mesh path: parameters replicated, the batch sharded on the `data` axis, the step jitted once
+with the state donated. Pmap path: the state replicated on every local device, the batch split
+into `[devices, B / devices, ...]`, the same step function reducing with `psum`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(requested: bool) -> None:
+    """`jax.distributed.initialize()` when the config asks or the environment names a coordinator."""
+    env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
+    if (requested or env) and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: XLA propagates shardings through the model (newer jax defaults to Explicit).
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def device_batch(batch: dict) -> dict:
+    """The part of a host batch that goes to devices (ids stay on the host)."""
+    return {k: v for k, v in batch.items() if k != "patient_id"}
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows -> one global array per leaf, sharded over every process's devices."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        device_batch(local_batch))
+
+
+def split_for_pmap(local_batch: dict) -> dict:
+    n = jax.local_device_count()
+
+    def split(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split over {n} local devices")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, device_batch(local_batch))
+
+
+def replicate(tree):
+    """One copy per local device along a new leading axis (pmap places them on its first call)."""
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def to_host(tree):
+    """Fully replicated or addressable global arrays -> numpy (gathers across processes if needed)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)

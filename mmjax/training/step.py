@@ -1,0 +1,62 @@
+"""The pure train and eval steps, shared by the mesh (jit) and pmap paths.
+
+`make_train_step(..., axis_name=None)` is jitted over the global batch; with
+`axis_name='data'` the same function runs under `jax.pmap` on a device's shard and reduces
+counts and gradients with `psum`, which gives the same loss and update as one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax import losses
+from mmjax.batch import TaskSpec
+from mmjax.training.state import TrainState
+
+# optax.tree.norm where it exists (optax.global_norm is deprecated there), else the old name.
+_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
+                    num_shards: int = 1, modality_heads_weight: float = 0.0):
+    reduce = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            outputs, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+            per_task = losses.task_losses(outputs, batch, tasks, count_reduce=reduce)
+            total = losses.combine(per_task, tasks, loss_weights, aux.get("task_log_vars"), num_shards)
+            if "modality_outputs" in aux and modality_heads_weight:
+                per_mod = losses.modality_task_losses(aux["modality_outputs"], aux["modality_present"], batch,
+                                                      tasks, count_reduce=reduce)
+                total = total + modality_heads_weight * losses.combine(per_mod, tasks, loss_weights)
+            return total, per_task
+
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, per_task, grads = reduce(loss), reduce(per_task), reduce(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": _norm(grads), "param_norm": _norm(params),
+                   "update_norm": _norm(updates), **{f"loss_{k}": v for k, v in per_task.items()}}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model, tasks: Sequence[TaskSpec]):
+    def eval_step(params, batch):
+        outputs, _ = model.apply({"params": params}, batch, train=False)
+        return {t.name: (outputs[t.name] if t.kind == "regression" else jax.nn.sigmoid(outputs[t.name]))
+                for t in tasks}
+
+    return eval_step
+
+
+def all_finite(metrics) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))

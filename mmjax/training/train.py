@@ -1,0 +1,267 @@
+"""`train_and_evaluate(config, workdir)`: the research loop, top to bottom.
+
+Sections: setup, data, model and optimizer, state and shardings, restore, steps, evaluation,
+loop, final test. The config is described in `experiments/synthetic_patients.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mmjax.batch import MODALITIES
+from mmjax.data import pipeline
+from mmjax.evaluation import evaluate
+from mmjax.models import MultimodalModel
+from mmjax.training import checkpoint, parallel
+from mmjax.training.logging import MetricWriter
+from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.training.state import TrainState
+from mmjax.training.step import make_eval_step, make_train_step
+
+
+class _CompileCounter:
+    """Counts XLA backend compilations (a jitted function compiles once per input shape)."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+_COMPILES = _CompileCounter()
+
+
+def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
+    items = tuple(v for v in value.replace("+", ",").split(",") if v) if value else ()
+    if known is not None:
+        unknown = [v for v in items if v not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown}; choose from {list(known)}")
+    return items
+
+
+def build_model(config, spec, tasks) -> MultimodalModel:
+    m = config.model
+    modalities = parse_list(config.modalities, MODALITIES, "modalities")
+    encoders = {}
+    for mod in modalities:
+        kw = dict(m[mod]) if mod in m else {}
+        kw.update(num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout)
+        if mod == "text":
+            kw["vocab_size"] = len(spec.tokenizer)
+        encoders[mod] = kw
+    fusion = dict(m.fusion)
+    name = fusion.pop("name")
+    fusion.update(num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout)
+    if name in ("concat", "mean", "late"):
+        fusion = {}
+    return MultimodalModel(modalities=modalities, tasks=tuple(tasks), encoders=encoders, fusion=name,
+                           fusion_kwargs=fusion, width=m.width, modality_dropout=m.modality_dropout,
+                           modality_heads=config.loss.modality_heads_weight > 0,
+                           uncertainty_weighting=config.loss.uncertainty_weighting, dtype=jnp.dtype(m.dtype))
+
+
+def _local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    # ---- Setup -------------------------------------------------------------------------------
+    parallel.maybe_initialize_distributed(config.distributed)
+    if config.parallel not in ("mesh", "pmap"):
+        raise ValueError(f"parallel={config.parallel!r}: use 'mesh' or 'pmap'")
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    num_steps, batch_size = config.train.num_steps, config.train.batch_size
+    n_proc, n_dev = jax.process_count(), jax.device_count()
+    for name, size in (("train.batch_size", batch_size), ("eval_batch_size", config.eval_batch_size)):
+        if size % n_dev:
+            raise ValueError(f"{name}={size} must be divisible by the {n_dev} devices")
+
+    # ---- Data --------------------------------------------------------------------------------
+    data = config.data
+    builder = pipeline.load_builder(f"{data.name}/{data.config}", data.data_dir or None)
+    spec = pipeline.DatasetSpec.from_builder(builder)
+    tasks = spec.select_tasks(parse_list(config.tasks))
+    modalities = parse_list(config.modalities, MODALITIES, "modalities")
+    unknown = sorted(set(config.loss.weights) - {t.name for t in tasks})
+    if unknown:
+        raise ValueError(f"loss.weights names unknown task(s) {unknown}; tasks are {[t.name for t in tasks]}")
+    data_kw = dict(modalities=modalities, tasks=tasks, text_max_length=data.text_max_length,
+                   spectrogram=data.spectrogram)
+    train_loader = pipeline.train_loader(builder, spec, batch_size // n_proc, config.seed, augment=data.augment,
+                                         worker_count=data.worker_count, **data_kw)
+    train_iter = iter(train_loader)
+
+    def eval_iter(split):
+        return pipeline.eval_batches(builder, spec, split, config.eval_batch_size // n_proc, **data_kw)
+
+    # ---- Model and optimizer ---------------------------------------------------------------------
+    model = build_model(config, spec, tasks)
+    tx = make_optimizer(config.optimizer, num_steps)
+    schedule = learning_rate_schedule(config.optimizer, num_steps)
+    template = parallel.device_batch(next(eval_iter("validation")))
+
+    def init(rng):
+        k_params, k_dropout, k_run = jax.random.split(rng, 3)
+        params = model.init({"params": k_params, "dropout": k_dropout}, template, train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run)
+
+    # ---- State and shardings ---------------------------------------------------------------------
+    mesh = parallel.make_mesh()
+    repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    state = jax.jit(init, out_shardings=repl)(jax.random.PRNGKey(config.seed))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    # ---- Restore: this run's workdir, else init_from, else scratch --------------------------------
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                                      config.train.keep_checkpoints, config.best_metric)
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state = checkpoint.restore(manager, abstract)
+        train_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", workdir, int(state.step))
+        print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
+    elif config.init_from:
+        params, from_step = checkpoint.restore_params(config.init_from, state.params)
+        state = state.replace(params=jax.device_put(params, repl))
+        print(f"Initialized parameters from {config.init_from} (step {from_step})", flush=True)
+
+    # ---- Steps -------------------------------------------------------------------------------------
+    weights = dict(config.loss.weights)
+    mh_weight = float(config.loss.modality_heads_weight)
+    if config.parallel == "mesh":
+        train_step = jax.jit(make_train_step(model, tx, tasks, weights, modality_heads_weight=mh_weight),
+                             in_shardings=(repl, data_sharding),
+                             out_shardings=(repl, repl), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model, tasks), in_shardings=(repl, data_sharding))
+        put = lambda b: parallel.global_batch(b, data_sharding)
+        host_state = lambda s: s
+    else:
+        n_local = jax.local_device_count()
+        train_step = jax.pmap(make_train_step(model, tx, tasks, weights, axis_name=parallel.DATA_AXIS,
+                                              num_shards=n_dev, modality_heads_weight=mh_weight),
+                              axis_name=parallel.DATA_AXIS, donate_argnums=0)
+        eval_step = jax.pmap(make_eval_step(model, tasks), axis_name=parallel.DATA_AXIS)
+        put = parallel.split_for_pmap
+        state = parallel.replicate(jax.device_get(state))
+        host_state = parallel.unreplicate
+        del n_local
+
+    def predict(params, batch):
+        out = eval_step(params, put(batch))
+        if config.parallel == "mesh":
+            return jax.tree.map(_local_rows, out)
+        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), out)
+
+    # ---- Evaluation --------------------------------------------------------------------------------
+    def run_eval(split):
+        params = state.params
+        preds, labels, masks = evaluate.collect(lambda b: predict(params, b), eval_iter(split), tasks)
+        if n_proc > 1:
+            from jax.experimental import multihost_utils
+
+            preds, labels, masks = multihost_utils.process_allgather((preds, labels, masks), tiled=True)
+        return evaluate.compute_metrics(preds, labels, masks, tasks)
+
+    # ---- Loop --------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, num_steps, batch_size)
+    step = int(jax.device_get(host_state(state).step))
+    start_step, pending, data_wait, results = step, [], 0.0, {}
+    stop_at = config.train.stop_at_step or num_steps
+    compiles_before = first_step_compiles = None
+    first_step_s = None
+    run_start = time.perf_counter()
+
+    def flush(pending):
+        """Fetches the steps' metrics (one host sync per log interval); fails on non-finite values."""
+        fetched = jax.device_get(pending)
+        for s, m in fetched:
+            m = jax.tree.map(lambda v: float(np.mean(v)), m)
+            bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
+            if bad:
+                raise FloatingPointError(f"non-finite {', '.join(bad)} at step {s}: {bad}; stopping the run")
+        return [jax.tree.map(lambda v: float(np.mean(v)), m) for _, m in fetched]
+
+    while step < min(num_steps, stop_at):
+        t0 = time.perf_counter()
+        batch = next(train_iter)
+        data_wait += time.perf_counter() - t0
+        if compiles_before is None:
+            compiles_before = _COMPILES.count
+        state, metrics = train_step(state, put(batch))
+        step += 1
+        pending.append((step, metrics))
+        if first_step_s is None:
+            jax.block_until_ready(metrics)
+            first_step_s = time.perf_counter() - t0
+            first_step_compiles = _COMPILES.count
+            writer.reset_clock(step)
+        last = step == num_steps or step == stop_at
+        if step % config.train.log_every == 0 or last or step % config.train.eval_every == 0:
+            values = flush(pending)
+            pending = []
+            mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+            rates = writer.progress(step, mean["loss"])
+            writer.write("train", step, {**mean, **rates, "learning_rate": float(schedule(step - 1))})
+        val = None
+        if step % config.train.eval_every == 0 or step == num_steps:
+            val = run_eval("validation")
+            results["validation"] = val
+            writer.write("validation", step, val)
+            print(f"step {step}: validation macro_auroc {val['macro_auroc']:.4f}", flush=True)
+            writer.reset_clock(step)
+        if step % config.train.checkpoint_every == 0 or last:
+            metric = {config.best_metric: val[config.best_metric]} if val else None
+            checkpoint.save(manager, step, host_state(state), train_iter.get_state(), metric, force=last)
+    manager.wait_until_finished()
+    train_seconds = time.perf_counter() - run_start
+
+    if step < num_steps:  # stopped early on purpose (train.stop_at_step): no final evaluation
+        writer.close()
+        manager.close()
+        return {"stopped_at_step": step}
+
+    # ---- Final test evaluation ---------------------------------------------------------------------
+    results["test"] = run_eval("test")
+    if "validation" not in results:
+        results["validation"] = run_eval("validation")
+    results = {"validation": results["validation"], "test": results["test"]}
+    steps_run = step - start_step
+    run_info = {
+        "steps_run": steps_run, "parameters": int(n_params), "devices": n_dev, "processes": n_proc,
+        "parallel": config.parallel, "wall_seconds": round(train_seconds, 2),
+        "first_step_seconds_incl_compile": round(first_step_s or 0.0, 3),
+        "compilations_in_first_step": (first_step_compiles or 0) - (compiles_before or 0),
+        "train_step_recompilations_after_first_step": _train_step_cache_size(train_step) - 1,
+        "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
+    }
+    writer.write("test", step, results["test"])
+    writer.write("run", step, run_info)
+    if is_main:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({**results, "run": run_info}, f, indent=2)
+        print(evaluate.format_table(results, tasks), flush=True)
+    writer.close()
+    manager.close()
+    return {**results, "run": run_info}
+
+
+def _train_step_cache_size(fn) -> int:
+    size = getattr(fn, "_cache_size", None)
+    return int(size()) if callable(size) else 1

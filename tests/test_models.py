@@ -1,0 +1,251 @@
+"""Encoders, fusion and the model: shapes, masks, exact exclusion of missing data, batch independence,
+and the shared layers against float64 references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:  # a config context manager in newer jax; jax.experimental.enable_x64 in older ones
+    from jax.experimental import enable_x64 as _enable_x64
+
+    def enable_x64():
+        return _enable_x64()
+except ImportError:
+
+    def enable_x64():
+        return jax.enable_x64(True)
+
+from mmjax.batch import TaskSpec
+from mmjax.models import ENCODERS, FUSIONS, MultimodalModel, drop_modalities, layers
+from mmjax.models.registry import Registry
+
+TASKS = (TaskSpec("diagnosis", "multilabel", ("a", "b", "c")), TaskSpec("severity", "regression"),
+         TaskSpec("mortality", "binary"))
+B = 6
+
+
+def make_batch(seed=0, b=B):
+    rng = np.random.default_rng(seed)
+    text_mask = np.arange(12)[None, :] < rng.integers(3, 12, b)[:, None]
+    batch = {
+        "image": {"values": rng.normal(size=(b, 16, 16, 1)).astype(np.float32), "present": rng.random(b) < 0.7},
+        "text": {"values": rng.integers(1, 50, (b, 12)).astype(np.int32) * text_mask, "mask": text_mask,
+                 "present": rng.random(b) < 0.7},
+        "tabular": {"values": rng.normal(size=(b, 5)).astype(np.float32), "mask": rng.random((b, 5)) < 0.8,
+                    "present": rng.random(b) < 0.7},
+        "signal": {"values": rng.normal(size=(b, 40, 1)).astype(np.float32), "mask": np.ones((b, 40), bool),
+                   "present": rng.random(b) < 0.7},
+    }
+    batch["image"]["present"][0] = False  # patient 0 always lacks image and signal
+    batch["signal"]["present"][0] = False
+    batch["text"]["present"][0] = True
+    for m in ("text", "signal"):
+        batch[m]["mask"] = batch[m]["mask"] & batch[m]["present"][:, None]
+    batch["tabular"]["mask"] &= batch["tabular"]["present"][:, None]
+    return batch
+
+
+def make_model(fusion, **kw):
+    enc = {"image": {"patch_size": 8}, "text": {"vocab_size": 50}, "tabular": {}, "signal": {"patch_size": 10}}
+    return MultimodalModel(modalities=("image", "text", "tabular", "signal"), tasks=TASKS, encoders=enc,
+                           fusion=fusion, width=16, **kw,
+                           fusion_kwargs={"depth": 2, "num_heads": 2} if fusion == "cross_attention" else {})
+
+
+def _init(model, batch):
+    return model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, batch)["params"]
+
+
+@pytest.mark.parametrize("name,kwargs,tokens", [("image", {"patch_size": 8}, 4), ("text", {"vocab_size": 50}, 12),
+                                                 ("tabular", {}, 5), ("signal", {"patch_size": 10}, 4)])
+def test_encoder_contract(name, kwargs, tokens):
+    batch = make_batch()
+    enc = ENCODERS.get(name)(width=16, num_heads=2, **kwargs)
+    params = enc.init(jax.random.PRNGKey(0), batch[name])
+    x, mask = enc.apply(params, batch[name])
+    assert x.shape == (B, tokens, 16) and mask.shape == (B, tokens) and mask.dtype == jnp.bool_
+    absent = ~batch[name]["present"]
+    assert not np.asarray(mask)[absent].any()
+    assert np.all(np.asarray(x)[absent] == 0)
+    assert np.asarray(mask)[~absent].any(axis=1).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_outputs_shapes_and_aux(fusion):
+    batch = make_batch()
+    model = make_model(fusion)
+    out, aux = model.apply({"params": _init(model, batch)}, batch)
+    assert out["diagnosis"].shape == (B, 3) and out["severity"].shape == (B,) and out["mortality"].shape == (B,)
+    assert set(aux["embeddings"]) == {"image", "text", "tabular", "signal"}
+    assert all(v.shape == (B, 16) for v in aux["embeddings"].values())
+    if fusion == "cross_attention":
+        assert len(aux["attention"]) == 2 and aux["attention"][0].shape == (B, 2, 4 + 12 + 5 + 4, 4 + 12 + 5 + 4)
+        seg = np.asarray(aux["token_modality"])
+        w = np.asarray(aux["attention"][0])[0]  # patient 0: no image (modality 0), no signal (3)
+        assert np.all(w[:, :, (seg == 0) | (seg == 3)] == 0)
+        assert np.all(w[:, seg == 1][:, :, seg == 1] == 0)  # cross-attention never looks at its own modality
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_absent_modalities_and_masked_entries_change_no_output(fusion):
+    batch = make_batch()
+    model = make_model(fusion)
+    params = _init(model, batch)
+    out, aux = model.apply({"params": params}, batch)
+    rng = np.random.default_rng(1)
+    other = jax.tree.map(np.copy, batch)
+    for m in ("image", "text", "tabular", "signal"):
+        absent = ~batch[m]["present"]
+        v = other[m]["values"]
+        v[absent] = rng.integers(1, 50, v[absent].shape) if m == "text" else rng.normal(size=v[absent].shape) * 100
+    other["text"]["values"] = np.where(batch["text"]["mask"], other["text"]["values"], rng.integers(1, 50, (B, 12)))
+    other["tabular"]["values"] = np.where(batch["tabular"]["mask"], other["tabular"]["values"], 1e3)
+    out2, aux2 = model.apply({"params": params}, other)
+    jax.tree.map(np.testing.assert_array_equal, out, out2)
+    jax.tree.map(np.testing.assert_array_equal, aux["embeddings"], aux2["embeddings"])
+    # ... while changing a present modality does change the outputs.
+    other["tabular"]["values"] = np.where(batch["tabular"]["mask"], 5.0, other["tabular"]["values"])
+    out3, _ = model.apply({"params": params}, other)
+    changed = batch["tabular"]["present"]
+    assert not np.allclose(np.asarray(out3["severity"])[changed], np.asarray(out["severity"])[changed])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_a_patient_does_not_depend_on_the_rest_of_the_batch(fusion):
+    batch = make_batch()
+    model = make_model(fusion, modality_dropout=0.0)
+    params = _init(model, batch)
+    out, _ = model.apply({"params": params}, batch)
+    other = make_batch(seed=7)
+    mixed = jax.tree.map(lambda a, b: np.concatenate([a[:1], b[1:]]), batch, other)
+    out2, _ = model.apply({"params": params}, mixed)
+    for k in out:
+        np.testing.assert_allclose(np.asarray(out2[k])[0], np.asarray(out[k])[0], rtol=1e-5, atol=1e-6)
+    alone, _ = model.apply({"params": params}, jax.tree.map(lambda a: a[:1], batch))
+    for k in out:
+        np.testing.assert_allclose(np.asarray(alone[k])[0], np.asarray(out[k])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_modality_heads_see_only_their_own_modality():
+    batch = make_batch()
+    model = make_model("cross_attention", modality_heads=True)
+    params = _init(model, batch)
+    _, aux = model.apply({"params": params}, batch)
+    assert aux["modality_outputs"]["diagnosis"].shape == (B, 4, 3)
+    assert aux["modality_outputs"]["severity"].shape == (B, 4)
+    np.testing.assert_array_equal(aux["modality_present"][:, 0], batch["image"]["present"])
+    other = jax.tree.map(np.copy, batch)
+    other["text"]["values"] = np.where(batch["text"]["mask"], 7, 0).astype(np.int32)  # change text only
+    _, aux2 = model.apply({"params": params}, other)
+    for k in (0, 2, 3):  # image, tabular and signal heads are unaffected by the text
+        np.testing.assert_array_equal(aux["modality_outputs"]["severity"][:, k],
+                                      aux2["modality_outputs"]["severity"][:, k])
+
+
+def test_modality_dropout_keeps_at_least_one_modality():
+    rng = np.random.default_rng(0)
+    present = {m: rng.random(1000) < 0.8 for m in "abcd"}
+    present["a"][:10] = True
+    for m in "bcd":
+        present[m][:10] = False  # these patients have only one modality
+    had_any = np.any(np.stack(list(present.values())), 0)
+    for rate, key in ((0.0, 0), (0.5, 1), (1.0, 2)):
+        kept = drop_modalities(present, rate, jax.random.PRNGKey(key))
+        k = np.stack([np.asarray(kept[m]) for m in "abcd"])
+        p = np.stack([present[m] for m in "abcd"])
+        assert not np.any(k & ~p), "dropout never adds a modality"
+        np.testing.assert_array_equal(k.any(0), had_any)
+        assert k[:, :10].sum() == 10  # a single modality is never dropped
+        if rate == 0.0:
+            np.testing.assert_array_equal(k, p)
+        if rate == 0.5:
+            assert 0.35 < 1 - k.sum() / p.sum() < 0.5
+
+
+def test_modality_dropout_is_applied_only_in_training():
+    batch = make_batch()
+    model = make_model("mean", modality_dropout=0.9)
+    params = _init(model, batch)
+    _, aux = model.apply({"params": params}, batch, train=False)
+    for m in aux["present"]:
+        np.testing.assert_array_equal(aux["present"][m], batch[m]["present"])
+    _, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+    dropped = sum(int(np.sum(batch[m]["present"] & ~np.asarray(aux["present"][m]))) for m in aux["present"])
+    assert dropped > 0
+
+
+def test_registry_fails_loudly():
+    with pytest.raises(KeyError, match="unknown fusion 'attention'; registered: \\['concat'"):
+        FUSIONS.get("attention")
+    reg = Registry("thing")
+    reg.register("a")(int)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(float)
+
+
+def test_layer_norm_matches_float64_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 7, 32)).astype(np.float32) * 3 + 1
+    g = rng.normal(size=x.shape).astype(np.float32)
+    ln = layers.LayerNorm()
+    params = ln.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    y, vjp = jax.vjp(lambda p, x: ln.apply(p, x), params, x)
+    dp, dx = vjp(jnp.asarray(g))
+    with enable_x64():
+        def ref(scale, bias, x):
+            mu = x.mean(-1, keepdims=True)
+            var = ((x - mu) ** 2).mean(-1, keepdims=True)
+            return (x - mu) / jnp.sqrt(var + 1e-6) * scale + bias
+
+        s64, b64 = (np.asarray(params["params"][k], np.float64) for k in ("scale", "bias"))
+        y64, vjp64 = jax.vjp(ref, s64, b64, x.astype(np.float64))
+        ds, db, dx64 = vjp64(g.astype(np.float64))
+    np.testing.assert_allclose(y, y64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx64, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dp["params"]["scale"], ds, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dp["params"]["bias"], db, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_and_attention_match_float64_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    mask = rng.random((2, 5, 5)) < 0.7
+    mask[0, 1] = False  # a query with no key: output must be zero
+    mha = layers.MultiHeadAttention(num_heads=2)
+    params = mha.init(jax.random.PRNGKey(0), x, x, mask)
+    out, w = mha.apply(params, x, x, mask)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    x64 = x.astype(np.float64)
+    qkv = x64 @ p["qkv"]["kernel"] + p["qkv"]["bias"]
+    q, k, v = np.split(qkv, 3, axis=-1)
+    heads = lambda t: t.reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)
+    logits = heads(q) @ heads(k).transpose(0, 1, 3, 2) / 2.0
+    logits = np.where(mask[:, None], logits, -np.inf)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(logits - np.max(logits, -1, keepdims=True))
+        ref_w = np.nan_to_num(e / e.sum(-1, keepdims=True))
+    ctx = (ref_w @ heads(v)).transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    ref = ctx @ p["out"]["kernel"] + p["out"]["bias"]
+    ref[0, 1] = p["out"]["bias"]  # zero context -> bias only
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    dense = layers.Dense(3)
+    dp = dense.init(jax.random.PRNGKey(1), x)
+    np.testing.assert_allclose(dense.apply(dp, x), x64 @ np.asarray(dp["params"]["kernel"], np.float64)
+                               + np.asarray(dp["params"]["bias"], np.float64), rtol=1e-5, atol=1e-5)
+    assert np.allclose(nn.Dense(3).apply(dp, x), dense.apply(dp, x), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    batch = make_batch()
+    model = make_model("cross_attention", dtype=jnp.bfloat16)
+    params = _init(model, batch)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out, _ = model.apply({"params": params}, batch)
+    ref_model = make_model("cross_attention")
+    ref, _ = ref_model.apply({"params": params}, batch)
+    assert out["diagnosis"].dtype == jnp.float32
+    np.testing.assert_allclose(out["diagnosis"], ref["diagnosis"], atol=0.1)

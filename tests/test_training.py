@@ -1,0 +1,215 @@
+"""Training: optimizer masks, mesh/pmap/single-device equality on 8 fake devices, checkpoints,
+interrupt-and-resume equality, warm start, non-finite stop, config errors, launch.py end to end."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmjax.data import pipeline
+from mmjax.training import checkpoint, parallel
+from mmjax.training.optimizer import decay_mask, make_optimizer
+from mmjax.training.state import TrainState
+from mmjax.training.step import make_train_step
+from mmjax.training.train import build_model, train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smoke_config(tiny_builder, arg="smoke"):
+    spec = importlib.util.spec_from_file_location("exp", ROOT / "experiments" / "synthetic_patients.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    c = exp.get_config(arg)
+    c.data.data_dir = str(tiny_builder.data_dir_root)
+    return c
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "ln": {"scale": jnp.ones(4)},
+              "tab": {"feature_bias": jnp.ones((3, 4)), "feature_weight": jnp.ones((3, 4))},
+              "task_log_vars": jnp.zeros(3)}
+    mask = decay_mask(params)
+    assert mask["dense"]["kernel"] and mask["tab"]["feature_weight"]
+    assert not any([mask["dense"]["bias"], mask["ln"]["scale"], mask["tab"]["feature_bias"], mask["task_log_vars"]])
+
+
+def test_learning_rate_warms_up_and_decays(tiny_builder):
+    from mmjax.training.optimizer import learning_rate_schedule
+
+    c = smoke_config(tiny_builder).optimizer
+    c.warmup_steps, c.learning_rate = 10, 1e-3
+    lr = learning_rate_schedule(c, 100)
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(99)) == pytest.approx(1e-3 * c.end_lr_factor, rel=0.05)
+
+
+def _setup(tiny_builder, tiny_spec):
+    config = smoke_config(tiny_builder)
+    config.model.modality_dropout = 0.0  # the paths then see identical computations
+    tasks = tiny_spec.tasks
+    model = build_model(config, tiny_spec, tasks)
+    tx = make_optimizer(config.optimizer, 10)
+    batch = next(iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, 0, shard_index=0, shard_count=1,
+                                            text_max_length=config.data.text_max_length)))
+    batch = parallel.device_batch(batch)
+    params = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, batch)["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(2))
+    return model, tx, tasks, batch, state, dict(config.loss.weights)
+
+
+def test_mesh_and_pmap_match_one_device(tiny_builder, tiny_spec):
+    assert jax.device_count() == 8
+    model, tx, tasks, batch, state, weights = _setup(tiny_builder, tiny_spec)
+    step = make_train_step(model, tx, tasks, weights)
+    replicated_state = parallel.replicate(jax.device_get(state))  # host copies: the mesh step donates
+    one = jax.device_put((state, batch), jax.devices()[0])
+    s1, m1 = jax.jit(step)(*one)
+
+    mesh = parallel.make_mesh()
+    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    mesh_step = jax.jit(step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
+    s2, m2 = mesh_step(jax.device_put(jax.device_get(state), repl), parallel.global_batch(batch, shard))
+    assert len(m2["loss"].sharding.device_set) == 8
+
+    pstep = jax.pmap(make_train_step(model, tx, tasks, weights, axis_name="data", num_shards=8), axis_name="data")
+    s3, m3 = pstep(replicated_state, parallel.split_for_pmap(batch))
+    s3, m3 = parallel.unreplicate(s3), parallel.unreplicate(m3)
+
+    for m in (m2, m3):
+        for k in ("loss", "loss_diagnosis", "loss_severity", "loss_mortality", "grad_norm"):
+            np.testing.assert_allclose(float(m[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+    for s in (s2, s3):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), s.params, s1.params)
+
+
+def test_checkpoint_round_trip(tiny_builder, tiny_spec, tmp_path):
+    _, _, _, _, state, _ = _setup(tiny_builder, tiny_spec)
+    manager = checkpoint.make_manager(str(tmp_path / "ckpt"), every=1, keep=2)
+    checkpoint.save(manager, 3, state, {"next_index": 17})
+    manager.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, data_state = checkpoint.restore(manager, abstract)
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    assert data_state == {"next_index": 17}
+    manager.close()
+
+
+def _final_params(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data")) as m:
+        r = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return r["state"]["params"], m.latest_step()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_builder, tmp_path_factory):
+    """A 7-step smoke run, checkpoints every 2 steps, shared by the tests below."""
+    config = smoke_config(tiny_builder)
+    config.train.update(num_steps=7, checkpoint_every=2, eval_every=100, log_every=3)
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return config, workdir, train_and_evaluate(config, workdir)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    config, a, full = uninterrupted
+    assert full["run"]["train_step_recompilations_after_first_step"] == 0
+    assert full["run"]["compilations_in_first_step"] >= 1
+    config = config.copy_and_resolve_references()
+    b = str(tmp_path / "b")
+    config.train.stop_at_step = 3  # "preempted" after step 3 (checkpoint at 2 and 3)
+    assert train_and_evaluate(config, b) == {"stopped_at_step": 3}
+    config.train.stop_at_step = 0
+    resumed = train_and_evaluate(config, b)
+    assert resumed["run"]["steps_run"] == 4
+    pa, sa = _final_params(a)
+    pb, sb = _final_params(b)
+    assert sa == sb == 7
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    assert resumed["test"]["macro_auroc"] == pytest.approx(full["test"]["macro_auroc"], abs=1e-12)
+    kept = sorted(int(p) for p in os.listdir(os.path.join(a, "checkpoints")) if p.isdigit())
+    assert kept == [6, 7]  # keep_checkpoints=2; the only evaluated (best) one is 7
+    events = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    assert [e["step"] for e in events if e["event"] == "train"] == [3, 6, 7]  # one log, appended across the stop
+
+
+def test_best_checkpoint_is_kept_with_the_latest(tiny_builder, tmp_path):
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.train.update(num_steps=8, checkpoint_every=2, eval_every=2, log_every=2, keep_checkpoints=1)
+    train_and_evaluate(config, str(tmp_path))
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    aurocs = {e["step"]: e["macro_auroc"] for e in events if e["event"] == "validation"}
+    assert sorted(aurocs) == [2, 4, 6, 8]
+    best = max(aurocs, key=aurocs.get)
+    kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+    assert kept == sorted({best, 8})
+
+
+def test_init_from_warm_starts_parameters(uninterrupted, tmp_path):
+    config, src, _ = uninterrupted
+    params, _ = _final_params(src)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    loaded, step = checkpoint.restore_params(src, abstract)
+    assert step == 7
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    config = config.copy_and_resolve_references()
+    config.init_from = src
+    config.model.width = 16  # a different model cannot warm-start from it
+    with pytest.raises(ValueError, match="init_from=.*has shape"):
+        train_and_evaluate(config, str(tmp_path / "dst"))
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tiny_builder, tmp_path):
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.loss.weights.severity = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite grad_norm, loss at step 1"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_bad_config_values_are_rejected(tiny_builder, tmp_path):
+    config = smoke_config(tiny_builder)
+    config.modalities = "image+xray"
+    with pytest.raises(ValueError, match=r"unknown modalities \['xray'\]"):
+        train_and_evaluate(config, str(tmp_path))
+    config = smoke_config(tiny_builder)
+    config.loss.weights.survival = 1.0
+    with pytest.raises(ValueError, match=r"loss.weights names unknown task\(s\) \['survival'\]"):
+        train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown experiment argument"):
+        smoke_config(tiny_builder, "smoke,fuson=late")
+
+
+def _launch(tiny_builder, workdir, *flags):
+    env = dict(os.environ, MMJAX_DATA_DIR=str(tiny_builder.data_dir_root))
+    cmd = [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'experiments/synthetic_patients.py'}:smoke",
+           f"--workdir={workdir}", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_launch_end_to_end(tiny_builder, tmp_path):
+    out = _launch(tiny_builder, tmp_path, "--config.model.fusion.name=late", "--config.train.num_steps=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "macro_auroc" in out.stdout and "steps/s" in out.stdout
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model"]["fusion"]["name"] == "late" and config["train"]["num_steps"] == 4
+    results = json.load(open(tmp_path / "results.json"))
+    for split in ("validation", "test"):
+        assert 0.0 <= results[split]["macro_auroc"] <= 1.0
+        assert set(results[split]["diagnosis"]["labels"]) == set(tiny_builder.info.metadata["tasks"][0]["label_names"])
+        assert results[split]["severity"]["mae"] > 0
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert {"train", "validation", "test", "run"} <= {e["event"] for e in events}
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_launch_rejects_an_unknown_config_key(tiny_builder, tmp_path):
+    out = _launch(tiny_builder, tmp_path, "--config.model.widht=8")
+    assert out.returncode != 0 and "widht" in out.stderr
