@@ -9,8 +9,11 @@ Arguments after the colon, comma-separated: `fusion=<cross_attention|concat|mean
 `modalities=<image+text+tabular+signal>` (any subset, `+`-separated), `smoke` (a tiny run for
 tests). Any field can be overridden: `--config.train.num_steps=500`, `--config.model.dtype=bfloat16`.
 
-Results (test split, 2-core AMD EPYC CPU, 2026-11-23): see the README's results table, which
-this docstring repeats once measured.
+Results (test split, seed 0, 2-core AMD EPYC CPU VM, 2026-11-23; README has per-condition
+figures). macro_auroc over 5 diagnoses + mortality:
+    image 0.717, text 0.760, tabular 0.811, signal 0.611 (each alone);
+    concat 0.894, late 0.896, cross_attention 0.864 (all four modalities).
+The default run took 6 min 59 s wall including evaluation (peak RSS 1.57 GB), ~4 steps/s.
 """
 
 import ml_collections
