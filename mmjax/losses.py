@@ -23,22 +23,24 @@ import optax
 from mmjax.batch import TaskSpec
 
 
+def _masked_mean_loss(t: TaskSpec, pred, y, mask, count_reduce):
+    """This shard's share of task t's loss averaged over the True entries of `mask`."""
+    pred, y = pred.astype(jnp.float32), y.astype(jnp.float32)
+    per = (pred - y) ** 2 if t.kind == "regression" else optax.sigmoid_binary_cross_entropy(pred, y)
+    count = jax.lax.stop_gradient(count_reduce(jnp.sum(mask.astype(jnp.float32))))
+    return jnp.sum(jnp.where(mask, per, 0.0)) / jnp.maximum(count, 1.0)
+
+
+def _known(t: TaskSpec, batch):
+    """Label known and row real: bool, the shape of the task's labels."""
+    rows = batch["example_mask"]
+    return batch["label_mask"][t.name] & (rows[:, None] if t.kind == "multilabel" else rows)
+
+
 def task_losses(outputs, batch, tasks: Sequence[TaskSpec], count_reduce: Callable = lambda c: c):
     """{task: this shard's share of the task's masked mean loss} (sums to the global mean)."""
-    losses = {}
-    rows = batch["example_mask"]
-    for t in tasks:
-        pred = outputs[t.name].astype(jnp.float32)
-        y = batch["labels"][t.name].astype(jnp.float32)
-        mask = batch["label_mask"][t.name] & (rows[:, None] if t.kind == "multilabel" else rows)
-        if t.kind == "regression":
-            per = (pred - y) ** 2
-        else:
-            per = optax.sigmoid_binary_cross_entropy(pred, y)
-        per = jnp.where(mask, per, 0.0)
-        count = jax.lax.stop_gradient(count_reduce(jnp.sum(mask.astype(jnp.float32))))
-        losses[t.name] = jnp.sum(per) / jnp.maximum(count, 1.0)
-    return losses
+    return {t.name: _masked_mean_loss(t, outputs[t.name], batch["labels"][t.name], _known(t, batch), count_reduce)
+            for t in tasks}
 
 
 def modality_task_losses(modality_outputs, modality_present, batch, tasks: Sequence[TaskSpec],
@@ -46,16 +48,11 @@ def modality_task_losses(modality_outputs, modality_present, batch, tasks: Seque
     """Per task, the masked mean loss of the per-modality auxiliary heads over (row, modality)
     pairs where the modality is present: `modality_outputs[task]` is `[B, M, ...]`."""
     losses = {}
-    rows = batch["example_mask"]
     for t in tasks:
-        pred = modality_outputs[t.name].astype(jnp.float32)  # [B, M] or [B, M, K]
-        y = batch["labels"][t.name].astype(jnp.float32)[:, None]
-        known = batch["label_mask"][t.name][:, None] & modality_present[..., None] if t.kind == "multilabel" else (
-            batch["label_mask"][t.name][:, None] & modality_present)
-        mask = known & (rows[:, None, None] if t.kind == "multilabel" else rows[:, None])
-        per = (pred - y) ** 2 if t.kind == "regression" else optax.sigmoid_binary_cross_entropy(pred, y)
-        count = jax.lax.stop_gradient(count_reduce(jnp.sum(mask.astype(jnp.float32))))
-        losses[t.name] = jnp.sum(jnp.where(mask, per, 0.0)) / jnp.maximum(count, 1.0)
+        present = modality_present[..., None] if t.kind == "multilabel" else modality_present  # [B, M(, 1)]
+        mask = _known(t, batch)[:, None] & present
+        losses[t.name] = _masked_mean_loss(t, modality_outputs[t.name], batch["labels"][t.name][:, None], mask,
+                                           count_reduce)
     return losses
 
 

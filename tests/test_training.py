@@ -17,7 +17,7 @@ import pytest
 from mmjax.data import pipeline
 from mmjax.training import checkpoint, parallel
 from mmjax.training.optimizer import decay_mask, make_optimizer
-from mmjax.training.state import TrainState
+from mmjax.training.state import create_state
 from mmjax.training.step import make_train_step
 from mmjax.training.train import build_model, train_and_evaluate
 
@@ -61,9 +61,7 @@ def _setup(tiny_builder, tiny_spec):
     batch = next(iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, 0, shard_index=0, shard_count=1,
                                             text_max_length=config.data.text_max_length)))
     batch = parallel.device_batch(batch)
-    params = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, batch)["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(2))
+    state = create_state(model, tx, batch, jax.random.PRNGKey(0))
     return model, tx, tasks, batch, state, dict(config.loss.weights)
 
 

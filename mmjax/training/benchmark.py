@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from mmjax.data import pipeline
 from mmjax.training import parallel
 from mmjax.training.optimizer import make_optimizer
-from mmjax.training.state import TrainState
+from mmjax.training.state import create_state
 from mmjax.training.step import make_train_step
 from mmjax.training.train import build_model, parse_list
 
@@ -42,11 +42,7 @@ def benchmark(config, steps: int) -> dict:
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     batch = parallel.global_batch(next(it), shard)
 
-    def init(rng):
-        params = model.init({"params": rng, "dropout": rng}, batch, train=False)["params"]
-        return TrainState(step=jax.numpy.zeros((), "int32"), params=params, opt_state=tx.init(params), rng=rng)
-
-    state = jax.jit(init, out_shardings=repl)(jax.random.PRNGKey(0))
+    state = jax.jit(lambda rng: create_state(model, tx, batch, rng), out_shardings=repl)(jax.random.PRNGKey(0))
     train_step = make_train_step(model, tx, tasks, dict(config.loss.weights),
                                  modality_heads_weight=config.loss.modality_heads_weight)
     step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)

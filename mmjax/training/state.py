@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 
@@ -13,3 +14,10 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # the run's base key; each step folds its step number in
+
+
+def create_state(model, tx, template_batch, rng) -> TrainState:
+    """Fresh parameters (initialized on `template_batch`'s shapes), optimizer state, step 0."""
+    k_params, k_dropout, k_run = jax.random.split(rng, 3)
+    params = model.init({"params": k_params, "dropout": k_dropout}, template_batch, train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from mmjax import losses
@@ -57,6 +56,3 @@ def make_eval_step(model, tasks: Sequence[TaskSpec]):
 
     return eval_step
 
-
-def all_finite(metrics) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))

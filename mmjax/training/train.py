@@ -22,7 +22,7 @@ from mmjax.models import MultimodalModel
 from mmjax.training import checkpoint, parallel
 from mmjax.training.logging import MetricWriter
 from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
-from mmjax.training.state import TrainState
+from mmjax.training.state import create_state
 from mmjax.training.step import make_eval_step, make_train_step
 
 
@@ -117,15 +117,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     schedule = learning_rate_schedule(config.optimizer, num_steps)
     template = parallel.device_batch(next(eval_iter("validation")))
 
-    def init(rng):
-        k_params, k_dropout, k_run = jax.random.split(rng, 3)
-        params = model.init({"params": k_params, "dropout": k_dropout}, template, train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run)
-
     # ---- State and shardings ---------------------------------------------------------------------
     mesh = parallel.make_mesh()
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.jit(init, out_shardings=repl)(jax.random.PRNGKey(config.seed))
+    state = jax.jit(lambda rng: create_state(model, tx, template, rng), out_shardings=repl)(
+        jax.random.PRNGKey(config.seed))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     # ---- Restore: this run's workdir, else init_from, else scratch --------------------------------
@@ -153,7 +149,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         put = lambda b: parallel.global_batch(b, data_sharding)
         host_state = lambda s: s
     else:
-        n_local = jax.local_device_count()
         train_step = jax.pmap(make_train_step(model, tx, tasks, weights, axis_name=parallel.DATA_AXIS,
                                               num_shards=n_dev, modality_heads_weight=mh_weight),
                               axis_name=parallel.DATA_AXIS, donate_argnums=0)
@@ -161,7 +156,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         put = parallel.split_for_pmap
         state = parallel.replicate(jax.device_get(state))
         host_state = parallel.unreplicate
-        del n_local
 
     def predict(params, batch):
         out = eval_step(params, put(batch))
@@ -190,13 +184,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def flush(pending):
         """Fetches the steps' metrics (one host sync per log interval); fails on non-finite values."""
-        fetched = jax.device_get(pending)
-        for s, m in fetched:
-            m = jax.tree.map(lambda v: float(np.mean(v)), m)
+        values = []
+        for s, m in jax.device_get(pending):
+            m = {k: float(np.mean(v)) for k, v in m.items()}  # pmap metrics carry a device axis
             bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
             if bad:
                 raise FloatingPointError(f"non-finite {', '.join(bad)} at step {s}: {bad}; stopping the run")
-        return [jax.tree.map(lambda v: float(np.mean(v)), m) for _, m in fetched]
+            values.append(m)
+        return values
 
     while step < min(num_steps, stop_at):
         t0 = time.perf_counter()
