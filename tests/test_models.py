@@ -209,34 +209,93 @@ def test_layer_norm_matches_float64_reference():
     np.testing.assert_allclose(dp["params"]["bias"], db, rtol=1e-4, atol=1e-4)
 
 
+def _attention64(q, k, v, mask, heads):
+    """float64 masked softmax attention; a query with no key gets zero. q [B, Tq, D] -> [B, Tq, D]."""
+    b, tq, d = q.shape
+    split = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(0, 2, 1, 3)
+    logits = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(d // heads)
+    logits = np.where(mask[:, None], logits, -np.inf)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(logits - np.max(logits, -1, keepdims=True))
+        w = np.nan_to_num(e / e.sum(-1, keepdims=True))
+    return (w @ split(v)).transpose(0, 2, 1, 3).reshape(b, tq, d), w
+
+
 def test_dense_and_attention_match_float64_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 8)).astype(np.float32)
     mask = rng.random((2, 5, 5)) < 0.7
     mask[0, 1] = False  # a query with no key: output must be zero
     mha = layers.MultiHeadAttention(num_heads=2)
-    params = mha.init(jax.random.PRNGKey(0), x, x, mask)
-    out, w = mha.apply(params, x, x, mask)
+    params = mha.init(jax.random.PRNGKey(0), x, mask)
+    out, w = mha.apply(params, x, mask)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     x64 = x.astype(np.float64)
-    qkv = x64 @ p["qkv"]["kernel"] + p["qkv"]["bias"]
-    q, k, v = np.split(qkv, 3, axis=-1)
-    heads = lambda t: t.reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)
-    logits = heads(q) @ heads(k).transpose(0, 1, 3, 2) / 2.0
-    logits = np.where(mask[:, None], logits, -np.inf)
-    with np.errstate(invalid="ignore"):
-        e = np.exp(logits - np.max(logits, -1, keepdims=True))
-        ref_w = np.nan_to_num(e / e.sum(-1, keepdims=True))
-    ctx = (ref_w @ heads(v)).transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    q, k, v = np.split(x64 @ p["qkv"]["kernel"] + p["qkv"]["bias"], 3, axis=-1)
+    ctx, ref_w = _attention64(q, k, v, mask, 2)
     ref = ctx @ p["out"]["kernel"] + p["out"]["bias"]
-    ref[0, 1] = p["out"]["bias"]  # zero context -> bias only
+    assert np.all(ref[0, 1] == p["out"]["bias"])  # zero context -> bias only
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+
+    # Attention to a context: q from x, k and v from the context.
+    ctx_in = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    cmask = rng.random((2, 5, 3)) < 0.6
+    params = mha.init(jax.random.PRNGKey(1), x, cmask, context=ctx_in)
+    out, _ = mha.apply(params, x, cmask, context=ctx_in)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    k, v = np.split(ctx_in.astype(np.float64) @ p["kv"]["kernel"] + p["kv"]["bias"], 2, axis=-1)
+    ctx, _ = _attention64(x64 @ p["q"]["kernel"] + p["q"]["bias"], k, v, cmask, 2)
+    np.testing.assert_allclose(out, ctx @ p["out"]["kernel"] + p["out"]["bias"], rtol=1e-5, atol=1e-5)
+
     dense = layers.Dense(3)
     dp = dense.init(jax.random.PRNGKey(1), x)
     np.testing.assert_allclose(dense.apply(dp, x), x64 @ np.asarray(dp["params"]["kernel"], np.float64)
                                + np.asarray(dp["params"]["bias"], np.float64), rtol=1e-5, atol=1e-5)
     assert np.allclose(nn.Dense(3).apply(dp, x), dense.apply(dp, x), atol=1e-5)
+
+
+def test_segmented_attention_is_block_diagonal_attention():
+    """`segments` gives exactly what full attention gives under a block-diagonal mask, gradients too."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 9, 8)).astype(np.float32)
+    mask = rng.random((3, 9, 9)) < 0.6
+    segments = (0, 2, 2, 7, 9)  # an empty segment too
+    seg = np.repeat(np.arange(4), np.diff(segments))
+    block = mask & (seg[:, None] == seg[None, :])
+    mha = layers.MultiHeadAttention(num_heads=2)
+    params = mha.init(jax.random.PRNGKey(0), x, mask)
+    f_seg = lambda p: mha.apply(p, x, mask, segments=segments)[0]
+    f_full = lambda p: mha.apply(p, x, block)[0]
+    np.testing.assert_allclose(f_seg(params), f_full(params), rtol=1e-5, atol=1e-6)
+    g_seg, g_full = (jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p))))(params) for f in (f_seg, f_full))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_seg, g_full)
+
+
+@pytest.mark.parametrize("n, channels, features, kernel, stride", [
+    (50, 1, 8, 9, 1),  # stride 1
+    (53, 4, 16, 9, 5),  # im2col path, length not a multiple of the stride
+    (60, 8, 6, 30, 10),  # shifted-GEMM path
+    (41, 3, 5, 4, 4),  # one block per output
+    (7, 2, 3, 9, 2),  # kernel longer than the input
+])
+def test_conv1d_matches_lax_convolution_in_float64(n, channels, features, kernel, stride):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(2, n, channels))
+    conv = layers.Conv1D(features, kernel, stride)
+    with enable_x64():
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                              conv.init(jax.random.PRNGKey(0), x.astype(np.float32)))
+        params["params"]["bias"] = jnp.asarray(rng.normal(size=features))
+        conv64 = layers.Conv1D(features, kernel, stride, dtype=jnp.float64, param_dtype=jnp.float64)
+        ref_conv = nn.Conv(features, (kernel,), strides=(stride,), dtype=jnp.float64, param_dtype=jnp.float64)
+        f = lambda p, x: jnp.sum(jnp.sin(conv64.apply(p, x)))
+        f_ref = lambda p, x: jnp.sum(jnp.sin(ref_conv.apply(p, x)))
+        x64 = jnp.asarray(x)
+        np.testing.assert_allclose(conv64.apply(params, x64), ref_conv.apply(params, x64), rtol=1e-10, atol=1e-10)
+        g, g_ref = jax.grad(f, argnums=(0, 1))(params, x64), jax.grad(f_ref, argnums=(0, 1))(params, x64)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10), g, g_ref)
+    assert conv.apply(params, x.astype(np.float32)).shape == (2, -(-n // stride), features)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -15,7 +15,7 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dense, Dtype, LayerNorm, TransformerBlock
+from mmjax.models.layers import Conv1D, Dense, Dtype, LayerNorm, TransformerBlock
 from mmjax.models.registry import Registry
 
 ENCODERS = Registry("encoder")
@@ -128,10 +128,10 @@ class SignalEncoder(_EncoderBase):
             if p % 5:
                 raise ValueError(f"signal patch_size={p} must be a multiple of 5 with the conv tokenizer")
             c = self.channels
-            x = nn.gelu(nn.Conv(c // 2, (9,), dtype=self.dtype, name="conv1")(x))
-            x = nn.gelu(nn.Conv(c, (9,), strides=(5,), dtype=self.dtype, name="conv2")(x))
+            x = nn.gelu(Conv1D(c // 2, 9, dtype=self.dtype, name="conv1")(x))
+            x = nn.gelu(Conv1D(c, 9, 5, dtype=self.dtype, name="conv2")(x))
             k = 3 * (p // 5)  # spans ~3 token lengths of input
-            tokens = nn.Conv(self.width, (k,), strides=(p // 5,), dtype=self.dtype, name="conv3")(x)
+            tokens = Conv1D(self.width, k, p // 5, dtype=self.dtype, name="conv3")(x)
         else:
             tokens = Dense(self.width, dtype=self.dtype, name="patch_embedding")(
                 einops.rearrange(x, "b (n p) c -> b n (p c)", p=p))

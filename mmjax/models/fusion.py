@@ -91,8 +91,8 @@ class CrossAttentionLayer(nn.Module):
 
     x: [B, T, D] all modalities' tokens concatenated; `bounds` the static start/end of each
     modality. Cross-attention is one masked attention over all tokens (a token may attend to the
-    valid tokens of the other modalities); self-attention runs per modality on its own block, so
-    it costs sum(T_m^2), not T^2.
+    valid tokens of the other modalities); self-attention (one projection, weights shared by the
+    modalities) attends within each modality's block, so it costs sum(T_m^2), not T^2.
     """
 
     num_heads: int
@@ -104,15 +104,12 @@ class CrossAttentionLayer(nn.Module):
     def __call__(self, x, valid, cross_mask, bounds, train):
         drop = nn.Dropout(self.dropout, deterministic=not train)
         h = LayerNorm(name="ln_cross")(x).astype(self.dtype)
-        h, weights = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="cross_attn")(h, h, cross_mask)
+        h, weights = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="cross_attn")(h, cross_mask)
         x = x + drop(h)
         h = LayerNorm(name="ln_self")(x).astype(self.dtype)
-        attn = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="self_attn")
-        parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            v = valid[:, lo:hi]
-            parts.append(attn(h[:, lo:hi], h[:, lo:hi], v[:, :, None] & v[:, None, :])[0] if hi > lo else h[:, lo:hi])
-        x = x + drop(jnp.concatenate(parts, axis=1))
+        self_mask = valid[:, :, None] & valid[:, None, :]  # only its diagonal blocks are read
+        h, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="self_attn")(h, self_mask, segments=bounds)
+        x = x + drop(h)
         h = LayerNorm(name="ln_mlp")(x).astype(self.dtype)
         h = MLP(self.mlp_ratio * x.shape[-1], dtype=self.dtype, name="mlp")(h)
         return x + drop(h), weights

@@ -7,10 +7,13 @@ loop's wall time spent inside the compiled step, and peak memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -19,7 +22,7 @@ from ml_collections import config_flags
 from mmjax.data import pipeline
 from mmjax.training import parallel
 from mmjax.training.optimizer import make_optimizer
-from mmjax.training.state import create_state
+from mmjax.training.state import TrainState, create_state
 from mmjax.training.step import make_train_step
 from mmjax.training.train import build_model, parse_list
 
@@ -28,7 +31,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), 
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
 
 
-def benchmark(config, steps: int) -> dict:
+@dataclasses.dataclass
+class StepSetup:
+    """A default-config train step ready to time: what `benchmark` and `benchmarks/` share."""
+
+    config: Any
+    spec: pipeline.DatasetSpec
+    tasks: tuple
+    model: Any
+    tx: Any
+    batches: Iterator  # host batches from the training pipeline
+    host_batch: dict  # one host batch (numpy), the one `batch` was made from
+    batch: dict  # that batch as global device arrays
+    state: TrainState
+    step_fn: Callable  # jitted, state donated
+    shard: Any
+
+
+def setup(config) -> StepSetup:
+    """Builds the pipeline, model, optimizer, first state and jitted step of `config`."""
     builder = pipeline.load_builder(f"{config.data.name}/{config.data.config}", config.data.data_dir or None)
     spec = pipeline.DatasetSpec.from_builder(builder)
     tasks = spec.select_tasks(parse_list(config.tasks))
@@ -40,14 +61,20 @@ def benchmark(config, steps: int) -> dict:
     tx = make_optimizer(config.optimizer, config.train.num_steps)
     mesh = parallel.make_mesh()
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    batch = parallel.global_batch(next(it), shard)
-
+    host_batch = next(it)
+    batch = parallel.global_batch(host_batch, shard)
     state = jax.jit(lambda rng: create_state(model, tx, batch, rng), out_shardings=repl)(jax.random.PRNGKey(0))
     train_step = make_train_step(model, tx, tasks, dict(config.loss.weights),
                                  modality_heads_weight=config.loss.modality_heads_weight)
     step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
+    return StepSetup(config, spec, tuple(tasks), model, tx, it, host_batch, batch, state, step_fn, shard)
+
+
+def benchmark(config, steps: int) -> dict:
+    s = setup(config)
+    state, batch, it, shard = s.state, s.batch, s.batches, s.shard
     t = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = s.step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     for _ in range(3):
         state, m = compiled(state, batch)

@@ -20,24 +20,36 @@ from mmjax.training.state import TrainState
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
+def _reducer(axis_name):
+    return (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
+
+
+def make_loss_fn(model, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
+                 num_shards: int = 1, modality_heads_weight: float = 0.0):
+    """loss_fn(params, batch, rng) -> (this shard's joint loss, {task: its loss}) in train mode."""
+    reduce = _reducer(axis_name)
+
+    def loss_fn(params, batch, rng):
+        outputs, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+        per_task = losses.task_losses(outputs, batch, tasks, count_reduce=reduce)
+        total = losses.combine(per_task, tasks, loss_weights, aux.get("task_log_vars"), num_shards)
+        if "modality_outputs" in aux and modality_heads_weight:
+            per_mod = losses.modality_task_losses(aux["modality_outputs"], aux["modality_present"], batch,
+                                                  tasks, count_reduce=reduce)
+            total = total + modality_heads_weight * losses.combine(per_mod, tasks, loss_weights)
+        return total, per_task
+
+    return loss_fn
+
+
 def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
                     num_shards: int = 1, modality_heads_weight: float = 0.0):
-    reduce = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
+    reduce = _reducer(axis_name)
+    loss_fn = make_loss_fn(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            outputs, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-            per_task = losses.task_losses(outputs, batch, tasks, count_reduce=reduce)
-            total = losses.combine(per_task, tasks, loss_weights, aux.get("task_log_vars"), num_shards)
-            if "modality_outputs" in aux and modality_heads_weight:
-                per_mod = losses.modality_task_losses(aux["modality_outputs"], aux["modality_present"], batch,
-                                                      tasks, count_reduce=reduce)
-                total = total + modality_heads_weight * losses.combine(per_mod, tasks, loss_weights)
-            return total, per_task
-
-        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
         loss, per_task, grads = reduce(loss), reduce(per_task), reduce(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,257 @@
+r"""The whole train step, mmjax against the same model in PyTorch eager (and against plain flax.linen
+layers), on one fixed batch of the default experiment.
+
+    pip install torch   # CPU wheel; needed by this script only
+    python benchmarks/step_vs_torch.py [--config=experiments/synthetic_patients.py] \
+        [--config.model.width=128] [--steps=10 --rounds=10] [--out=step_vs_torch.json]
+
+A step is what training does: forward in train mode (modality dropout on), the joint loss with the
+auxiliary per-modality heads, backward, global-norm clipping, AdamW with the warmup-cosine
+schedule and the decay mask. PyTorch runs `benchmarks/torch_model.py`, loaded with mmjax's
+initial parameters; before timing, `--check` (on by default) asserts that, with modality dropout
+off, both compute the same outputs, losses and gradients.
+
+Variants are timed in turn, round by round, each step alone (so drift and bursts of noise on a
+shared machine hit them alike); the median step time is reported with the 10th and 90th
+percentiles:
+- `mmjax`: the library as shipped;
+- `flax_layers`: the same model with `flax.linen.Dense` and `flax.linen.LayerNorm` in place of
+  mmjax's layers (the straightforward flax implementation);
+- `autodiff_layernorm`: mmjax's Dense with a LayerNorm differentiated by autodiff rather than
+  mmjax's closed-form backward;
+- `torch_eager`: PyTorch, attention as matmuls and a softmax;
+- `torch_eager_sdpa`: PyTorch with `F.scaled_dot_product_attention`.
+
+Not part of the library or of the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmjax.models import encoders, fusion, layers  # noqa: E402
+from mmjax.training import benchmark as step_benchmark  # noqa: E402
+from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
+from mmjax.training.step import make_loss_fn, make_train_step  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    sys.exit("benchmarks/step_vs_torch.py needs PyTorch: pip install torch")
+
+from benchmarks import torch_model  # noqa: E402
+
+_CONFIG, _STEPS = step_benchmark._CONFIG, step_benchmark._STEPS  # --config, --steps (per round and variant)
+flags.FLAGS.set_default("steps", 10)
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Rounds; each times every variant once.")
+_CHECK = flags.DEFINE_bool("check", True, "Assert equal outputs, losses and gradients first.")
+_VARIANTS_FLAG = flags.DEFINE_list("variants", [], "Time only these variants (default: all).")
+_OUT = flags.DEFINE_string("out", "", "Also write the results to this JSON file.")
+
+
+class _AutodiffLayerNorm(nn.Module):
+    """mmjax's LayerNorm forward, differentiated by autodiff."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        return layers._layer_norm_fwd(x, scale, bias, self.eps)[0]
+
+
+_VARIANTS = {
+    "mmjax": {},
+    "flax_layers": {"Dense": nn.Dense, "LayerNorm": functools.partial(nn.LayerNorm, epsilon=1e-6)},
+    "autodiff_layernorm": {"LayerNorm": _AutodiffLayerNorm},
+}
+
+
+_TORCH_VARIANTS = {"torch_eager": False, "torch_eager_sdpa": True}  # name: sdpa
+
+
+@contextlib.contextmanager
+def _layers(**replace):
+    """Swaps the shared layers that mmjax's models look up at trace time."""
+    saved = [(mod, name, getattr(mod, name)) for mod in (layers, encoders, fusion) for name in replace
+             if hasattr(mod, name)]
+    try:
+        for mod, name, _ in saved:
+            setattr(mod, name, replace[name])
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def _ms(seconds):
+    return round(seconds * 1e3, 1)
+
+
+def check_equivalence(s, net):
+    """With modality dropout off, mmjax and the PyTorch port agree on outputs, loss and gradients."""
+    model = s.model.clone(modality_dropout=0.0)
+    weights = dict(s.config.loss.weights)
+    loss_fn = make_loss_fn(model, s.tasks, weights, modality_heads_weight=s.config.loss.modality_heads_weight)
+    (loss, per_task), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        s.state.params, s.batch, jax.random.PRNGKey(0))
+    outputs, _ = jax.jit(lambda p, b: model.apply({"params": p}, b))(s.state.params, s.batch)
+
+    tb = torch_model.to_torch(s.host_batch)
+    net.modality_dropout = 0.0
+    net.zero_grad(set_to_none=True)
+    out = net(tb, train=True)
+    t_loss, t_per_task = torch_model.joint_loss(out, tb, s.tasks, weights, s.config.loss.modality_heads_weight)
+    t_loss.backward()
+    net.modality_dropout = s.model.modality_dropout
+
+    report = {"loss_jax": float(loss), "loss_torch": t_loss.item()}
+    np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-5)
+    for t in s.tasks:
+        np.testing.assert_allclose(out[0][t.name].detach().numpy(), np.asarray(outputs[t.name]), rtol=1e-4,
+                                   atol=1e-5, err_msg=f"outputs[{t.name}]")
+        np.testing.assert_allclose(t_per_task[t.name].item(), float(per_task[t.name]), rtol=1e-5)
+    flat = {torch_model._torch_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    worst = 0.0
+    for name, p in net.named_parameters():
+        g = torch_model.swap_layout(net, name, p.grad.numpy())
+        scale = max(np.abs(flat[name]).max(), 1e-6)
+        err = float(np.abs(g - flat[name]).max() / scale)
+        if err > 1e-3:
+            raise AssertionError(f"gradient of {name} differs: max error {err:.2e} of its largest entry")
+        worst = max(worst, err)
+    report["max_grad_rel_error"] = worst
+    return report
+
+
+def torch_step_fn(s, net):
+    """One PyTorch training step on a fixed batch: forward, loss, backward, clip, AdamW."""
+    cfg = s.config.optimizer
+    names = torch_model.load_flax_params(net, s.state.params)
+    decays = {torch_model._torch_name(p): bool(d)
+              for p, d in jax.tree_util.tree_flatten_with_path(decay_mask(s.state.params))[0]}
+    named = dict(net.named_parameters())
+    groups = [{"params": [named[n] for n in names if decays[n]], "weight_decay": cfg.weight_decay},
+              {"params": [named[n] for n in names if not decays[n]], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.b1, cfg.b2), eps=1e-8)
+    schedule = learning_rate_schedule(cfg, s.config.train.num_steps)
+    lrs = [float(schedule(i)) for i in range(s.config.train.num_steps)]
+    tb = torch_model.to_torch(s.host_batch)
+    weights, aux_w = dict(s.config.loss.weights), s.config.loss.modality_heads_weight
+    step = [0]
+
+    def run():
+        for g in opt.param_groups:
+            g["lr"] = lrs[step[0] % len(lrs)]
+        opt.zero_grad(set_to_none=True)
+        loss, _ = torch_model.joint_loss(net(tb, train=True), tb, s.tasks, weights, aux_w)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_norm)
+        opt.step()
+        step[0] += 1
+        return loss
+
+    return run
+
+
+def jax_step_fn(s, replace):
+    """The compiled mmjax train step with `replace`d layers, on its own copy of the state."""
+    with _layers(**replace):
+        fn = jax.jit(make_train_step(s.model, s.tx, s.tasks, dict(s.config.loss.weights),
+                                     modality_heads_weight=s.config.loss.modality_heads_weight), donate_argnums=0)
+        t = time.perf_counter()
+        compiled = fn.lower(s.state, s.batch).compile()
+        compile_s = time.perf_counter() - t
+    box = [jax.tree.map(jnp.copy, s.state)]
+
+    def run():
+        box[0], m = compiled(box[0], s.batch)
+        return m["loss"]
+
+    return run, compile_s
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    s = step_benchmark.setup(config)
+    result = {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "jax": jax.__version__,
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "width": config.model.width, "batch_size": config.train.batch_size,
+              "parameters": int(sum(x.size for x in jax.tree.leaves(s.state.params)))}
+    chosen = set(_VARIANTS_FLAG.value or [*_VARIANTS, *_TORCH_VARIANTS])
+    unknown = chosen - {*_VARIANTS, *_TORCH_VARIANTS}
+    if unknown or "mmjax" not in chosen:
+        raise app.UsageError(f"--variants: unknown {sorted(unknown)}; 'mmjax' must be one of them")
+    nets = {name: torch_model.MultimodalModel(s.model, s.host_batch, sdpa=sdpa)
+            for name, sdpa in _TORCH_VARIANTS.items() if name in chosen}
+    for name, net in nets.items():
+        torch_model.load_flax_params(net, s.state.params)
+        if _CHECK.value:
+            result[f"check_{name}"] = check_equivalence(s, net)
+            print(f"{name}: same outputs, losses and gradients as mmjax", result[f"check_{name}"], flush=True)
+
+    runs, compile_s = {}, {}
+    for name, replace in _VARIANTS.items():
+        if name not in chosen:
+            continue
+        runs[name], compile_s[name] = jax_step_fn(s, replace)
+    for name, net in nets.items():
+        runs[name] = torch_step_fn(s, net)
+    result["compile_s"] = {k: round(v, 2) for k, v in compile_s.items()}
+
+    for run in runs.values():  # warm-up
+        for _ in range(3):
+            loss = run()
+        _sync(loss)
+    times = {name: [] for name in runs}
+    for r in range(_ROUNDS.value):
+        for name, run in runs.items():
+            for _ in range(_STEPS.value):  # each step timed alone, so a burst of noise hits few steps
+                t = time.perf_counter()
+                _sync(run())
+                times[name].append(time.perf_counter() - t)
+        print(f"round {r + 1}/{_ROUNDS.value}: " + ", ".join(
+            f"{k} {statistics.median(v[-_STEPS.value:]) * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+    result["steps_timed"] = _ROUNDS.value * _STEPS.value
+    result["step_ms_median"] = {k: _ms(statistics.median(v)) for k, v in times.items()}
+    result["step_ms_p10_p90"] = {k: [_ms(q[0]), _ms(q[-1])] for k, v in times.items()
+                                 for q in [statistics.quantiles(v, n=10)]}
+    if nets:
+        best_torch = min(result["step_ms_median"][k] for k in nets)
+        result["mmjax_over_torch_best"] = round(result["step_ms_median"]["mmjax"] / best_torch, 3)
+        if "flax_layers" in times:
+            result["flax_layers_over_torch_best"] = round(result["step_ms_median"]["flax_layers"] / best_torch, 3)
+    print(json.dumps(result))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _sync(loss):
+    if isinstance(loss, jax.Array):
+        jax.block_until_ready(loss)
+    else:
+        loss.item()
+
+
+if __name__ == "__main__":
+    app.run(main)
