@@ -1,7 +1,7 @@
 r"""The whole train step, mmjax against the same model in PyTorch eager (and against plain flax.linen
 layers), on one fixed batch of the default experiment.
 
-    pip install torch   # CPU wheel; needed by this script only
+    pip install torch   # CPU wheel, for the PyTorch variants (without it only the JAX ones run)
     python benchmarks/step_vs_torch.py [--config=experiments/synthetic_patients.py] \
         [--config.model.width=128] [--steps=10 --rounds=10] [--out=step_vs_torch.json]
 
@@ -15,14 +15,15 @@ Variants are timed in turn, round by round, each step alone (so drift and bursts
 shared machine hit them alike); the median step time is reported with the 10th and 90th
 percentiles:
 - `mmjax`: the library as shipped;
-- `flax_layers`: the same model with `flax.linen.Dense` and `flax.linen.LayerNorm` in place of
-  mmjax's layers (the straightforward flax implementation);
+- `flax_layers`: the same model as one would usually write it in flax: `flax.linen.Dense`,
+  `LayerNorm` and `Conv`, attention with a heads axis and a softmax before the value matmul;
 - `autodiff_layernorm`: mmjax's Dense with a LayerNorm differentiated by autodiff rather than
   mmjax's closed-form backward;
 - `torch_eager`: PyTorch, attention as matmuls and a softmax;
 - `torch_eager_sdpa`: PyTorch with `F.scaled_dot_product_attention`.
 
-Not part of the library or of the tests.
+PyTorch runs on the CPU; on a GPU machine the JAX variants run on the GPU, so compare JAX with
+PyTorch only on a CPU machine. Not part of the library or of the tests.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ from mmjax.training import benchmark as step_benchmark  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
 from mmjax.training.step import make_loss_fn, make_train_step  # noqa: E402
 
-try:
+try:  # optional: without it only the JAX variants run (e.g. on a GPU machine without PyTorch)
     import torch
-except ImportError:
-    sys.exit("benchmarks/step_vs_torch.py needs PyTorch: pip install torch")
 
-from benchmarks import torch_model  # noqa: E402
+    from benchmarks import torch_model
+except ImportError:
+    torch = torch_model = None
 
 _CONFIG, _STEPS = step_benchmark._CONFIG, step_benchmark._STEPS  # --config, --steps (per round and variant)
 flags.FLAGS.set_default("steps", 10)
@@ -76,9 +77,25 @@ class _AutodiffLayerNorm(nn.Module):
         return layers._layer_norm_fwd(x, scale, bias, self.eps)[0]
 
 
+def _textbook_attend(q, k, v, mask, num_heads, dtype):
+    """Attention as usually written in JAX: heads as an axis, softmax, then the value matmul."""
+    b, tq, d = q.shape
+    split = lambda t: t.reshape(b, t.shape[1], num_heads, d // num_heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)).astype(jnp.float32) / np.sqrt(d // num_heads)
+    weights = jax.nn.softmax(jnp.where(mask[:, None], logits, layers._NEG), axis=-1)
+    weights = weights * jnp.any(mask, axis=-1)[:, None, :, None]
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), split(v)).reshape(b, tq, d)
+    return out, weights
+
+
+def _flax_conv(features, kernel_size, stride=1, dtype=jnp.float32, name=None):
+    return nn.Conv(features, (kernel_size,), strides=(stride,), dtype=dtype, name=name)
+
+
 _VARIANTS = {
     "mmjax": {},
-    "flax_layers": {"Dense": nn.Dense, "LayerNorm": functools.partial(nn.LayerNorm, epsilon=1e-6)},
+    "flax_layers": {"Dense": nn.Dense, "LayerNorm": functools.partial(nn.LayerNorm, epsilon=1e-6),
+                    "Conv1D": _flax_conv, "_attend": _textbook_attend},
     "autodiff_layernorm": {"LayerNorm": _AutodiffLayerNorm},
 }
 
@@ -190,17 +207,20 @@ def jax_step_fn(s, replace):
 def main(argv):
     del argv
     config = _CONFIG.value
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    s = step_benchmark.setup(config)
-    result = {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "jax": jax.__version__,
-              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "width": config.model.width, "batch_size": config.train.batch_size,
-              "parameters": int(sum(x.size for x in jax.tree.leaves(s.state.params)))}
-    chosen = set(_VARIANTS_FLAG.value or [*_VARIANTS, *_TORCH_VARIANTS])
+    chosen = set(_VARIANTS_FLAG.value or [*_VARIANTS, *(_TORCH_VARIANTS if torch else ())])
     unknown = chosen - {*_VARIANTS, *_TORCH_VARIANTS}
     if unknown or "mmjax" not in chosen:
         raise app.UsageError(f"--variants: unknown {sorted(unknown)}; 'mmjax' must be one of them")
+    if torch is None and chosen & set(_TORCH_VARIANTS):
+        raise app.UsageError("the torch variants need PyTorch: pip install torch")
+    s = step_benchmark.setup(config)
+    result = {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "jax": jax.__version__,
+              "width": config.model.width, "batch_size": config.train.batch_size,
+              "parameters": int(sum(x.size for x in jax.tree.leaves(s.state.params)))}
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count())
+        torch.manual_seed(0)
+        result.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device="cpu")
     nets = {name: torch_model.MultimodalModel(s.model, s.host_batch, sdpa=sdpa)
             for name, sdpa in _TORCH_VARIANTS.items() if name in chosen}
     for name, net in nets.items():

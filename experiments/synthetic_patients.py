@@ -11,9 +11,9 @@ tests). Any field can be overridden: `--config.train.num_steps=500`, `--config.m
 
 Results (test split, seed 0, 2-core AMD EPYC CPU VM, 2026-11-23; README has per-condition
 figures). macro_auroc over 5 diagnoses + mortality:
-    image 0.717, text 0.760, tabular 0.811, signal 0.611 (each alone);
-    concat 0.894, late 0.896, cross_attention 0.864 (all four modalities).
-The default run took 6 min 59 s wall including evaluation (peak RSS 1.57 GB), ~4 steps/s.
+    image 0.718, text 0.761, tabular 0.811, signal 0.609 (each alone);
+    concat 0.894, late 0.897, cross_attention 0.868 (all four modalities).
+The default run took 3 min 50 s wall including evaluation (peak RSS 1.71 GB), ~7.5 steps/s.
 """
 
 import ml_collections

@@ -3,9 +3,9 @@
 - `Dense` flattens every leading dimension before its matmul: a `[B, T, D]` input becomes one
   `[B*T, D] @ [D, F]` GEMM. XLA:CPU computes the kernel gradient of the batched form about 2x
   slower than of the flat form.
-- `LayerNorm` has a closed-form backward pass (`jax.custom_vjp`; measured faster in one probe,
-  slower in another: see the README performance section): two reductions instead of the
-  chain autodiff builds, computed in float32 whatever the activation dtype.
+- `LayerNorm` has a closed-form backward pass (`jax.custom_vjp`): two reductions instead of the
+  chain autodiff builds, computed in float32 whatever the activation dtype. Alone it is slower
+  than autodiff's; inside the train step level with it or ahead (README, performance).
 - `MultiHeadAttention` projects q, k, v with one fused `Dense` for self-attention, attends one
   head at a time (no head transposes), normalizes the softmax after the value matmul, masks
   with a large finite negative (no NaN for fully masked rows) and zeroes the output of a query
