@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import einops
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -257,6 +258,10 @@ class MultimodalModel(nn.Module):
         if fm.fusion != "cross_attention" or not fm.modality_heads or fm.uncertainty_weighting:
             raise ValueError("the PyTorch port covers the default model: cross_attention fusion with "
                              "modality heads, fixed task weights")
+        settings = [dict(fm.encoders[m]) for m in fm.modalities] + [dict(fm.fusion_kwargs or {})]
+        if jnp.dtype(fm.dtype) != jnp.float32 or any(kw.get("dropout", 0.0) for kw in settings) or any(
+                kw.get("name", m) != m for kw, m in zip(settings, fm.modalities)):
+            raise ValueError("the PyTorch port covers float32, no dropout and the built-in encoders")
         self.modalities, self.tasks, self.modality_dropout = list(fm.modalities), fm.tasks, fm.modality_dropout
         enc = {}
         for mod in self.modalities:

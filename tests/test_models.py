@@ -229,6 +229,7 @@ def test_dense_and_attention_match_float64_reference():
     mha = layers.MultiHeadAttention(num_heads=2)
     params = mha.init(jax.random.PRNGKey(0), x, mask)
     out, w = mha.apply(params, x, mask)
+    np.testing.assert_array_equal(out[0, 1], params["params"]["out"]["bias"])  # exactly zero context
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     x64 = x.astype(np.float64)
     q, k, v = np.split(x64 @ p["qkv"]["kernel"] + p["qkv"]["bias"], 3, axis=-1)
@@ -273,10 +274,12 @@ def test_segmented_attention_is_block_diagonal_attention():
 
 
 @pytest.mark.parametrize("n, channels, features, kernel, stride", [
-    (50, 1, 8, 9, 1),  # stride 1
-    (53, 4, 16, 9, 5),  # im2col path, length not a multiple of the stride
-    (60, 8, 6, 30, 10),  # shifted-GEMM path
+    (50, 1, 8, 9, 1),  # stride 1 (im2col)
+    (53, 2, 16, 9, 5),  # im2col (stride * channels <= features), length not a multiple of the stride
+    (53, 4, 16, 9, 5),  # shifted GEMMs (stride * channels > features)
+    (60, 8, 6, 30, 10),  # shifted GEMMs, 3 blocks per output
     (41, 3, 5, 4, 4),  # one block per output
+    (30, 3, 5, 2, 4),  # stride longer than the kernel
     (7, 2, 3, 9, 2),  # kernel longer than the input
 ])
 def test_conv1d_matches_lax_convolution_in_float64(n, channels, features, kernel, stride):
@@ -295,7 +298,32 @@ def test_conv1d_matches_lax_convolution_in_float64(n, channels, features, kernel
         np.testing.assert_allclose(conv64.apply(params, x64), ref_conv.apply(params, x64), rtol=1e-10, atol=1e-10)
         g, g_ref = jax.grad(f, argnums=(0, 1))(params, x64), jax.grad(f_ref, argnums=(0, 1))(params, x64)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10), g, g_ref)
-    assert conv.apply(params, x.astype(np.float32)).shape == (2, -(-n // stride), features)
+    y32 = conv.apply(params, x.astype(np.float32))
+    assert y32.shape == (2, -(-n // stride), features)
+    # bfloat16 compute stays within bfloat16 rounding of the float32 result.
+    y16 = layers.Conv1D(features, kernel, stride, dtype=jnp.bfloat16).apply(params, x.astype(np.float32))
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.03 * float(np.abs(y32).max()))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_fusion_ignores_masked_token_content_exactly(fusion):
+    """Straight into the fusion (no encoder zeroing first): noise under False masks, including
+    whole absent modalities, changes no output bit."""
+    rng = np.random.default_rng(3)
+    lengths = {"image": 4, "text": 6, "tabular": 3, "signal": 5}
+    tokens = {m: rng.normal(size=(B, t, 16)).astype(np.float32) for m, t in lengths.items()}
+    masks = {m: rng.random((B, t)) < 0.6 for m, t in lengths.items()}
+    masks["image"][0] = False  # patient 0 has no image
+    masks["signal"][:2] = False  # patients 0 and 1 have no signal
+    module = FUSIONS.get(fusion)(width=16, num_heads=2, depth=2)
+    params = module.init(jax.random.PRNGKey(0), tokens, masks)
+    noisy = {m: np.where(masks[m][..., None], tokens[m], rng.normal(size=tokens[m].shape) * 100).astype(np.float32)
+             for m in tokens}
+    a, b = module.apply(params, tokens, masks), module.apply(params, noisy, masks)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    changed = {**noisy, "text": np.where(masks["text"][..., None], 3.0, noisy["text"]).astype(np.float32)}
+    assert not np.array_equal(module.apply(params, changed, masks)[0], a[0])  # valid content does matter
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -126,6 +126,8 @@ class MultiHeadAttention(nn.Module):
         else:
             if context is not None:
                 raise ValueError("segments are for self-attention (no context)")
+            if segments[0] != 0 or segments[-1] != x.shape[1] or any(a > b for a, b in zip(segments, segments[1:])):
+                raise ValueError(f"segments {tuple(segments)} must rise from 0 to the {x.shape[1]} tokens")
             blocks = [(lo, hi) for lo, hi in zip(segments[:-1], segments[1:]) if hi > lo]
             out = jnp.concatenate([_attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mask[:, lo:hi, lo:hi],
                                            self.num_heads, self.dtype)[0] for lo, hi in blocks], axis=1)
@@ -142,6 +144,8 @@ def _attend(q, k, v, mask, num_heads, dtype):
     the 1/sqrt(hd) scale on q, not on the logits; the softmax normalized after the second matmul
     (out = (e v) / sum(e), a [B, Tq, hd] division instead of a [B, Tq, Tk] one). A query with no
     key to attend to would average masked values uniformly: its output is zeroed instead.
+    Masking is additive (-1e9), which excludes a masked key exactly as long as logits are finite
+    and far below 1e9 in size: the batch contract keeps masked content finite (zeros).
     `weights` costs nothing when unused (XLA drops it).
     """
     hd = q.shape[-1] // num_heads
@@ -193,9 +197,10 @@ class Conv1D(nn.Module):
             patches = jnp.concatenate([blocks[:, j:j + out] for j in range(r)], axis=-1)
             y = jnp.dot(patches.reshape(b * out, r * s * c), kernel.reshape(r * s * c, f))
         else:
-            z = jnp.dot(blocks.reshape(-1, s * c), kernel.transpose(1, 0, 2).reshape(s * c, r * f))
+            z = jnp.dot(blocks.reshape(-1, s * c), kernel.transpose(1, 0, 2).reshape(s * c, r * f),
+                        preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))  # sums in >= f32
             z = z.reshape(b, out - 1 + r, r, f)
-            y = sum(z[:, j:j + out, j] for j in range(r))
+            y = sum(z[:, j:j + out, j] for j in range(r)).astype(self.dtype)
         return y.reshape(b, out, f) + bias.astype(self.dtype)
 
 
