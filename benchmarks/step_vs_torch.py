@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmjax.models import encoders, fusion, layers  # noqa: E402
 from mmjax.training import benchmark as step_benchmark  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
-from mmjax.training.step import make_loss_fn, make_train_step  # noqa: E402
+from mmjax.training.step import make_loss_fn  # noqa: E402
 
 try:  # optional: without it only the JAX variants run (e.g. on a GPU machine without PyTorch)
     import torch
@@ -144,7 +144,7 @@ def check_equivalence(s, net):
         np.testing.assert_allclose(out[0][t.name].detach().numpy(), np.asarray(outputs[t.name]), rtol=1e-4,
                                    atol=1e-5, err_msg=f"outputs[{t.name}]")
         np.testing.assert_allclose(t_per_task[t.name].item(), float(per_task[t.name]), rtol=1e-5)
-    flat = {torch_model._torch_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    flat = {torch_model.torch_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     worst = 0.0
     for name, p in net.named_parameters():
         g = torch_model.swap_layout(net, name, p.grad.numpy())
@@ -157,18 +157,18 @@ def check_equivalence(s, net):
     return report
 
 
-def torch_step_fn(s, net):
-    """One PyTorch training step on a fixed batch: forward, loss, backward, clip, AdamW."""
+def torch_step_fn(s, net, names):
+    """One PyTorch training step on a fixed batch: forward, loss, backward, clip, AdamW. `names`:
+    what `load_flax_params` returned when it loaded mmjax's initial parameters into `net`."""
     cfg = s.config.optimizer
-    names = torch_model.load_flax_params(net, s.state.params)
-    decays = {torch_model._torch_name(p): bool(d)
+    decays = {torch_model.torch_name(p): bool(d)
               for p, d in jax.tree_util.tree_flatten_with_path(decay_mask(s.state.params))[0]}
     named = dict(net.named_parameters())
     groups = [{"params": [named[n] for n in names if decays[n]], "weight_decay": cfg.weight_decay},
               {"params": [named[n] for n in names if not decays[n]], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.b1, cfg.b2), eps=1e-8)
     schedule = learning_rate_schedule(cfg, s.config.train.num_steps)
-    lrs = [float(schedule(i)) for i in range(s.config.train.num_steps)]
+    lrs = np.asarray(schedule(np.arange(s.config.train.num_steps))).tolist()
     tb = torch_model.to_torch(s.host_batch)
     weights, aux_w = dict(s.config.loss.weights), s.config.loss.modality_heads_weight
     step = [0]
@@ -190,8 +190,9 @@ def torch_step_fn(s, net):
 def jax_step_fn(s, replace):
     """The compiled mmjax train step with `replace`d layers, on its own copy of the state."""
     with _layers(**replace):
-        fn = jax.jit(make_train_step(s.model, s.tx, s.tasks, dict(s.config.loss.weights),
-                                     modality_heads_weight=s.config.loss.modality_heads_weight), donate_argnums=0)
+        # A new function object: jit caches traces by function, and this one must be traced anew
+        # with the swapped layers.
+        fn = jax.jit(lambda state, batch: s.train_step(state, batch), donate_argnums=0)
         t = time.perf_counter()
         compiled = fn.lower(s.state, s.batch).compile()
         compile_s = time.perf_counter() - t
@@ -211,6 +212,8 @@ def main(argv):
     unknown = chosen - {*_VARIANTS, *_TORCH_VARIANTS}
     if unknown or "mmjax" not in chosen:
         raise app.UsageError(f"--variants: unknown {sorted(unknown)}; 'mmjax' must be one of them")
+    if _STEPS.value * _ROUNDS.value < 2:
+        raise app.UsageError("time at least 2 steps per variant (--steps x --rounds)")
     if torch is None and chosen & set(_TORCH_VARIANTS):
         raise app.UsageError("the torch variants need PyTorch: pip install torch")
     s = step_benchmark.setup(config)
@@ -223,8 +226,9 @@ def main(argv):
         result.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device="cpu")
     nets = {name: torch_model.MultimodalModel(s.model, s.host_batch, sdpa=sdpa)
             for name, sdpa in _TORCH_VARIANTS.items() if name in chosen}
+    loaded = {}
     for name, net in nets.items():
-        torch_model.load_flax_params(net, s.state.params)
+        loaded[name] = torch_model.load_flax_params(net, s.state.params)
         if _CHECK.value:
             result[f"check_{name}"] = check_equivalence(s, net)
             print(f"{name}: same outputs, losses and gradients as mmjax", result[f"check_{name}"], flush=True)
@@ -235,7 +239,7 @@ def main(argv):
             continue
         runs[name], compile_s[name] = jax_step_fn(s, replace)
     for name, net in nets.items():
-        runs[name] = torch_step_fn(s, net)
+        runs[name] = torch_step_fn(s, net, loaded[name])
     result["compile_s"] = {k: round(v, 2) for k, v in compile_s.items()}
 
     for run in runs.values():  # warm-up

@@ -184,9 +184,9 @@ class CrossAttentionLayer(nn.Module):
         self.self_attn = Attention(d, heads, sdpa)  # one projection, shared by all modalities, as in mmjax
         self.mlp = MLP(d, ratio * d)
 
-    def forward(self, x, valid, cross_mask, bounds):
+    def forward(self, x, pair_mask, cross_mask, bounds):
         x = x + self.cross_attn(self.ln_cross(x), cross_mask)
-        x = x + self.self_attn(self.ln_self(x), valid[:, :, None] & valid[:, None, :], segments=bounds)
+        x = x + self.self_attn(self.ln_self(x), pair_mask, segments=bounds)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -207,9 +207,10 @@ class CrossAttentionFusion(nn.Module):
     def forward(self, tokens, masks):
         x = torch.cat(tokens, dim=1) + self.modality_embedding[self.seg]
         valid = torch.cat(masks, dim=1)
-        cross_mask = valid[:, :, None] & valid[:, None, :] & self.other
+        pair_mask = valid[:, :, None] & valid[:, None, :]
+        cross_mask = pair_mask & self.other
         for layer in self.layers:
-            x = layer(x, valid, cross_mask, self.bounds)
+            x = layer(x, pair_mask, cross_mask, self.bounds)
         x = self.norm(x)
         b = self.bounds
         pooled = torch.stack([masked_mean(x[:, b[i]:b[i + 1]], m) for i, m in enumerate(masks)], dim=1)
@@ -280,8 +281,7 @@ class MultimodalModel(nn.Module):
                 enc[mod] = SignalEncoder(shape[1], shape[2], kw.get("patch_size", 50), kw.get("channels", 32), d, tr)
             self.add_module(f"{mod}_encoder", enc[mod])
         self.encoders = enc
-        with torch.no_grad():
-            counts = [enc[mod](_to_torch(batch[mod]))[0].shape[1] for mod in self.modalities]
+        counts = [enc[mod].trunk.pos_embedding.shape[0] for mod in self.modalities]  # tokens per modality
         fk = dict(fm.fusion_kwargs or {})
         self.fusion = CrossAttentionFusion(counts, d, fk.get("depth", 2), fk.get("num_heads", 4),
                                            fk.get("mlp_ratio", 2), sdpa)
@@ -338,7 +338,7 @@ def to_torch(batch):
     return _to_torch({k: v for k, v in batch.items() if k != "patient_id"})
 
 
-def _torch_name(path):
+def torch_name(path):
     """A flax parameter path -> the torch parameter name of the same array."""
     keys = [str(getattr(k, "key", k)) for k in path]
     if keys[-1] == "kernel":
@@ -374,7 +374,7 @@ def load_flax_params(model: nn.Module, params) -> dict:
     names = {}
     with torch.no_grad():
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            name = _torch_name(path)
+            name = torch_name(path)
             if name not in own:
                 raise KeyError(f"flax parameter {jax.tree_util.keystr(path)} has no torch counterpart {name!r}")
             a = swap_layout(model, name, np.asarray(leaf))

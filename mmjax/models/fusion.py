@@ -89,7 +89,8 @@ class LateFusion(_FusionBase):
 class CrossAttentionLayer(nn.Module):
     """Pre-norm: cross-attention to the other modalities, self-attention within each modality, MLP.
 
-    x: [B, T, D] all modalities' tokens concatenated; `bounds` the static start/end of each
+    x: [B, T, D] all modalities' tokens concatenated; `pair_mask` [B, T, T] True where both tokens
+    are valid, `cross_mask` that and of different modalities; `bounds` the static start/end of each
     modality. Cross-attention is one masked attention over all tokens (a token may attend to the
     valid tokens of the other modalities); self-attention (one projection, weights shared by the
     modalities) attends within each modality's block, so it costs sum(T_m^2), not T^2.
@@ -101,14 +102,13 @@ class CrossAttentionLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, valid, cross_mask, bounds, train):
+    def __call__(self, x, pair_mask, cross_mask, bounds, train):
         drop = nn.Dropout(self.dropout, deterministic=not train)
         h = LayerNorm(name="ln_cross")(x).astype(self.dtype)
         h, weights = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="cross_attn")(h, cross_mask)
         x = x + drop(h)
         h = LayerNorm(name="ln_self")(x).astype(self.dtype)
-        self_mask = valid[:, :, None] & valid[:, None, :]  # only its diagonal blocks are read
-        h, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="self_attn")(h, self_mask, segments=bounds)
+        h, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="self_attn")(h, pair_mask, segments=bounds)
         x = x + drop(h)
         h = LayerNorm(name="ln_mlp")(x).astype(self.dtype)
         h = MLP(self.mlp_ratio * x.shape[-1], dtype=self.dtype, name="mlp")(h)
@@ -136,12 +136,13 @@ class CrossAttentionFusion(_FusionBase):
         x = x + type_emb[seg].astype(x.dtype)
         valid = jnp.concatenate([masks[m] for m in names], axis=1)  # [B, T]
         other = jnp.asarray(seg[:, None] != seg[None, :])
-        cross_mask = valid[:, :, None] & valid[:, None, :] & other
+        pair_mask = valid[:, :, None] & valid[:, None, :]  # [B, T, T]: both tokens valid
+        cross_mask = pair_mask & other
         bounds = tuple(int(b) for b in np.cumsum([0] + [tokens[m].shape[1] for m in names]))
         attention = []
         for i in range(self.depth):
             x, w = CrossAttentionLayer(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, name=f"layer{i}")(
-                x, valid, cross_mask, bounds, train)
+                x, pair_mask, cross_mask, bounds, train)
             attention.append(w)
         x = LayerNorm(name="norm")(x).astype(self.dtype)
         per_mod = {m: x[:, bounds[i]:bounds[i + 1]] for i, m in enumerate(names)}

@@ -116,6 +116,11 @@ class MultiHeadAttention(nn.Module):
         d = x.shape[-1]
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+        if segments is not None:
+            if context is not None:
+                raise ValueError("segments are for self-attention (no context)")
+            if segments[0] != 0 or segments[-1] != x.shape[1] or any(a > b for a, b in zip(segments, segments[1:])):
+                raise ValueError(f"segments {tuple(segments)} must rise from 0 to the {x.shape[1]} tokens")
         if context is None:
             q, k, v = jnp.split(Dense(3 * d, dtype=self.dtype, name="qkv")(x), 3, axis=-1)
         else:
@@ -124,10 +129,6 @@ class MultiHeadAttention(nn.Module):
         if segments is None:
             out, weights = _attend(q, k, v, mask, self.num_heads, self.dtype)
         else:
-            if context is not None:
-                raise ValueError("segments are for self-attention (no context)")
-            if segments[0] != 0 or segments[-1] != x.shape[1] or any(a > b for a, b in zip(segments, segments[1:])):
-                raise ValueError(f"segments {tuple(segments)} must rise from 0 to the {x.shape[1]} tokens")
             blocks = [(lo, hi) for lo, hi in zip(segments[:-1], segments[1:]) if hi > lo]
             out = jnp.concatenate([_attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mask[:, lo:hi, lo:hi],
                                            self.num_heads, self.dtype)[0] for lo, hi in blocks], axis=1)

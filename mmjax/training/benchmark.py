@@ -36,7 +36,6 @@ class StepSetup:
     """A default-config train step ready to time: what `benchmark` and `benchmarks/` share."""
 
     config: Any
-    spec: pipeline.DatasetSpec
     tasks: tuple
     model: Any
     tx: Any
@@ -44,7 +43,8 @@ class StepSetup:
     host_batch: dict  # one host batch (numpy), the one `batch` was made from
     batch: dict  # that batch as global device arrays
     state: TrainState
-    step_fn: Callable  # jitted, state donated
+    train_step: Callable  # the pure step function
+    step_fn: Callable  # train_step jitted with shardings, state donated
     shard: Any
 
 
@@ -67,7 +67,7 @@ def setup(config) -> StepSetup:
     train_step = make_train_step(model, tx, tasks, dict(config.loss.weights),
                                  modality_heads_weight=config.loss.modality_heads_weight)
     step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
-    return StepSetup(config, spec, tuple(tasks), model, tx, it, host_batch, batch, state, step_fn, shard)
+    return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
 
 
 def benchmark(config, steps: int) -> dict:
