@@ -237,6 +237,8 @@ class TaskHeads(nn.Module):
                 self, f"{t.name}_bias")
             if average:
                 logits = torch.einsum("bko,bk->bo", logits, w)
+            if t.kind == "regression":
+                logits = t.target_mean + t.target_std * logits
             out[t.name] = logits if t.kind == "multilabel" else logits[..., 0]
         return out
 
@@ -306,7 +308,10 @@ class MultimodalModel(nn.Module):
 
 def _masked_mean_loss(t, pred, y, mask):
     y = y.expand_as(pred)
-    per = (pred - y) ** 2 if t.kind == "regression" else F.binary_cross_entropy_with_logits(pred, y, reduction="none")
+    if t.kind == "regression":
+        per = ((pred - y) / t.target_std) ** 2
+    else:
+        per = F.binary_cross_entropy_with_logits(pred, y, reduction="none")
     return torch.where(mask, per, 0.0).sum() / mask.sum().clamp(min=1).float()
 
 

@@ -48,7 +48,8 @@ def make_batch(seed=0, b=B):
 
 
 def make_model(fusion, **kw):
-    enc = {"image": {"patch_size": 8}, "text": {"vocab_size": 50}, "tabular": {}, "signal": {"patch_size": 10}}
+    enc = {"image": {"name": "image", "patch_size": 8}, "text": {"name": "text", "vocab_size": 50},
+           "tabular": {"name": "tabular"}, "signal": {"name": "signal", "patch_size": 10}}
     return MultimodalModel(modalities=("image", "text", "tabular", "signal"), tasks=TASKS, encoders=enc,
                            fusion=fusion, width=16, **kw,
                            fusion_kwargs={"depth": 2, "num_heads": 2} if fusion == "cross_attention" else {})

@@ -43,8 +43,8 @@ def main(argv):
     del argv
     builder = pipeline.load_builder(_DATASET.value, _DATA_DIR.value)
     spec = pipeline.DatasetSpec.from_builder(builder)
-    print(f"{builder.name}/{builder.builder_config.name}: image {spec.image_shape}, "
-          f"signal {spec.signal_length}, batch {_BATCH.value}, cpus {os.cpu_count()}")
+    shapes = ", ".join(f"{m.name} ({m.kind}) {m.shape}" for m in spec.modalities if m.shape)
+    print(f"{builder.name}/{builder.builder_config.name}: {shapes}; batch {_BATCH.value}, cpus {os.cpu_count()}")
     for w in _WORKERS.value:
         print(json.dumps(measure(builder, spec, _BATCH.value, _BATCHES.value, int(w), _AUGMENT.value)))
 

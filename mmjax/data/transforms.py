@@ -1,12 +1,15 @@
-"""Per-modality preprocessing as small Grain transforms.
+"""Per-modality preprocessing as small Grain transforms, each told which modality it serves.
 
 Per example (before batching): `CheckExample` (bad input fails loudly, naming the patient and
-the field), `ImageToFloat`, `TokenizeText`, `StandardizeTabular`, `NormalizeSignal`,
-`Spectrogram` (optional), `CollectLabels`. Per batch (after batching, vectorized): `AugmentImages`,
-the train-time random crop, flip, small rotation and intensity jitter.
+the field), `SelectImage`, `TokenizeText`, `StandardizeTabular`, `PrepareSignal` (crop or pad to
+the spec's length, normalize), `Spectrogram` (optional), `CollectLabels`, `Assemble`. Per batch
+(after batching, vectorized): `ImageToFloat` and `AugmentImages`, the train-time random crop,
+flip, small rotation and intensity jitter.
 
-Each per-example transform reads raw fields of a TFDS example and writes one entry of the
-batch contract (`mmjax/batch.py`); `Assemble` then keeps only what the contract names.
+Each per-example op reads the raw field named by its `ModalitySpec` (`spec.field`, a
+'/'-separated path into the example) and writes `out/<name>`, one entry of the batch contract
+(`mmjax/batch.py`); `Assemble` then keeps only what the contract names. So one op serves any
+modality name (big_vision's `key=` / `key_result=`).
 """
 
 from __future__ import annotations
@@ -17,137 +20,218 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from mmjax.batch import TaskSpec
+from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.data.spec import DataError
 from mmjax.data.tokenizer import WordPieceTokenizer
 
+__all__ = ["DataError", "CheckExample", "SelectImage", "ImageToFloat", "TokenizeText", "StandardizeTabular",
+           "PrepareSignal", "Spectrogram", "CollectLabels", "Assemble", "AugmentImages", "get_field"]
 
-class DataError(ValueError):
-    """Bad input data; the message names the example (patient id or record) and the field."""
+
+def get_field(ex, path: str):
+    """`ex['a']['b']` for path 'a/b' (TFDS examples are nested dicts)."""
+    for key in path.split("/"):
+        ex = ex[key]
+    return ex
 
 
 def _pid(ex) -> str:
-    return f"patient_id={int(ex['patient_id'])}" if "patient_id" in ex else "example"
+    if "patient_id" not in ex:
+        return "example"
+    pid = ex["patient_id"]
+    pid = pid.decode("utf-8") if isinstance(pid, bytes) else pid
+    return f"patient_id={pid}"
+
+
+def _present(ex, name: str) -> bool:
+    return bool(ex["present"][name])
+
+
+def _tabular_parts(ex, spec: ModalitySpec):
+    """(numeric f32[F], categorical i32[G]) of a tabular field: an array (numeric only) or a dict."""
+    value = get_field(ex, spec.field)
+    if isinstance(value, dict):
+        numeric = value.get("numeric", np.zeros(0, np.float32))
+        categorical = value.get("categorical", np.zeros(0, np.int32))
+    else:
+        numeric, categorical = value, np.zeros(0, np.int32)
+    return np.asarray(numeric, np.float32), np.asarray(categorical, np.int32)
 
 
 @dataclasses.dataclass
 class CheckExample(grain.transforms.Map):
-    """Fails on wrong shapes, NaN or infinities where none are allowed, and out-of-range labels."""
+    """Fails on wrong shapes, NaN or infinities where none are allowed, and labels out of range."""
 
-    image_shape: tuple[int, ...]
-    signal_length: int
-    num_labs: int
+    modalities: Sequence[ModalitySpec]
+    tasks: Sequence[TaskSpec]
 
     def map(self, ex):
         where = _pid(ex)
-        for field, shape in (("image", self.image_shape), ("ecg", (self.signal_length,)),
-                             ("labs", (self.num_labs,))):
-            if np.shape(ex[field]) != tuple(shape):
-                raise DataError(f"{where}: field {field!r} has shape {np.shape(ex[field])}, expected {shape}")
-        if not np.all(np.isfinite(ex["ecg"])):
-            raise DataError(f"{where}: field 'ecg' contains NaN or infinity")
-        if np.any(np.isinf(ex["labs"])):  # NaN is allowed there: it means 'not measured'
-            raise DataError(f"{where}: field 'labs' contains infinity")
-        for name, value in ex["labels"].items():
-            v = np.asarray(value)
+        for m in self.modalities:
+            if m.kind == "image":
+                x = get_field(ex, m.field)
+                if np.shape(x) != tuple(m.shape):
+                    raise DataError(f"{where}: field {m.field!r} has shape {np.shape(x)}, expected {m.shape}")
+            elif m.kind == "signal":
+                x = np.asarray(get_field(ex, m.field))
+                channels = m.shape[1]
+                if not (x.ndim == 1 and channels == 1 or x.ndim == 2 and x.shape[1] == channels):
+                    raise DataError(f"{where}: field {m.field!r} has shape {x.shape}, expected [time, {channels}]")
+                if not np.all(np.isfinite(x)):
+                    raise DataError(f"{where}: field {m.field!r} contains NaN or infinity")
+            elif m.kind == "tabular":
+                numeric, categorical = _tabular_parts(ex, m)
+                if numeric.shape != (len(m.numeric),) or categorical.shape != (len(m.categorical),):
+                    raise DataError(f"{where}: field {m.field!r} has {numeric.shape[0]} numeric and "
+                                    f"{categorical.shape[0]} categorical values, expected {len(m.numeric)} "
+                                    f"and {len(m.categorical)}")
+                if np.any(np.isinf(numeric)):  # NaN is allowed there: it means 'not measured'
+                    raise DataError(f"{where}: field {m.field!r} contains infinity")
+                if np.any((categorical < 0) | (categorical >= np.asarray(m.category_sizes, np.int64))):
+                    raise DataError(f"{where}: field {m.field!r} has a category index out of range: {categorical}")
+        for t in self.tasks:
+            if t.name not in ex["labels"]:
+                raise DataError(f"{where}: unknown label {t.name!r}; the example has {sorted(ex['labels'])}")
+            v = np.asarray(ex["labels"][t.name])
+            known = np.broadcast_to(np.asarray(ex.get("label_known", {}).get(t.name, True), bool), v.shape)
+            v = v[known]
             if not np.all(np.isfinite(v)):
-                raise DataError(f"{where}: label {name!r} is not finite: {v}")
+                raise DataError(f"{where}: label {t.name!r} is not finite: {v}")
+            if t.kind in ("binary", "multilabel") and not np.all((v == 0) | (v == 1)):
+                raise DataError(f"{where}: label {t.name!r} must be 0 or 1, got {v}")
+            if t.kind == "multiclass" and not np.all((v >= 0) & (v < t.num_outputs) & (v == np.round(v))):
+                raise DataError(f"{where}: label {t.name!r} must be a class index in [0, {t.num_outputs}), got {v}")
         return ex
 
 
+@dataclasses.dataclass
 class SelectImage(grain.transforms.Map):
     """Passes the uint8 image on (zeroed when absent); `ImageToFloat` converts whole batches."""
 
+    spec: ModalitySpec
+
     def map(self, ex):
-        present = bool(ex["present"]["image"])
-        ex["out/image"] = {"values": ex["image"] if present else np.zeros_like(ex["image"]),
-                           "present": np.bool_(present)}
+        image = get_field(ex, self.spec.field)
+        present = _present(ex, self.spec.name)
+        ex[f"out/{self.spec.name}"] = {"values": image if present else np.zeros_like(image),
+                                       "present": np.bool_(present)}
         return ex
 
 
 @dataclasses.dataclass
 class ImageToFloat(grain.transforms.Map):
-    """Batch of uint8 [B, H, W, C] -> f32 standardized with the training split's mean and std."""
+    """Batch of uint8 [B, H, W, C] -> f32 standardized per channel with the training split's mean and std."""
 
-    mean: float
-    std: float
+    specs: Sequence[ModalitySpec]
 
     def map(self, batch):
-        if "image" not in batch:
-            return batch
-        scale = np.float32(1.0 / (255.0 * self.std))
-        pixels = batch["image"]["values"].astype(np.float32)
-        pixels *= scale
-        pixels -= np.float32(self.mean / self.std)
-        pixels *= batch["image"]["present"][:, None, None, None]
-        batch["image"] = {"values": pixels, "present": batch["image"]["present"]}
+        for spec in self.specs:
+            entry = batch[spec.name]
+            std = np.asarray(spec.std, np.float32)
+            pixels = entry["values"].astype(np.float32)
+            pixels *= 1.0 / (255.0 * std)
+            pixels -= np.asarray(spec.mean, np.float32) / std
+            pixels *= entry["present"][:, None, None, None]
+            batch[spec.name] = {"values": pixels, "present": entry["present"]}
         return batch
 
 
 @dataclasses.dataclass
 class TokenizeText(grain.transforms.Map):
+    spec: ModalitySpec
     tokenizer: WordPieceTokenizer
     max_length: int
 
     def map(self, ex):
-        present = bool(ex["present"]["text"])
-        note = ex["note"].decode("utf-8") if isinstance(ex["note"], bytes) else str(ex["note"])
-        ids, mask, _ = self.tokenizer.encode(note if present else "", self.max_length)
-        ex["out/text"] = {"values": ids, "mask": mask, "present": np.bool_(present and mask.any())}
+        present = _present(ex, self.spec.name)
+        text = get_field(ex, self.spec.field)
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        ids, mask, _ = self.tokenizer.encode(text if present else "", self.max_length)
+        ex[f"out/{self.spec.name}"] = {"values": ids, "mask": mask, "present": np.bool_(present and mask.any())}
         return ex
 
 
 @dataclasses.dataclass
 class StandardizeTabular(grain.transforms.Map):
-    """(log for skewed features) then (x - mean) / std with training-split statistics; NaN -> 0
-    with mask False, so a missing value is never confused with an average one."""
+    """Numeric columns: (log where the spec says) then (x - mean) / std with training-split statistics;
+    NaN -> 0 with mask False, so a missing value is never confused with an average one. A log-scaled
+    value <= 0 is an error. Categorical columns pass as indices (0 missing, 1 unseen in training)."""
 
-    mean: np.ndarray
-    std: np.ndarray
-    log_scale: np.ndarray
+    spec: ModalitySpec
+
+    def __post_init__(self):
+        self._log = np.asarray(self.spec.log_scale or [False] * len(self.spec.numeric), bool)
+        self._mean = np.asarray(self.spec.mean, np.float32)
+        self._std = np.asarray(self.spec.std, np.float32)
 
     def map(self, ex):
-        labs = np.asarray(ex["labs"], np.float32)
+        numeric, categorical = _tabular_parts(ex, self.spec)
+        present = _present(ex, self.spec.name)
+        bad = self._log & (numeric <= 0)
+        if present and bad.any():
+            cols = [c for c, b in zip(self.spec.numeric, bad) if b]
+            raise DataError(f"{_pid(ex)}: {self.spec.name} column(s) {cols} are log-scaled but <= 0: "
+                            f"{numeric[bad].tolist()}")
         with np.errstate(invalid="ignore", divide="ignore"):
-            x = np.where(self.log_scale, np.log(labs), labs)
-        observed = np.isfinite(x) & bool(ex["present"]["tabular"])
-        values = np.where(observed, (x - self.mean) / self.std, 0.0).astype(np.float32)
-        ex["out/tabular"] = {"values": values, "mask": observed, "present": np.bool_(observed.any())}
+            x = np.where(self._log, np.log(numeric), numeric)
+        observed = np.isfinite(x) & present
+        values = np.where(observed, (x - self._mean) / self._std, 0.0).astype(np.float32)
+        categories = np.where(present, categorical, 0).astype(np.int32)
+        ex[f"out/{self.spec.name}"] = {"values": values, "mask": observed, "categories": categories,
+                                       "present": np.bool_(present and (observed.any() or categories.any()))}
         return ex
 
 
 @dataclasses.dataclass
-class NormalizeSignal(grain.transforms.Map):
-    """Per recording: subtract the mean, divide by the standard deviation. [T] -> [T, 1]."""
+class PrepareSignal(grain.transforms.RandomMap):
+    """[T] or [T, C] -> [length, C]: a longer recording is cropped (a random window in training, the
+    centre otherwise), a shorter one zero-padded with the time mask False on the padding; then each
+    channel is standardized over its real samples."""
 
-    def map(self, ex):
-        present = bool(ex["present"]["signal"])
-        x = np.asarray(ex["ecg"], np.float32)
-        if present:
-            x = x - x.sum() / x.size
-            x *= 1.0 / (np.sqrt(np.dot(x, x) / x.size) + 1e-6)
-        else:
-            x = np.zeros_like(x)
-        ex["out/signal"] = {"values": x[:, None], "mask": np.full(x.shape[0], present), "present": np.bool_(present)}
+    spec: ModalitySpec
+    random_crop: bool = False
+
+    def random_map(self, ex, rng: np.random.Generator):
+        length, channels = self.spec.shape
+        present = _present(ex, self.spec.name)
+        x = np.asarray(get_field(ex, self.spec.field), np.float32).reshape(-1, channels)
+        out = np.zeros((length, channels), np.float32)
+        mask = np.zeros(length, bool)
+        if present and x.shape[0]:
+            n = x.shape[0]
+            if n > length:
+                start = int(rng.integers(0, n - length + 1)) if self.random_crop else (n - length) // 2
+                x, n = x[start:start + length], length
+            x = x - x.mean(axis=0)
+            x *= 1.0 / (np.sqrt((x * x).mean(axis=0)) + 1e-6)
+            out[:n], mask[:n] = x, True
+        ex[f"out/{self.spec.name}"] = {"values": out, "mask": mask, "present": np.bool_(mask.any())}
         return ex
+
+
+def spectrogram_frames(length: int, frame_length: int = 64, hop: int = 16) -> int:
+    return max(1 + (length - frame_length) // hop, 0)
 
 
 @dataclasses.dataclass
 class Spectrogram(grain.transforms.Map):
-    """Optional front end: log-magnitude STFT of the normalized signal. [T, 1] -> [frames, bins]."""
+    """Optional front end: log-magnitude STFT of each normalized channel. [T, C] -> [frames, bins * C];
+    a frame is real when all its samples are."""
 
+    name: str
     frame_length: int = 64
     hop: int = 16
 
     def map(self, ex):
-        sig = ex["out/signal"]
-        x = sig["values"][:, 0]
-        n_frames = 1 + (len(x) - self.frame_length) // self.hop
-        idx = np.arange(self.frame_length)[None, :] + self.hop * np.arange(n_frames)[:, None]
-        window = np.hanning(self.frame_length).astype(np.float32)
-        spec = np.log1p(np.abs(np.fft.rfft(x[idx] * window, axis=-1))).astype(np.float32)
-        present = sig["present"]
-        ex["out/signal"] = {"values": spec * present, "mask": np.full(n_frames, bool(present)),
-                            "present": present}
+        sig = ex[f"out/{self.name}"]
+        x, time_mask = sig["values"], sig["mask"]  # [T, C], [T]
+        n_frames = spectrogram_frames(len(x), self.frame_length, self.hop)
+        idx = np.arange(self.frame_length)[None, :] + self.hop * np.arange(n_frames)[:, None]  # [F, L]
+        window = np.hanning(self.frame_length).astype(np.float32)[None, :, None]
+        spec = np.log1p(np.abs(np.fft.rfft(x[idx] * window, axis=1))).astype(np.float32)  # [F, bins, C]
+        mask = time_mask[idx].all(axis=1)
+        values = spec.reshape(n_frames, -1) * mask[:, None]
+        ex[f"out/{self.name}"] = {"values": values, "mask": mask, "present": np.bool_(mask.any())}
         return ex
 
 
@@ -160,10 +244,11 @@ class CollectLabels(grain.transforms.Map):
         for t in self.tasks:
             if t.name not in ex["labels"]:
                 raise DataError(f"{_pid(ex)}: unknown label {t.name!r}; the example has {sorted(ex['labels'])}")
-            y = np.asarray(ex["labels"][t.name], np.float32)
+            y = np.asarray(ex["labels"][t.name], np.int32 if t.kind == "multiclass" else np.float32)
             known = np.asarray(ex.get("label_known", {}).get(t.name, True), bool)
-            labels[t.name] = y
-            masks[t.name] = np.broadcast_to(known, y.shape).copy()
+            known = np.broadcast_to(known, y.shape).copy()
+            labels[t.name] = np.where(known, y, 0).astype(y.dtype)
+            masks[t.name] = known
         ex["out/labels"], ex["out/label_mask"] = labels, masks
         return ex
 
@@ -172,13 +257,14 @@ class CollectLabels(grain.transforms.Map):
 class Assemble(grain.transforms.Map):
     """Keeps exactly the fields of the batch contract for the chosen modalities."""
 
-    modalities: Sequence[str]
+    names: Sequence[str]
 
     def map(self, ex):
-        out = {m: ex[f"out/{m}"] for m in self.modalities}
+        out = {m: ex[f"out/{m}"] for m in self.names}
         out["labels"], out["label_mask"] = ex["out/labels"], ex["out/label_mask"]
         out["example_mask"] = np.bool_(True)
-        out["patient_id"] = np.int64(ex["patient_id"])
+        pid = ex["patient_id"]
+        out["patient_id"] = np.str_(pid.decode("utf-8") if isinstance(pid, bytes) else pid)
         return out
 
 
@@ -195,11 +281,15 @@ class AugmentImages(grain.transforms.RandomMap):
     max_degrees: float = 8.0
     flip_probability: float = 0.5
     intensity: float = 0.1
+    names: Sequence[str] = ("image",)  # the image modalities to augment
 
     def random_map(self, batch, rng: np.random.Generator):
-        if "image" not in batch:
-            return batch
-        x = batch["image"]["values"]  # [B, H, W, C]
+        for name in self.names:
+            batch[name] = self._augment(batch[name], rng)
+        return batch
+
+    def _augment(self, entry, rng: np.random.Generator):
+        x = entry["values"]  # [B, H, W, C]
         b, h, w, _ = x.shape
         f32 = np.float32
         zoom = rng.uniform(1.0, self.max_zoom, b).astype(f32)
@@ -223,9 +313,8 @@ class AugmentImages(grain.transforms.RandomMap):
         gain = (1.0 + rng.uniform(-self.intensity, self.intensity, b)).astype(f32)
         bias = rng.uniform(-self.intensity, self.intensity, b).astype(f32)
         out = out * gain[:, None, None, None] + bias[:, None, None, None]
-        present = batch["image"]["present"].astype(np.float32)[:, None, None, None]
-        batch["image"] = {"values": (out * present).astype(np.float32), "present": batch["image"]["present"]}
-        return batch
+        present = entry["present"].astype(np.float32)[:, None, None, None]
+        return {"values": (out * present).astype(np.float32), "present": entry["present"]}
 
 
 def _bilinear(x, yy, xx):

@@ -1,8 +1,10 @@
-"""Evaluation over one pass of a split: per task and label AUROC, AUPRC, F1, accuracy (classification)
-and MAE, RMSE (regression), with macro averages.
+"""Evaluation over one pass of a split: per task and label AUROC, AUPRC, F1, accuracy (binary,
+multilabel), accuracy, balanced accuracy, macro-F1, one-vs-rest macro-AUROC and the confusion
+matrix (multiclass), MAE and RMSE (regression), with macro averages.
 
-`macro_auroc` at the top level is the mean AUROC over every binary output: each label of a
-multilabel task and each binary task. Only rows with `example_mask` and a known label count.
+`macro_auroc` at the top level is the mean AUROC over every classification output: each label of
+a multilabel task, each binary task, and each multiclass task's one-vs-rest macro-AUROC. Only rows
+with `example_mask` and a known label count.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec
         out = predict(batch)
         rows = np.asarray(batch["example_mask"], bool)
         for t in tasks:
-            preds[t.name].append(np.asarray(out[t.name], np.float64)[rows])
+            preds[t.name].append(np.asarray(out[t.name], np.float64)[rows])  # [N] or [N, K]
             labels[t.name].append(np.asarray(batch["labels"][t.name], np.float64)[rows])
             masks[t.name].append(np.asarray(batch["label_mask"][t.name], bool)[rows])
     cat = lambda d: {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in d.items()}
@@ -48,6 +50,9 @@ def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[Task
         elif t.kind == "binary":
             results[t.name] = _binary(y, p, known)
             aurocs.append(results[t.name]["auroc"])
+        elif t.kind == "multiclass":
+            results[t.name] = {**metrics.multiclass(y[known], p[known]), "classes": list(t.label_names)}
+            aurocs.append(results[t.name]["macro_auroc"])
         else:
             per = {name: _binary(y[:, k], p[:, k], known[:, k]) for k, name in enumerate(t.label_names)}
             macro = {m: float(np.nanmean([r[m] for r in per.values()])) for m in ("auroc", "auprc", "f1", "accuracy")}
@@ -71,6 +76,9 @@ def format_table(results: dict, tasks: Sequence[TaskSpec]) -> str:
                 rows.append((f"  {name} auroc", *cells))
         elif t.kind == "binary":
             for m in ("auroc", "auprc", "f1", "accuracy"):
+                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+        elif t.kind == "multiclass":
+            for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
                 rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
         else:
             for m in ("mae", "rmse"):

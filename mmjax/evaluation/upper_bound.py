@@ -19,9 +19,8 @@ import json
 import numpy as np
 from absl import app, flags
 
-from mmjax.batch import MODALITIES
 from mmjax.data.synthetic.builder import SyntheticPatients
-from mmjax.data.synthetic.generate import generate_split
+from mmjax.data.synthetic.generate import MODALITIES, generate_split
 from mmjax.data.synthetic.labs import FEATURES
 from mmjax.data.synthetic.latent import CONDITIONS
 from mmjax.metrics import roc_auc

@@ -67,3 +67,39 @@ def f1_score(y_true, y_pred) -> float:
 def accuracy(y_true, y_pred) -> float:
     y, p = _check(y_true, y_pred)
     return float(np.mean(y == p)) if len(y) else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """counts[i, j]: examples of true class i predicted as j."""
+    y_true, y_pred = np.asarray(y_true, np.int64).ravel(), np.asarray(y_pred, np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"labels {y_true.shape} and predictions {y_pred.shape} differ in shape")
+    for name, v in (("labels", y_true), ("predictions", y_pred)):
+        if len(v) and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{name} must be class indices in [0, {num_classes})")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def multiclass(y_true, proba) -> dict:
+    """Accuracy, balanced accuracy (mean recall over the classes present), macro-F1 (over the classes in
+    labels or predictions, scikit-learn's default), one-vs-rest macro-AUROC (over the classes with both
+    positives and negatives) and the confusion matrix, from class indices [N] and probabilities [N, K]."""
+    proba = np.asarray(proba, np.float64)
+    y = np.asarray(y_true, np.int64).ravel()
+    n, k = proba.shape
+    if len(y) != n:
+        raise ValueError(f"{len(y)} labels for {n} predictions")
+    if not np.all(np.isfinite(proba)):
+        raise ValueError("scores must be finite")
+    pred = np.argmax(proba, axis=1)
+    cm = confusion_matrix(y, pred, k)
+    support, predicted, tp = cm.sum(1), cm.sum(0), np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = tp / support
+        f1 = 2 * tp / (support + predicted)
+    aurocs = [roc_auc(y == c, proba[:, c]) for c in range(k) if 0 < support[c] < n]
+    return {"accuracy": float(tp.sum() / n) if n else float("nan"),
+            "balanced_accuracy": float(np.mean(recall[support > 0])) if n else float("nan"),
+            "macro_f1": float(np.mean(f1[(support + predicted) > 0])) if n else float("nan"),
+            "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+            "confusion_matrix": cm.tolist(), "count": int(n)}

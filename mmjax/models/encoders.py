@@ -6,7 +6,9 @@
 sequences, `mask`. The token mask is False for every token of an absent modality; the tokens of
 an absent modality are zeroed, but correctness never relies on that: fusion uses the mask.
 
-A new encoder is one class registered with `@ENCODERS.register("name")`.
+Each modality kind has a default encoder registered under the kind's name (`image`, `text`,
+`tabular`, `signal`); a config may name another. A new encoder is one class registered with
+`@ENCODERS.register("name")`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models.layers import Conv1D, Dense, Dtype, LayerNorm, TransformerBlock
 from mmjax.models.registry import Registry
@@ -88,19 +91,36 @@ class TextEncoder(_EncoderBase):
 
 @ENCODERS.register("tabular")
 class TabularEncoder(_EncoderBase):
-    """Feature tokenizer (FT-Transformer): token_f = x_f * w_f + b_f, or a learned embedding for a
-    missing value of feature f; then a Transformer across features."""
+    """Feature tokenizer (FT-Transformer), one token per column, then a Transformer across them.
+
+    Numeric column f: token = x_f * w_f + b_f, or a learned embedding when the value is missing.
+    Categorical column g: a learned embedding per training category, plus one for a missing value
+    (index 0) and one for a category never seen in training (index 1); `category_sizes[g]` rows.
+    """
+
+    category_sizes: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         x, observed = inputs["values"], inputs["mask"]  # [B, F]
-        f = x.shape[-1]
+        b, f = x.shape
         init = nn.initializers.normal(0.02)
-        w = self.param("feature_weight", init, (f, self.width), jnp.float32)
-        b = self.param("feature_bias", init, (f, self.width), jnp.float32)
-        missing = self.param("missing_embedding", init, (f, self.width), jnp.float32)
-        tokens = jnp.where(observed[..., None], x[..., None] * w + b, missing).astype(self.dtype)
-        mask = jnp.broadcast_to(inputs["present"][:, None], (x.shape[0], f))
+        parts = []
+        if f:
+            w = self.param("feature_weight", init, (f, self.width), jnp.float32)
+            bias = self.param("feature_bias", init, (f, self.width), jnp.float32)
+            missing = self.param("missing_embedding", init, (f, self.width), jnp.float32)
+            parts.append(jnp.where(observed[..., None], x[..., None] * w + bias, missing))
+        if self.category_sizes:
+            cats = inputs["categories"]  # [B, G]
+            if cats.shape[1] != len(self.category_sizes):
+                raise ValueError(f"{cats.shape[1]} categorical columns, the encoder was built for "
+                                 f"{len(self.category_sizes)}")
+            offsets = jnp.asarray(np.cumsum((0,) + tuple(self.category_sizes[:-1])), jnp.int32)
+            table = self.param("category_embedding", init, (sum(self.category_sizes), self.width), jnp.float32)
+            parts.append(table[cats + offsets])
+        tokens = jnp.concatenate(parts, axis=1).astype(self.dtype)
+        mask = jnp.broadcast_to(inputs["present"][:, None], tokens.shape[:2])
         return self.trunk(tokens, mask, train), mask
 
 
@@ -112,6 +132,7 @@ class SignalEncoder(_EncoderBase):
     `patch_size` steps; the last layer's receptive field (~1.6 s at 100 Hz with the defaults)
     spans two beats, so a token can see the local RR interval and P-wave shape that separate
     atrial fibrillation from sinus rhythm. `conv=False` gives a plain linear patch tokenizer.
+    A length that does not divide into patches keeps its tail: zero-padded, its padding masked.
     """
 
     patch_size: int = 50
@@ -122,8 +143,13 @@ class SignalEncoder(_EncoderBase):
     def __call__(self, inputs, train: bool = False):
         x, time_mask = inputs["values"], inputs["mask"]  # [B, T, C], [B, T]
         p = self.patch_size
-        t = (x.shape[1] // p) * p  # a ragged tail shorter than one patch is not tokenized
-        x = jnp.where(time_mask[:, :t, None], x[:, :t], 0).astype(self.dtype)
+        if x.shape[1] <= p:
+            raise ValueError(f"signal of {x.shape[1]} steps with patch_size={p} would make a single token "
+                             f"(with the spectrogram front end, T is the number of frames): lower patch_size")
+        t = -(-x.shape[1] // p) * p
+        pad = ((0, 0), (0, t - x.shape[1]))
+        time_mask = jnp.pad(time_mask, pad)
+        x = jnp.where(time_mask[..., None], jnp.pad(x, pad + ((0, 0),)), 0).astype(self.dtype)
         if self.conv:
             if p % 5:
                 raise ValueError(f"signal patch_size={p} must be a multiple of 5 with the conv tokenizer")
@@ -135,5 +161,5 @@ class SignalEncoder(_EncoderBase):
         else:
             tokens = Dense(self.width, dtype=self.dtype, name="patch_embedding")(
                 einops.rearrange(x, "b (n p) c -> b n (p c)", p=p))
-        mask = einops.reduce(time_mask[:, :t], "b (n p) -> b n", "max", p=p) & inputs["present"][:, None]
+        mask = einops.reduce(time_mask, "b (n p) -> b n", "max", p=p) & inputs["present"][:, None]
         return self.trunk(tokens, mask, train), mask

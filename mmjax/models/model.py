@@ -3,7 +3,8 @@
     outputs, aux = model.apply({'params': params}, batch, train=False)
     outputs, aux = model.apply({'params': params}, batch, train=True, rngs={'dropout': key})
 
-`outputs[task]` are logits (multilabel `[B, K]`, binary `[B]`) or predictions (regression `[B]`).
+`outputs[task]` are logits (multilabel and multiclass `[B, K]`, binary `[B]`) or predictions in the
+target's units (regression `[B]`: `target_mean + target_std * z`, see `TaskSpec`).
 `aux` holds `embeddings` (pooled per modality, `[B, D]`), `attention` (cross-attention weights,
 when the fusion has them), `present` (each modality's presence after modality dropout) and,
 with uncertainty weighting, `task_log_vars` `[num_tasks]` for the loss. With `modality_heads`,
@@ -60,11 +61,16 @@ class TaskHeads(nn.Module):
             logits = jnp.einsum("bkd,kdo->bko", fused.astype(jnp.float32), kernel) + bias
             if self.average:
                 logits = jnp.einsum("bko,bk->bo", logits, w)
-            outputs[t.name] = logits if t.kind == "multilabel" else logits[..., 0]
+            if t.kind == "regression":  # the head predicts the standardized target
+                logits = t.target_mean + t.target_std * logits
+            outputs[t.name] = logits if t.kind in ("multilabel", "multiclass") else logits[..., 0]
         return outputs
 
 
 class MultimodalModel(nn.Module):
+    """`modalities` are batch keys; `encoders[m]` the kwargs of modality m's encoder plus `name`, the
+    registered encoder (`mmjax.models.build.build_model` fills both from the dataset's spec)."""
+
     modalities: Sequence[str]
     tasks: Sequence[TaskSpec]
     encoders: Mapping[str, Mapping]  # modality -> encoder kwargs (plus 'name' of a registered encoder)
@@ -83,8 +89,8 @@ class MultimodalModel(nn.Module):
             present = drop_modalities(present, self.modality_dropout, self.make_rng("dropout"))
         tokens, masks = {}, {}
         for m in self.modalities:
-            kwargs = dict(self.encoders.get(m, {}))
-            cls = ENCODERS.get(kwargs.pop("name", m))
+            kwargs = dict(self.encoders[m])
+            cls = ENCODERS.get(kwargs.pop("name"))
             inputs = dict(batch[m], present=present[m])
             tokens[m], masks[m] = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)(
                 inputs, train=train)

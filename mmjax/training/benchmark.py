@@ -24,7 +24,7 @@ from mmjax.training import parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import TrainState, create_state
 from mmjax.training.step import make_train_step
-from mmjax.training.train import build_model, parse_list
+from mmjax.training.train import build_model, class_weight_arrays, loss_weights, parse_list
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.", lock_config=True)
@@ -50,7 +50,7 @@ class StepSetup:
 
 def setup(config) -> StepSetup:
     """Builds the pipeline, model, optimizer, first state and jitted step of `config`."""
-    builder = pipeline.load_builder(f"{config.data.name}/{config.data.config}", config.data.data_dir or None)
+    builder = pipeline.builder_from_config(config.data)
     spec = pipeline.DatasetSpec.from_builder(builder)
     tasks = spec.select_tasks(parse_list(config.tasks))
     kw = dict(modalities=parse_list(config.modalities), tasks=tasks, text_max_length=config.data.text_max_length,
@@ -64,8 +64,9 @@ def setup(config) -> StepSetup:
     host_batch = next(it)
     batch = parallel.global_batch(host_batch, shard)
     state = jax.jit(lambda rng: create_state(model, tx, batch, rng), out_shardings=repl)(jax.random.PRNGKey(0))
-    train_step = make_train_step(model, tx, tasks, dict(config.loss.weights),
-                                 modality_heads_weight=config.loss.modality_heads_weight)
+    train_step = make_train_step(model, tx, tasks, loss_weights(config, spec, tasks),
+                                 modality_heads_weight=config.loss.modality_heads_weight,
+                                 class_weights=class_weight_arrays(config, tasks))
     step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
     return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
 

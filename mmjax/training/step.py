@@ -25,17 +25,18 @@ def _reducer(axis_name):
 
 
 def make_loss_fn(model, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
-                 num_shards: int = 1, modality_heads_weight: float = 0.0):
-    """loss_fn(params, batch, rng) -> (this shard's joint loss, {task: its loss}) in train mode."""
+                 num_shards: int = 1, modality_heads_weight: float = 0.0, class_weights=None):
+    """loss_fn(params, batch, rng) -> (this shard's joint loss, {task: its loss}) in train mode.
+    `class_weights`: {task: per-class weights} for multiclass tasks (`losses.class_weights`)."""
     reduce = _reducer(axis_name)
 
     def loss_fn(params, batch, rng):
         outputs, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-        per_task = losses.task_losses(outputs, batch, tasks, count_reduce=reduce)
+        per_task = losses.task_losses(outputs, batch, tasks, count_reduce=reduce, weights=class_weights)
         total = losses.combine(per_task, tasks, loss_weights, aux.get("task_log_vars"), num_shards)
         if "modality_outputs" in aux and modality_heads_weight:
             per_mod = losses.modality_task_losses(aux["modality_outputs"], aux["modality_present"], batch,
-                                                  tasks, count_reduce=reduce)
+                                                  tasks, count_reduce=reduce, weights=class_weights)
             total = total + modality_heads_weight * losses.combine(per_mod, tasks, loss_weights)
         return total, per_task
 
@@ -43,9 +44,9 @@ def make_loss_fn(model, tasks: Sequence[TaskSpec], loss_weights=None, axis_name:
 
 
 def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
-                    num_shards: int = 1, modality_heads_weight: float = 0.0):
+                    num_shards: int = 1, modality_heads_weight: float = 0.0, class_weights=None):
     reduce = _reducer(axis_name)
-    loss_fn = make_loss_fn(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight)
+    loss_fn = make_loss_fn(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight, class_weights)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -60,11 +61,16 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
     return train_step
 
 
+def predictions(outputs, tasks: Sequence[TaskSpec]) -> dict:
+    """Model outputs -> probabilities (sigmoid; softmax over a multiclass task's classes) or values."""
+    link = {"regression": lambda x: x, "multiclass": jax.nn.softmax}
+    return {t.name: link.get(t.kind, jax.nn.sigmoid)(outputs[t.name]) for t in tasks}
+
+
 def make_eval_step(model, tasks: Sequence[TaskSpec]):
     def eval_step(params, batch):
         outputs, _ = model.apply({"params": params}, batch, train=False)
-        return {t.name: (outputs[t.name] if t.kind == "regression" else jax.nn.sigmoid(outputs[t.name]))
-                for t in tasks}
+        return predictions(outputs, tasks)
 
     return eval_step
 

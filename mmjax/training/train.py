@@ -11,14 +11,15 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mmjax.batch import MODALITIES
+from mmjax import losses
 from mmjax.data import pipeline
+from mmjax.data.spec import truncation
 from mmjax.evaluation import evaluate
 from mmjax.models import MultimodalModel
+from mmjax.models import build_model as _build_model
 from mmjax.training import checkpoint, parallel
 from mmjax.training.logging import MetricWriter
 from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -50,25 +51,69 @@ def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
     return items
 
 
+def parse_mapping(value, what: str) -> dict:
+    """A config dict, or 'a=1,b=0.5' text from the command line -> {name: value}."""
+    if not isinstance(value, str):
+        return dict(value or {})
+    out = {}
+    for item in value.split(","):
+        if item.strip():
+            key, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"{what}: expected name=value, got {item!r}")
+            out[key.strip()] = v.strip()
+    return out
+
+
+def loss_weights(config, spec, tasks) -> dict:
+    """Fixed task weights: 1 unless the config says otherwise; weights of the dataset's tasks that this
+    run does not train are ignored with a warning; a name that is no task of the dataset is an error."""
+    weights = {k: float(v) for k, v in parse_mapping(config.loss.weights, "loss.weights").items()}
+    spec.select_tasks(list(weights))  # raises on a name the dataset does not have
+    unused = sorted(set(weights) - {t.name for t in tasks})
+    if unused:
+        logging.warning("loss.weights for task(s) %s ignored: not selected by config.tasks", unused)
+        print(f"Warning: loss.weights for {unused} ignored (those tasks are not trained)", flush=True)
+    return {t.name: weights.get(t.name, 1.0) for t in tasks}
+
+
+def class_weight_arrays(config, tasks) -> dict:
+    """{task: per-class weights} from `loss.class_weights` ('task=balanced' or 'task=1:2:0.5')."""
+    setting = parse_mapping(config.loss.get("class_weights", ""), "loss.class_weights")
+    known = {t.name: t for t in tasks}
+    unknown = sorted(set(setting) - set(known))
+    if unknown:
+        raise ValueError(f"loss.class_weights names task(s) {unknown} not trained; tasks are {sorted(known)}")
+    return {name: losses.class_weights(known[name], v) for name, v in setting.items()}
+
+
 def build_model(config, spec, tasks) -> MultimodalModel:
-    m = config.model
-    modalities = parse_list(config.modalities, MODALITIES, "modalities")
-    encoders = {}
-    for mod in modalities:
-        kw = dict(m[mod]) if mod in m else {}
-        kw.update(num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout)
-        if mod == "text":
-            kw["vocab_size"] = len(spec.tokenizer)
-        encoders[mod] = kw
-    fusion = dict(m.fusion)
-    name = fusion.pop("name")
-    fusion.update(num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout)
-    if name in ("concat", "mean", "late"):
-        fusion = {}
-    return MultimodalModel(modalities=modalities, tasks=tuple(tasks), encoders=encoders, fusion=name,
-                           fusion_kwargs=fusion, width=m.width, modality_dropout=m.modality_dropout,
-                           modality_heads=config.loss.modality_heads_weight > 0,
-                           uncertainty_weighting=config.loss.uncertainty_weighting, dtype=jnp.dtype(m.dtype))
+    """The experiment's model for the dataset's selected modalities (`config.modalities`, default all)."""
+    return _build_model(config.model, spec.select_modalities(parse_list(config.modalities)), tasks,
+                        modality_heads=config.loss.modality_heads_weight > 0,
+                        uncertainty_weighting=config.loss.uncertainty_weighting)
+
+
+def metric_value(results: dict, name: str) -> float:
+    """A metric by dotted path: 'macro_auroc', 'answer.accuracy', 'findings.macro_auroc'."""
+    value = results
+    for key in name.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(f"best_metric={name!r}: no {key!r} in the evaluation results; "
+                           f"top level has {sorted(results)}")
+        value = value[key]
+    return float(value)
+
+
+def report_truncation(spec, names, max_length: int) -> None:
+    """Says how many training texts of each text modality are cut at `max_length` tokens."""
+    for m in spec.select_modalities(names):
+        if m.kind == "text":
+            t = truncation(m, max_length)
+            if t["truncated"]:
+                print(f"Note: {t['truncated']} of {t['texts']} training texts of {m.name!r} ({t['fraction']:.1%}) "
+                      f"are longer than text_max_length={max_length} tokens and are truncated (by "
+                      f"{t['tokens_lost_mean']:.0f} tokens on average; the longest has {t['max_tokens']})", flush=True)
 
 
 def _local_rows(x) -> np.ndarray:
@@ -95,13 +140,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- Data --------------------------------------------------------------------------------
     data = config.data
-    builder = pipeline.load_builder(f"{data.name}/{data.config}", data.data_dir or None)
+    builder = pipeline.builder_from_config(data)
     spec = pipeline.DatasetSpec.from_builder(builder)
     tasks = spec.select_tasks(parse_list(config.tasks))
-    modalities = parse_list(config.modalities, MODALITIES, "modalities")
-    unknown = sorted(set(config.loss.weights) - {t.name for t in tasks})
-    if unknown:
-        raise ValueError(f"loss.weights names unknown task(s) {unknown}; tasks are {[t.name for t in tasks]}")
+    modalities = tuple(m.name for m in spec.select_modalities(parse_list(config.modalities)))
+    weights = loss_weights(config, spec, tasks)
+    class_weights = class_weight_arrays(config, tasks)
+    if is_main:
+        spec.save(os.path.join(workdir, "dataset_spec.json"))  # what evaluation and prediction need
+        report_truncation(spec, modalities, data.text_max_length)
     data_kw = dict(modalities=modalities, tasks=tasks, text_max_length=data.text_max_length,
                    spectrogram=data.spectrogram)
     train_loader = pipeline.train_loader(builder, spec, batch_size // n_proc, config.seed, augment=data.augment,
@@ -139,10 +186,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"Initialized parameters from {config.init_from} (step {from_step})", flush=True)
 
     # ---- Steps -------------------------------------------------------------------------------------
-    weights = dict(config.loss.weights)
     mh_weight = float(config.loss.modality_heads_weight)
     if config.parallel == "mesh":
-        train_step = jax.jit(make_train_step(model, tx, tasks, weights, modality_heads_weight=mh_weight),
+        train_step = jax.jit(make_train_step(model, tx, tasks, weights, modality_heads_weight=mh_weight,
+                                             class_weights=class_weights),
                              in_shardings=(repl, data_sharding),
                              out_shardings=(repl, repl), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(model, tasks), in_shardings=(repl, data_sharding))
@@ -150,7 +197,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         host_state = lambda s: s
     else:
         train_step = jax.pmap(make_train_step(model, tx, tasks, weights, axis_name=parallel.DATA_AXIS,
-                                              num_shards=n_dev, modality_heads_weight=mh_weight),
+                                              num_shards=n_dev, modality_heads_weight=mh_weight,
+                                              class_weights=class_weights),
                               axis_name=parallel.DATA_AXIS, donate_argnums=0)
         eval_step = jax.pmap(make_eval_step(model, tasks), axis_name=parallel.DATA_AXIS)
         put = parallel.split_for_pmap
@@ -219,10 +267,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             val = run_eval("validation")
             results["validation"] = val
             writer.write("validation", step, val)
-            print(f"step {step}: validation macro_auroc {val['macro_auroc']:.4f}", flush=True)
+            best = metric_value(val, config.best_metric)
+            print(f"step {step}: validation {config.best_metric} {best:.4f}", flush=True)
             writer.reset_clock(step)
         if step % config.train.checkpoint_every == 0 or last:
-            metric = {config.best_metric: val[config.best_metric]} if val else None
+            metric = {config.best_metric: metric_value(val, config.best_metric)} if val else None
             checkpoint.save(manager, step, host_state(state), train_iter.get_state(), metric, force=last)
     manager.wait_until_finished()
     train_seconds = time.perf_counter() - run_start

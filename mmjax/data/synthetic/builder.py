@@ -27,8 +27,15 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.batch import MODALITIES, TaskSpec
-from mmjax.data.synthetic.generate import DEFAULT_MISSING_RATES, GenerationSettings, example_at, generate_split
+from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.data.spec import DatasetSpec, length_histogram, std_with_floor
+from mmjax.data.synthetic.generate import (
+    DEFAULT_MISSING_RATES,
+    MODALITIES,
+    GenerationSettings,
+    example_at,
+    generate_split,
+)
 from mmjax.data.synthetic.labs import FEATURES
 from mmjax.data.synthetic.latent import CONDITIONS
 from mmjax.data.tokenizer import WordPieceTokenizer
@@ -45,7 +52,7 @@ class SyntheticPatientsConfig(tfds.core.BuilderConfig):
 
     def __init__(self, *, num_train=4000, num_validation=500, num_test=1000, image_size=64, ecg_hz=100,
                  missing_rates=None, lab_missing_scale=1.0, seed=0, **kwargs):
-        kwargs.setdefault("version", tfds.core.Version("1.0.0"))
+        kwargs.setdefault("version", tfds.core.Version("1.1.0"))
         super().__init__(**kwargs)
         self.split_sizes = {"train": num_train, "validation": num_validation, "test": num_test}
         rates = dict(DEFAULT_MISSING_RATES if missing_rates is None else missing_rates)
@@ -57,8 +64,10 @@ class SyntheticPatientsConfig(tfds.core.BuilderConfig):
 class SyntheticPatients(tfds.core.GeneratorBasedBuilder):
     """Simulated patients with image, note, labs/vitals and ECG; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "Metadata as a DatasetSpec (modalities by name and kind, task statistics); "
+                              "same examples as 1.0.0."}
     BUILDER_CONFIGS = [
         SyntheticPatientsConfig(name="default", description="4000/500/1000 patients, 64x64 images, "
                                 "ECG 100 Hz, missing modalities 10-20%."),
@@ -117,23 +126,31 @@ class SyntheticPatients(tfds.core.GeneratorBasedBuilder):
 
 
 def fit_metadata(train: dict, cfg: SyntheticPatientsConfig) -> dict:
-    """Preprocessing fitted on the training split only, stored with the dataset."""
-    tokenizer = WordPieceTokenizer.fit(t for t in train["note"] if t)
+    """The dataset's spec with preprocessing fitted on the training split only, plus the settings."""
+    s = cfg.settings
+    notes = [t for t in train["note"] if t]
+    tokenizer = WordPieceTokenizer.fit(notes)
     labs = train["labs"].astype(np.float64)
     log_scale = np.array([f.log_scale for f in FEATURES])
-    labs = np.where(log_scale, np.log(labs), labs)
+    lab_mean, lab_std = std_with_floor(np.where(log_scale, np.log(labs), labs))
     images = train["image"][train["present"]["image"]].astype(np.float64) / 255.0
-    return {
-        "vocab": list(tokenizer.vocab),
-        "tabular": {
-            "names": [f.name for f in FEATURES],
-            "units": [f.unit for f in FEATURES],
-            "log_scale": log_scale.tolist(),
-            "mean": np.nanmean(labs, axis=0).tolist(),
-            "std": np.nanstd(labs, axis=0).tolist(),
-        },
-        "image": {"mean": float(images.mean()), "std": float(images.std())},
-        "tasks": [t.to_dict() for t in TASKS],
-        "settings": dataclasses.asdict(cfg.settings),
-        "split_sizes": cfg.split_sizes,
-    }
+    length = int(round(s.ecg_hz * s.ecg_seconds))
+    modalities = (
+        ModalitySpec("image", "image", shape=(s.image_size, s.image_size, 1), mean=(float(images.mean()),),
+                     std=(float(images.std()),)),
+        ModalitySpec("text", "text", field="note", vocab=tokenizer.vocab,
+                     length_counts=length_histogram([len(tokenizer.tokenize(t)) for t in notes])),
+        ModalitySpec("tabular", "tabular", field="labs", numeric=[f.name for f in FEATURES],
+                     log_scale=log_scale.tolist(), mean=lab_mean.tolist(), std=lab_std.tolist()),
+        ModalitySpec("signal", "signal", field="ecg", shape=(length, 1), rate=float(s.ecg_hz), channel_names=("II",)),
+    )
+    known = train["mortality_known"]
+    tasks = (
+        dataclasses.replace(TASKS[0], class_counts=train["diagnosis"].sum(0).astype(int).tolist()),
+        dataclasses.replace(TASKS[1], target_mean=float(train["severity"].mean()),
+                            target_std=float(train["severity"].std())),
+        dataclasses.replace(TASKS[2], class_counts=[int(train["mortality"][known].sum())]),
+    )
+    spec = DatasetSpec("synthetic_patients", modalities, tasks, dict(cfg.split_sizes))
+    return {**spec.to_metadata(), "settings": dataclasses.asdict(s),
+            "tabular_units": [f.unit for f in FEATURES]}

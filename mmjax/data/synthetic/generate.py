@@ -7,7 +7,6 @@ import dataclasses
 
 import numpy as np
 
-from mmjax.batch import MODALITIES
 from mmjax.data.synthetic.ecg import record_ecgs
 from mmjax.data.synthetic.image import render_images
 from mmjax.data.synthetic.labs import measure_labs
@@ -15,6 +14,7 @@ from mmjax.data.synthetic.latent import PatientState, sample_patients
 from mmjax.data.synthetic.notes import write_notes
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+MODALITIES = ("image", "text", "tabular", "signal")  # this dataset's modality names (each of its own kind)
 DEFAULT_MISSING_RATES = {"image": 0.15, "text": 0.1, "tabular": 0.1, "signal": 0.2}
 
 

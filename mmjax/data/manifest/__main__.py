@@ -1,0 +1,44 @@
+"""Validates a manifest and its schema, prepares the dataset and prints its summary.
+
+    python -m mmjax.data.manifest --manifest=M --schema=S [--data_dir=D] [--folds=5 --fold=0] [--on_error=skip]
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from mmjax.data.manifest import builder as manifest_builder
+from mmjax.data.manifest.summary import format_summary
+from mmjax.data.spec import DatasetSpec
+
+_MANIFEST = flags.DEFINE_string("manifest", None, "CSV, TSV, JSONL or Parquet file, one row per example.",
+                                required=True)
+_SCHEMA = flags.DEFINE_string("schema", None, "YAML schema (mmjax/data/manifest/schema.py).", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or ~/tensorflow_datasets).")
+_FRACTIONS = flags.DEFINE_string("split_fractions", "", "train=0.8,validation=0.1,test=0.1 (no split column).")
+_FOLDS = flags.DEFINE_integer("folds", 0, "Patient-level k-fold cross-validation: the number of folds.")
+_FOLD = flags.DEFINE_integer("fold", 0, "Which fold is held out (0-based).")
+_ON_ERROR = flags.DEFINE_enum("on_error", None, ["strict", "skip"], "Overrides the schema's on_error.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Decoding processes (default: all cores).")
+_JSON = flags.DEFINE_string("json", None, "Also write the summary to this JSON file.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fractions = {k: float(v) for k, v in manifest_builder._mapping(_FRACTIONS.value).items()} or None
+    builder = manifest_builder.load(_MANIFEST.value, _SCHEMA.value, _DATA_DIR.value, fractions=fractions,
+                                    folds=_FOLDS.value, fold=_FOLD.value, on_error=_ON_ERROR.value,
+                                    workers=_WORKERS.value or None)
+    spec = DatasetSpec.from_builder(builder)
+    summary = dict(builder.info.metadata["summary"])
+    print(format_summary(spec, summary, builder.data_dir))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"spec": spec.to_metadata(), "summary": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,241 @@
+"""The manifest TFDS builder: array_record files read by Grain, no TensorFlow.
+
+    builder = load("study/manifest.csv", "study/schema.yaml", data_dir=D)   # prepares or reuses
+    spec = DatasetSpec.from_builder(builder)
+
+The dataset is `manifest/<schema name>[_fold<k>of<n>]/1.0.0` under the data dir. A prepared dataset
+is reused until the manifest, the schema, the split settings or a referenced file (size or
+modification time) changes; then it is rebuilt, with a message saying what changed. Rows left out
+with `on_error: skip` are listed in `skipped_rows.csv` next to the dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmjax.data.manifest import readers
+from mmjax.data.manifest.prepare import example, prepare
+from mmjax.data.manifest.schema import Schema, load_schema
+from mmjax.data.manifest.table import read_table
+from mmjax.data.spec import DataError
+
+DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+INPUTS_FILE = "inputs.json"
+SKIPPED_FILE = "skipped_rows.csv"
+
+
+class ManifestConfig(tfds.core.BuilderConfig):
+    """A manifest, its schema and the split settings."""
+
+    def __init__(self, *, manifest: str, schema: Schema, fractions: dict, folds: int = 0, fold: int = 0,
+                 workers: int | None = None):
+        name = schema.name + (f"_fold{fold}of{folds}" if folds > 1 else "")
+        super().__init__(name=name, version=tfds.core.Version("1.0.0"),
+                         description=f"Manifest dataset from {manifest} with schema {schema.path}")
+        self.manifest, self.schema = os.path.abspath(manifest), schema
+        self.fractions, self.folds, self.fold, self.workers = dict(fractions), folds, fold, workers
+
+
+class Manifest(tfds.core.GeneratorBasedBuilder):
+    """A dataset described by a manifest and a schema (`mmjax.data.manifest.schema`)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = []  # made at run time from a manifest and its schema
+
+    def __init__(self, *, config: ManifestConfig, file_format=None, **kwargs):
+        # array_record, not TFDS's tfrecord default: tfrecord needs TensorFlow.
+        super().__init__(config=config, file_format=file_format or "array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self.builder_config.schema
+        f = tfds.features
+        mods = {}
+        for name, m in s.modalities.items():
+            if m["kind"] == "image":
+                mods[name] = f.Tensor(shape=(m["size"], m["size"], m["channels"]), dtype=np.uint8, encoding="bytes")
+            elif m["kind"] == "text":
+                mods[name] = f.Text()
+            elif m["kind"] == "signal":
+                ch = m["channels"]
+                mods[name] = f.Tensor(shape=(None, len(ch) if isinstance(ch, list) else int(ch)), dtype=np.float32,
+                                      encoding="bytes")
+            else:
+                parts = {}
+                if m["numeric"]:
+                    parts["numeric"] = f.Tensor(shape=(len(m["numeric"]),), dtype=np.float32, encoding="bytes")
+                if m["categorical"]:
+                    parts["categorical"] = f.Tensor(shape=(len(m["categorical"]),), dtype=np.int32, encoding="bytes")
+                mods[name] = parts
+        labels, known = {}, {}
+        for name, t in s.tasks.items():
+            if t["kind"] == "multilabel":
+                k = len(t.get("columns") or t["classes"])
+                labels[name] = f.Tensor(shape=(k,), dtype=np.float32)
+                known[name] = f.Tensor(shape=(k,), dtype=np.bool_)
+            else:
+                labels[name] = f.Scalar(dtype=np.int64 if t["kind"] == "multiclass" else np.float32)
+                known[name] = f.Scalar(dtype=np.bool_)
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.builder_config.description,
+            features=f.FeaturesDict({
+                "patient_id": f.Text(), "row": f.Scalar(dtype=np.int64),
+                "present": {name: f.Scalar(dtype=np.bool_) for name in s.modalities},
+                "modalities": mods, "labels": labels, "label_known": known,
+            }),
+            metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        cache = tempfile.mkdtemp(prefix="mmjax-decoded-")
+        self._cache = cache
+        prepared = prepare(cfg.manifest, cfg.schema, cache, fractions=cfg.fractions, folds=cfg.folds, fold=cfg.fold,
+                           workers=cfg.workers)
+        self.prepared = prepared
+        self.info.metadata.update({**prepared.spec.to_metadata(), "summary": prepared.summary})
+        splits = {}
+        for split in ("train", "validation", "test"):
+            rows = [r for r in prepared.rows if r["split"] == split]
+            if rows:
+                splits[split] = self._generate_examples(rows, prepared.spec)
+        return splits
+
+    def _generate_examples(self, rows, spec):
+        for row in rows:
+            yield row["index"], example(row, spec)
+
+
+def referenced_files(manifest: str, schema: Schema) -> dict:
+    """{path: [size, mtime_ns]} of every file the manifest's image, signal and text cells name."""
+    df = read_table(manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
+    out = {}
+    for m in schema.modalities.values():
+        if "column" not in m or m["column"] not in df.columns:
+            continue
+        for cell in df[m["column"]].tolist():
+            if not cell or (m["kind"] == "text" and not readers.is_text_path(cell)):
+                continue
+            path = readers.resolve(cell, base)
+            try:
+                st = os.stat(path)
+                out[path] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                out[path] = None
+            if m["kind"] == "signal" and path.endswith(".hea"):  # a WFDB header names its data file
+                for sib in (path[:-4] + ".mat", path[:-4] + ".dat"):
+                    if os.path.exists(sib):
+                        st = os.stat(sib)
+                        out[sib] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def inputs_of(cfg: ManifestConfig) -> dict:
+    return {"manifest": cfg.manifest, "manifest_sha256": _sha256(cfg.manifest),
+            "schema": cfg.schema.path, "schema_sha256": _sha256(cfg.schema.path),
+            "on_error": cfg.schema.on_error, "fractions": cfg.fractions, "folds": cfg.folds, "fold": cfg.fold,
+            "files": referenced_files(cfg.manifest, cfg.schema)}
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """What differs between the inputs a dataset was prepared from and today's, in words."""
+    out = []
+    if old.get("manifest_sha256") != new["manifest_sha256"]:
+        out.append(f"the manifest {new['manifest']} changed")
+    if old.get("schema_sha256") != new["schema_sha256"]:
+        out.append(f"the schema {new['schema']} changed")
+    for key in ("on_error", "fractions", "folds", "fold"):
+        if old.get(key) != new[key]:
+            out.append(f"{key} changed ({old.get(key)} -> {new[key]})")
+    before, now = old.get("files", {}), new["files"]
+    changed = sorted(p for p in now if p in before and before[p] != now[p])
+    added = sorted(set(now) - set(before))
+    if changed:
+        out.append(f"{len(changed)} referenced file(s) changed (first: {changed[0]})")
+    if added and not out:
+        out.append(f"{len(added)} file(s) newly referenced (first: {added[0]})")
+    return out
+
+
+def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fractions: dict | None = None,
+         folds: int = 0, fold: int = 0, on_error: str | None = None, workers: int | None = None, log=print):
+    """The prepared manifest builder: reused when its inputs are unchanged, else (re)built."""
+    from mmjax.data.pipeline import DEFAULT_DATA_DIR
+
+    if not os.path.isfile(manifest):
+        raise DataError(f"manifest {manifest}: file not found")
+    schema = load_schema(schema_path, manifest, on_error)
+    cfg = ManifestConfig(manifest=manifest, schema=schema, fractions=fractions or DEFAULT_FRACTIONS, folds=folds,
+                         fold=fold, workers=workers)
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    tfds.disable_progress_bar()
+    builder = Manifest(config=cfg, data_dir=data_dir)
+    inputs = inputs_of(cfg)
+    stamp = os.path.join(builder.data_dir, INPUTS_FILE)
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            why = changes(json.load(f), inputs)
+        if not why:
+            return builder
+        log(f"Rebuilding {builder.name}/{cfg.name} in {builder.data_dir}: " + "; ".join(why))
+        shutil.rmtree(builder.data_dir)
+        builder = Manifest(config=cfg, data_dir=data_dir)
+    elif os.path.isdir(builder.data_dir):
+        shutil.rmtree(builder.data_dir)  # an interrupted or foreign preparation: start over
+        builder = Manifest(config=cfg, data_dir=data_dir)
+    log(f"Preparing {builder.name}/{cfg.name} from {manifest} into {builder.data_dir}")
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    finally:
+        cache = getattr(builder, "_cache", None)
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    prepared = builder.prepared
+    s = prepared.summary
+    rate = f", {s['files_per_second']:.0f} files/s" if s.get("files_per_second") else ""
+    log(f"Prepared {s['kept']} of {s['rows']} rows ({s['files']} files decoded in {s['decode_seconds']:.1f} s{rate})")
+    _write_skipped(os.path.join(builder.data_dir, SKIPPED_FILE), prepared.skipped)
+    if prepared.skipped:
+        log(f"Skipped {s['skipped_rows']} row(s) ({len(prepared.skipped)} problem(s)); each with its reason in "
+            f"{os.path.join(builder.data_dir, SKIPPED_FILE)}")
+    with open(stamp, "w") as f:
+        json.dump(inputs, f)
+    return builder
+
+
+def _write_skipped(path: str, skipped) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "id", "column", "file", "reason"])
+        for b in skipped:
+            w.writerow([b.row, b.id, b.column, b.file, b.reason])
+
+
+def from_config(data):
+    """The builder an experiment's `config.data` names (`experiments/manifest.py`)."""
+    fractions = {k: float(v) for k, v in _mapping(data.get("split_fractions", "")).items()} or None
+    return load(data.manifest, data.schema, data.get("data_dir") or None, fractions=fractions,
+                folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)), on_error=data.get("on_error") or None,
+                workers=int(data.get("prepare_workers", 0)) or None)
+
+
+def _mapping(text: str) -> dict:
+    out = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            out[key.strip()] = value.strip()
+    return out

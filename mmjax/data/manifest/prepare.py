@@ -1,0 +1,325 @@
+"""From a manifest and its schema to examples ready to write, and the dataset's spec.
+
+1. Cells: splits, labels, tabular values and text (inline or .txt files) are parsed in this process.
+2. Files: every distinct image and signal file is decoded once, in parallel on all cores, into a
+   cache of .npy arrays (the writer then reads those instead of decoding twice).
+3. Bad rows: with `on_error: strict` the first bad row (in file order) stops preparation with an
+   error naming the row, column, file and reason; with `skip` every bad row is left out and listed.
+4. Fit on the kept training rows: image mean/std per channel, one WordPiece vocabulary per text
+   modality, numeric means/stds (log where asked) and categorical vocabularies per tabular
+   modality, multiclass classes, task counts, regression mean/std.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import time
+
+import numpy as np
+
+from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.data.manifest import readers
+from mmjax.data.manifest.schema import Schema
+from mmjax.data.manifest.table import BadCell, assign_splits, check_columns, parse_labels, parse_number, read_table
+from mmjax.data.spec import DataError, DatasetSpec, length_histogram, std_with_floor
+from mmjax.data.tokenizer import WordPieceTokenizer
+
+_IN_PROCESS_BELOW = 64  # fewer files than this are decoded without starting worker processes
+
+
+@dataclasses.dataclass
+class Prepared:
+    spec: DatasetSpec
+    rows: list  # kept rows, each a dict ready for `example`
+    skipped: list  # BadCell of every row left out (on_error: skip)
+    files: dict  # (modality, path) -> cached .npy path
+    summary: dict
+
+
+def _decode(job):
+    """Worker: decode one file into the cache. Returns (key, error or None, channel sums or None)."""
+    key, kind, path, settings, out = job
+    try:
+        if kind == "image":
+            x = readers.read_image(path, settings["size"], settings["channels"], settings.get("window"))
+            xf = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+            stats = (xf.sum(0), (xf * xf).sum(0), xf.shape[0])
+        else:
+            x = readers.read_signal(path, settings["rate"], settings["channels"], file_rate=settings.get("file_rate"),
+                                    variable=settings.get("variable"))
+            stats = None
+        np.save(out, x, allow_pickle=False)
+        return key, None, stats
+    except readers.ReadError as e:
+        return key, str(e), None
+    except Exception as e:  # noqa: BLE001  (any failure of a third-party decoder is this file's problem)
+        return key, f"cannot decode ({type(e).__name__}: {e})", None
+
+
+def _decode_all(jobs, workers: int, log) -> dict:
+    results, start = {}, time.perf_counter()
+    if not jobs:
+        return results
+    if len(jobs) < _IN_PROCESS_BELOW or workers <= 1:
+        it = map(_decode, jobs)
+        pool = None
+    else:  # spawn, not fork: the parent may hold JAX's threads
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        it = pool.imap_unordered(_decode, jobs, chunksize=8)
+    try:
+        for i, (key, err, stats) in enumerate(it, 1):
+            results[key] = (err, stats)
+            if i % 500 == 0 or i == len(jobs):
+                rate = i / (time.perf_counter() - start)
+                log(f"  decoded {i}/{len(jobs)} files ({rate:.0f} files/s)")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results
+
+
+def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, folds: int = 0, fold: int = 0,
+            workers: int | None = None, log=print) -> Prepared:
+    df = read_table(manifest)
+    check_columns(df, schema, manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
+    n = len(df)
+    if n == 0:
+        raise DataError(f"manifest {manifest}: no rows")
+    ids = df[schema.id].tolist()
+    splits, bad = assign_splits(df, schema, fractions, folds, fold, manifest)
+    bad = list(bad)
+    train_rows = np.array([s == "train" for s in splits])
+
+    def flag(i, column, reason, file=""):
+        bad.append(BadCell(i + 1, ids[i], column, file, reason))
+
+    # ---- cells: text, tabular, labels -------------------------------------------------------
+    present = {name: np.zeros(n, bool) for name in schema.modalities}
+    texts, numeric, categorical, paths = {}, {}, {}, {}
+    for name, m in schema.modalities.items():
+        if m["kind"] == "text":
+            texts[name] = [""] * n
+            for i, cell in enumerate(df[m["column"]].tolist()):
+                if cell:
+                    try:
+                        texts[name][i] = readers.read_text(cell, base)
+                    except readers.ReadError as e:
+                        flag(i, m["column"], str(e), readers.resolve(cell, base))
+                    present[name][i] = bool(texts[name][i].strip())
+        elif m["kind"] == "tabular":
+            values = np.full((n, len(m["numeric"])), np.nan, np.float64)
+            for j, col in enumerate(m["numeric"]):
+                for i, cell in enumerate(df[col].tolist()):
+                    try:
+                        v = parse_number(cell)
+                    except ValueError:
+                        flag(i, col, f"{cell!r} is not a number (leave the cell empty for a missing value)")
+                        continue
+                    if v is not None and col in m["log"] and v <= 0:
+                        flag(i, col, f"{v} is <= 0 but the column is log-scaled")
+                        continue
+                    values[i, j] = np.nan if v is None else v
+            numeric[name] = values
+            categorical[name] = [df[c].tolist() for c in m["categorical"]]
+            cells_present = ~np.isnan(values).all(axis=1) if values.shape[1] else np.zeros(n, bool)
+            for col in categorical[name]:
+                cells_present |= np.array([c != "" for c in col])
+            present[name] = cells_present
+        else:
+            paths[name] = [readers.resolve(c, base) if c else "" for c in df[m["column"]].tolist()]
+            present[name] = np.array([bool(p) for p in paths[name]])
+    labels = {}
+    for name, t in schema.tasks.items():
+        y, known, classes, task_bad = parse_labels(df, name, t, train_rows)
+        labels[name] = (y, known, classes)
+        for i, col, reason in task_bad:
+            flag(i, col, reason)
+
+    # ---- files: decoded once each, in parallel ----------------------------------------------
+    jobs, keys = [], {}
+    for name, m in schema.modalities.items():
+        if name not in paths:
+            continue
+        settings = {k: v for k, v in m.items() if k not in ("kind", "column")}
+        for p in dict.fromkeys(p for p in paths[name] if p):
+            key = (name, p)
+            out = os.path.join(cache_dir, hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npy")
+            keys[key] = out
+            jobs.append((key, m["kind"], p, settings, out))
+    workers = workers or os.cpu_count() or 1
+    log(f"Decoding {len(jobs)} files of {n} rows on {min(workers, len(jobs) or 1)} process(es)")
+    start = time.perf_counter()
+    decoded = _decode_all(jobs, workers, log)
+    seconds = time.perf_counter() - start
+    for name, m in schema.modalities.items():
+        for i, p in enumerate(paths.get(name, [])):
+            if p and decoded[(name, p)][0]:
+                flag(i, m["column"], decoded[(name, p)][0], p)
+
+    # ---- bad rows ------------------------------------------------------------------------------
+    bad.sort(key=lambda b: b.row)
+    if bad and schema.on_error == "strict":
+        more = f" ({len(bad) - 1} more problem(s); on_error: skip lists them all)" if len(bad) > 1 else ""
+        raise DataError(bad[0].message(manifest) + more)
+    drop = {b.row - 1 for b in bad}
+    keep = np.array([i not in drop for i in range(n)])
+    train = keep & train_rows
+
+    # ---- fit on the kept training rows ---------------------------------------------------------
+    mods, unseen = [], {}
+    for name, m in schema.modalities.items():
+        field = f"modalities/{name}"
+        if m["kind"] == "image":
+            s1 = s2 = 0.0
+            count = 0
+            for i in np.flatnonzero(train & present[name]):
+                a, b, c = decoded[(name, paths[name][i])][1]
+                s1, s2, count = s1 + a, s2 + b, count + c
+            if not count:
+                raise DataError(f"modality {name!r}: no image in the training split to fit statistics on")
+            mean = s1 / count
+            std = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12))
+            mods.append(ModalitySpec(name, "image", field=field, shape=(m["size"], m["size"], m["channels"]),
+                                     mean=mean.tolist(), std=std.tolist()))
+        elif m["kind"] == "text":
+            train_texts = [texts[name][i] for i in np.flatnonzero(train & present[name])]
+            if not train_texts:
+                raise DataError(f"modality {name!r}: no text in the training split to fit a vocabulary on")
+            tok = WordPieceTokenizer.fit(train_texts)
+            lengths = length_histogram([len(tok.tokenize(t)) for t in train_texts])
+            mods.append(ModalitySpec(name, "text", field=field, vocab=tok.vocab, length_counts=lengths))
+        elif m["kind"] == "tabular":
+            values = numeric[name]
+            log_scale = np.array([c in m["log"] for c in m["numeric"]], bool)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                logged = np.where(log_scale, np.log(values), values)
+            mean, std = std_with_floor(logged[train], axis=0) if values.shape[1] else (np.zeros(0), np.zeros(0))
+            cats, codes = [], []
+            for col, cells in zip(m["categorical"], categorical[name]):
+                vocab = sorted({cells[i] for i in np.flatnonzero(train) if cells[i]})
+                index = {c: k + 2 for k, c in enumerate(vocab)}
+                code = np.array([0 if not c else index.get(c, 1) for c in cells], np.int32)
+                for split in ("validation", "test"):
+                    rows = keep & (np.array(splits) == split)
+                    unseen.setdefault(name, {}).setdefault(col, {})[split] = int((code[rows] == 1).sum())
+                cats.append(vocab)
+                codes.append(code)
+            categorical[name] = np.stack(codes, 1) if codes else np.zeros((n, 0), np.int32)
+            mods.append(ModalitySpec(name, "tabular", field=field, numeric=m["numeric"], log_scale=log_scale.tolist(),
+                                     mean=np.asarray(mean).tolist(), std=np.asarray(std).tolist(),
+                                     categorical=m["categorical"], categories=cats))
+        else:
+            ch = m["channels"]
+            names = tuple(str(c) for c in ch) if isinstance(ch, list) else ()
+            length = int(round(m["rate"] * m["seconds"]))
+            mods.append(ModalitySpec(name, "signal", field=field, shape=(length, len(ch) if names else int(ch)),
+                                     rate=float(m["rate"]), channel_names=names))
+    tasks = []
+    for name, t in schema.tasks.items():
+        y, known, classes = labels[name]
+        rows = train & (known if known.ndim == 1 else known.any(axis=1))
+        if t["kind"] == "regression":
+            if rows.sum() < 2:
+                raise DataError(f"task {name!r}: fewer than 2 known training labels")
+            mean, std = std_with_floor(y[rows].astype(np.float64))
+            tasks.append(TaskSpec(name, "regression", target_mean=float(mean), target_std=float(std)))
+        elif t["kind"] == "multiclass":
+            counts = np.bincount(y[rows].astype(np.int64), minlength=len(classes))
+            tasks.append(TaskSpec(name, "multiclass", tuple(classes), class_counts=counts.tolist()))
+        elif t["kind"] == "multilabel":
+            counts = (y * known)[train].sum(axis=0)
+            tasks.append(TaskSpec(name, "multilabel", tuple(classes), class_counts=counts.astype(int).tolist()))
+        else:
+            tasks.append(TaskSpec(name, "binary", class_counts=[int(y[rows].sum())]))
+    sizes = collections.Counter(s for s, k in zip(splits, keep) if k)
+    spec = DatasetSpec(schema.name, tuple(mods), tuple(tasks), {s: sizes.get(s, 0) for s in ("train", "validation",
+                                                                                          "test")})
+    rows = []
+    for i in np.flatnonzero(keep):
+        rows.append({
+            "index": int(i), "id": ids[i], "split": splits[i],
+            "present": {name: bool(present[name][i]) for name in schema.modalities},
+            "text": {name: texts[name][i] for name in texts},
+            "numeric": {name: numeric[name][i].astype(np.float32) for name in numeric},
+            "categorical": {name: categorical[name][i].astype(np.int32) for name in categorical},
+            "files": {name: keys[(name, paths[name][i])] for name in paths if paths[name][i]},
+            "labels": {name: (labels[name][0][i], labels[name][1][i]) for name in labels},
+        })
+    summary = {"rows": n, "kept": int(keep.sum()), "skipped_rows": len(drop), "files": len(jobs),
+               "splits": _split_summary(spec, schema, rows),
+               "decode_seconds": round(seconds, 2), "files_per_second": round(len(jobs) / seconds, 1) if jobs else None,
+               "unseen_categories": unseen}
+    return Prepared(spec, rows, [b for b in bad], keys, summary)
+
+
+def example(row: dict, spec: DatasetSpec) -> dict:
+    """One kept row as a TFDS example of the manifest builder's features."""
+    mods = {}
+    for m in spec.modalities:
+        name = m.name
+        if m.kind == "image":
+            path = row["files"].get(name)
+            mods[name] = np.load(path) if path else np.zeros(m.shape, np.uint8)
+        elif m.kind == "signal":
+            path = row["files"].get(name)
+            mods[name] = np.load(path).astype(np.float32) if path else np.zeros((0, m.shape[1]), np.float32)
+        elif m.kind == "text":
+            mods[name] = row["text"][name]
+        else:
+            parts = {}
+            if m.numeric:
+                parts["numeric"] = row["numeric"][name]
+            if m.categorical:
+                parts["categorical"] = row["categorical"][name]
+            mods[name] = parts
+    labels, known = {}, {}
+    for t in spec.tasks:
+        y, k = row["labels"][t.name]
+        labels[t.name] = np.asarray(y, np.int64 if t.kind == "multiclass" else np.float32)
+        known[t.name] = np.asarray(k, bool)
+    return {"patient_id": row["id"], "row": row["index"] + 1, "present": row["present"], "modalities": mods,
+            "labels": labels, "label_known": known}
+
+
+def _split_summary(spec: DatasetSpec, schema: Schema, rows: list) -> dict:
+    """Per split: examples, presence per modality, label distribution, numeric ranges."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        rs = [r for r in rows if r["split"] == split]
+        if not rs:
+            continue
+        info = {"examples": len(rs),
+                "present": {m: round(float(np.mean([r["present"][m] for r in rs])), 4) for m in schema.modalities},
+                "labels": {}, "numeric": {}}
+        for t in spec.tasks:
+            y = np.stack([np.asarray(r["labels"][t.name][0], np.float64) for r in rs])
+            k = np.stack([np.asarray(r["labels"][t.name][1], bool) for r in rs])
+            if t.kind == "regression":
+                v = y[k]
+                info["labels"][t.name] = {"known": int(k.sum()), "mean": round(float(v.mean()), 4) if v.size else None,
+                                          "min": float(v.min()) if v.size else None,
+                                          "max": float(v.max()) if v.size else None}
+            elif t.kind == "multiclass":
+                counts = np.bincount(y[k].astype(np.int64), minlength=t.num_outputs)
+                info["labels"][t.name] = {"known": int(k.sum()), **dict(zip(t.label_names, counts.tolist()))}
+            elif t.kind == "multilabel":
+                info["labels"][t.name] = {"known": int(k.any(axis=1).sum()),
+                                          **dict(zip(t.label_names, (y * k).sum(0).astype(int).tolist()))}
+            else:
+                info["labels"][t.name] = {"known": int(k.sum()), "positive": int(y[k].sum())}
+        for m in spec.modalities:
+            if m.kind == "tabular":
+                values = np.stack([r["numeric"][m.name] for r in rs]) if m.numeric else np.zeros((len(rs), 0))
+                for j, col in enumerate(m.numeric):
+                    v = values[:, j][np.isfinite(values[:, j])]
+                    info["numeric"][col] = {"missing": round(float(1 - v.size / len(rs)), 4),
+                                            "min": float(v.min()) if v.size else None,
+                                            "max": float(v.max()) if v.size else None}
+        out[split] = info
+    return out
