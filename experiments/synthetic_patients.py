@@ -46,7 +46,8 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.tasks = ""  # comma-separated subset of the dataset's tasks; empty: all
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_patients", config="default", data_dir="", text_max_length=64,
-        spectrogram=False, augment=True, worker_count=0))
+        spectrogram=False, augment=True, worker_count=0,
+        signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
     c.model = ml_collections.ConfigDict(dict(
         width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
         fusion=dict(name=fusion, depth=2),

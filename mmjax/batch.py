@@ -19,7 +19,7 @@ batch = {
                        'present': bool[B]},
   <signal modality>:  {'values': f32[B, T, C],      # normalized waveform (or spectrogram frames)
                        'mask': bool[B, T],          # True on real time steps
-                       'present': bool[B]},
+                       'present': bool[B]},         # (evaluation with W windows: [B, W, T, C], [B, W, T])
   'labels':  {task: [B, ...]},           # one entry per task, see TaskSpec
   'label_mask': {task: bool[B, ...]},    # same shapes as labels; False: label unknown
   'example_mask': bool[B],               # False on padding rows of an evaluation batch
@@ -196,10 +196,11 @@ def validate_batch(batch: Mapping, tasks: Sequence[TaskSpec], modalities: Sequen
             raise ValueError(f"batch has no modality {m!r}; it has {list(modalities_in(batch))}")
         entry = batch[m]
         kind = kinds.get(m) or _infer_kind(entry)
-        check(f"{m}/values", entry["values"], _NDIM[kind], _DTYPE[kind])
+        windowed = int(kind == "signal" and np.ndim(entry["values"]) == 4)  # evaluation windows
+        check(f"{m}/values", entry["values"], _NDIM[kind] + windowed, _DTYPE[kind])
         check(f"{m}/present", entry["present"], 1, "b")
         if kind in SEQUENCE_KINDS:
-            check(f"{m}/mask", entry["mask"], 2, "b")
+            check(f"{m}/mask", entry["mask"], 2 + windowed, "b")
         if kind == "tabular":
             check(f"{m}/categories", entry["categories"], 2, "iu")
     for t in tasks:

@@ -9,27 +9,32 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.batch import MODALITIES, validate_batch
+from mmjax.batch import ModalitySpec, validate_batch
 from mmjax.data import pipeline
 from mmjax.data import transforms as T
+from mmjax.data.spec import DataError, length_histogram, std_with_floor, truncation
+from mmjax.data.synthetic.generate import MODALITIES
 from mmjax.data.tokenizer import UNK, WordPieceTokenizer
 
 
 def _all_ids(builder, split):
     src = builder.as_data_source(split)
-    return sorted(int(src[i]["patient_id"]) for i in range(len(src)))
+    return sorted(str(int(src[i]["patient_id"])) for i in range(len(src)))  # batches carry ids as str
 
 
 def test_train_batches_follow_the_contract(tiny_builder, tiny_spec):
     it = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, seed=0, shard_index=0, shard_count=1))
     batch = next(it)
     validate_batch(batch, tiny_spec.tasks)
+    validate_batch(batch, tiny_spec.tasks, tiny_spec.modalities)
     assert batch["image"]["values"].shape == (16, 32, 32, 1)
     assert batch["text"]["values"].dtype == np.int32 and batch["text"]["values"].shape == (16, 96)
     assert batch["tabular"]["values"].shape == (16, 16)
+    assert batch["tabular"]["categories"].shape == (16, 0) and batch["tabular"]["categories"].dtype == np.int32
     assert batch["signal"]["values"].shape == (16, 1000, 1) and batch["signal"]["mask"].shape == (16, 1000)
     assert batch["labels"]["diagnosis"].shape == (16, 5)
     assert batch["example_mask"].all()
+    assert batch["patient_id"].dtype.kind == "U"
     shapes = jax.tree.map(np.shape, batch)
     for _ in range(20):  # stable shapes and dtypes, across epoch boundaries too
         assert jax.tree.map(np.shape, next(it)) == shapes
@@ -56,9 +61,11 @@ def test_tabular_missing_values_are_masked_not_imputed(tiny_builder, tiny_spec):
     raw = np.stack([src[i]["labs"] for i in range(len(src))])
     np.testing.assert_array_equal(batch["tabular"]["mask"], ~np.isnan(raw))
     assert np.all(batch["tabular"]["values"][np.isnan(raw)] == 0)
-    j = tiny_spec.tabular_names.index("sodium")  # not log-scaled
+    tab = tiny_spec.modality("tabular")
+    j = tab.numeric.index("sodium")  # not log-scaled
+    assert not tab.log_scale[j]
     ok = ~np.isnan(raw[:, j])
-    expect = (raw[ok, j] - tiny_spec.tabular_mean[j]) / tiny_spec.tabular_std[j]
+    expect = (raw[ok, j] - tab.mean[j]) / tab.std[j]
     np.testing.assert_allclose(batch["tabular"]["values"][ok, j], expect, rtol=1e-5)
 
 
@@ -66,11 +73,12 @@ def test_statistics_come_from_the_training_split_only(tiny_builder, tiny_spec):
     def stats(split):
         src = tiny_builder.as_data_source(split)
         labs = np.stack([src[i]["labs"] for i in range(len(src))]).astype(np.float64)
-        labs = np.where(tiny_spec.tabular_log_scale, np.log(labs), labs)
+        labs = np.where(tiny_spec.modality("tabular").log_scale, np.log(labs), labs)
         return np.nanmean(labs, 0)
 
-    np.testing.assert_allclose(tiny_spec.tabular_mean, stats("train"), rtol=1e-5)
-    assert not np.allclose(tiny_spec.tabular_mean, stats("test"), rtol=1e-3)
+    mean = np.asarray(tiny_spec.modality("tabular").mean)
+    np.testing.assert_allclose(mean, stats("train"), rtol=1e-5)
+    assert not np.allclose(mean, stats("test"), rtol=1e-3)
 
 
 @pytest.mark.parametrize("batch_size,shards", [(32, 1), (50, 1), (16, 2), (7, 3)])
@@ -172,7 +180,7 @@ def test_tokenizer_fits_encodes_and_pickles():
 
 
 def test_bad_input_names_the_example_and_field(tiny_spec):
-    check = T.CheckExample(tiny_spec.image_shape, tiny_spec.signal_length, len(tiny_spec.tabular_names))
+    check = T.CheckExample(tiny_spec.modalities, tiny_spec.select_tasks(["severity"]))
     good = {"patient_id": 7, "image": np.zeros((32, 32, 1), np.uint8), "ecg": np.zeros(1000, np.float32),
             "labs": np.full(16, np.nan, np.float32), "labels": {"severity": np.float32(1.0)}}
     check.map(dict(good))
@@ -195,7 +203,8 @@ def test_corrupt_and_missing_files_are_reported(tiny_builder, tmp_path):
     shutil.copytree(str(tiny_builder.data_dir_root), root)
     builder = pipeline.load_builder("synthetic_patients/tiny", str(root), prepare=False)
     spec = pipeline.DatasetSpec.from_builder(builder)
-    shard = next(p for p in (root / "synthetic_patients/tiny/1.0.0").iterdir() if "test.array_record" in p.name)
+    version_dir = root / "synthetic_patients" / "tiny" / str(builder.info.version)
+    shard = next(p for p in version_dir.iterdir() if "test.array_record" in p.name)
     data = bytearray(shard.read_bytes())
     data[len(data) // 3: len(data) // 3 + 4000] = b"\x00" * 4000
     shard.write_bytes(bytes(data))
@@ -222,3 +231,129 @@ def test_tensorflow_is_never_imported(tiny_builder):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_modalities_and_tasks_are_selected_by_name(tiny_builder, tiny_spec):
+    tasks = tiny_spec.select_tasks(["mortality"])
+    batch = next(pipeline.eval_batches(tiny_builder, tiny_spec, "test", 8, modalities=["signal", "tabular"],
+                                       tasks=tasks, shard_index=0, shard_count=1))
+    assert set(batch) == {"signal", "tabular", "labels", "label_mask", "example_mask", "patient_id"}
+    assert set(batch["labels"]) == set(batch["label_mask"]) == {"mortality"}
+    validate_batch(batch, tasks, tiny_spec.select_modalities(["signal", "tabular"]))
+
+
+# ---- Per-modality ops on hand-made specs -------------------------------------------------------------
+
+LABS = ModalitySpec("labs", "tabular", field="vitals/labs", numeric=("crp", "sodium"), log_scale=(True, False),
+                    mean=(1.0, 140.0), std=(2.0, 4.0), categorical=("ward",), categories=(("icu", "ed"),))
+
+
+def _labs_example(crp, sodium=144.0, ward=3, present=True, pid=b"p-17"):
+    return {"patient_id": pid, "present": {"labs": present},
+            "vitals": {"labs": {"numeric": np.array([crp, sodium], np.float32),
+                                "categorical": np.array([ward], np.int32)}}}
+
+
+def test_standardize_tabular_logs_standardizes_masks_and_rejects_non_positive_log_values():
+    op = T.StandardizeTabular(LABS)
+    out = op.map(_labs_example(np.e ** 3))["out/labs"]
+    np.testing.assert_allclose(out["values"], [(3.0 - 1.0) / 2.0, (144.0 - 140.0) / 4.0], rtol=1e-6)
+    np.testing.assert_array_equal(out["mask"], [True, True])
+    np.testing.assert_array_equal(out["categories"], [3])
+    assert out["present"]
+    out = op.map(_labs_example(np.nan))["out/labs"]  # not measured: masked, never imputed
+    np.testing.assert_array_equal(out["mask"], [False, True])
+    assert out["values"][0] == 0
+    for bad in (0.0, -2.5):
+        with pytest.raises(DataError, match=r"patient_id=p-17: labs column\(s\) \['crp'\] are log-scaled but <= 0"):
+            op.map(_labs_example(bad))
+    absent = op.map(_labs_example(0.0, present=False))["out/labs"]  # an absent modality's content is not read
+    assert not absent["present"] and not absent["mask"].any()
+    np.testing.assert_array_equal(absent["values"], 0)
+    np.testing.assert_array_equal(absent["categories"], 0)
+
+
+def _normalized(x):
+    x = x - x.mean(axis=0)
+    return x / (np.sqrt((x * x).mean(axis=0)) + 1e-6)
+
+
+def _signal_example(x, present=True):
+    return {"patient_id": 3, "present": {"ecg": present}, "ecg": x}
+
+
+def test_prepare_signal_crops_the_centre_at_evaluation_and_a_random_window_in_training():
+    spec = ModalitySpec("ecg", "signal", shape=(100, 2), rate=100.0)
+    x = np.random.default_rng(0).normal(size=(250, 2)).astype(np.float32)
+
+    def start_of(values):
+        starts = [s for s in range(151) if np.allclose(values, _normalized(x[s:s + 100]), atol=1e-5)]
+        assert len(starts) == 1, "the output is not a contiguous window of the input"
+        return starts[0]
+
+    evaluation = T.PrepareSignal(spec)
+    out = evaluation.random_map(_signal_example(x), np.random.default_rng(0))["out/ecg"]
+    assert out["values"].shape == (100, 2) and out["mask"].all() and out["present"]
+    assert start_of(out["values"]) == 75
+    assert start_of(evaluation.random_map(_signal_example(x), np.random.default_rng(1))["out/ecg"]["values"]) == 75
+    training = T.PrepareSignal(spec, random_crop=True)
+    starts = [start_of(training.random_map(_signal_example(x), np.random.default_rng(seed))["out/ecg"]["values"])
+              for seed in range(8)]
+    assert len(set(starts)) >= 4, starts
+    again = [start_of(training.random_map(_signal_example(x), np.random.default_rng(seed))["out/ecg"]["values"])
+             for seed in range(8)]
+    assert again == starts  # seeded
+
+
+def test_prepare_signal_pads_a_short_recording_with_the_mask_false():
+    spec = ModalitySpec("ecg", "signal", shape=(100, 1))
+    x = np.random.default_rng(1).normal(size=60).astype(np.float32)  # [T] for a single channel
+    for op in (T.PrepareSignal(spec), T.PrepareSignal(spec, random_crop=True)):
+        out = op.random_map(_signal_example(x), np.random.default_rng(0))["out/ecg"]
+        assert out["values"].shape == (100, 1) and out["present"]
+        np.testing.assert_array_equal(out["mask"], np.arange(100) < 60)
+        np.testing.assert_allclose(out["values"][:60], _normalized(x[:, None]), atol=1e-5)
+        np.testing.assert_array_equal(out["values"][60:], 0)
+    absent = T.PrepareSignal(spec).random_map(_signal_example(x, present=False), np.random.default_rng(0))["out/ecg"]
+    assert not absent["present"] and not absent["mask"].any() and not absent["values"].any()
+
+
+def test_spectrogram_of_several_channels():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+    mask = np.arange(300) < 250
+    ex = {"out/ecg": {"values": x * mask[:, None], "mask": mask, "present": np.bool_(True)}}
+    out = T.Spectrogram("ecg").map(ex)["out/ecg"]
+    frames = 1 + (300 - 64) // 16
+    assert out["values"].shape == (frames, 33 * 3) and out["mask"].shape == (frames,)
+    real = np.array([mask[16 * f:16 * f + 64].all() for f in range(frames)])
+    np.testing.assert_array_equal(out["mask"], real)
+    assert out["present"] and 0 < real.sum() < frames
+    per_channel = out["values"].reshape(frames, 33, 3)
+    for c in range(3):
+        idx = np.arange(64)[None, :] + 16 * np.arange(frames)[:, None]
+        expect = np.log1p(np.abs(np.fft.rfft(x[:, c][idx] * np.hanning(64), axis=1))) * real[:, None]
+        np.testing.assert_allclose(per_channel[..., c], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_truncation_and_length_histogram():
+    counts = length_histogram([2, 2, 2, 4, 4, 5])
+    assert counts == [0, 0, 3, 0, 2, 1]
+    text = ModalitySpec("report", "text", vocab=("[PAD]", "[UNK]"), length_counts=counts)
+    assert truncation(text, 3) == {"texts": 6, "truncated": 3, "fraction": 0.5, "max_tokens": 5,
+                                   "tokens_lost_mean": pytest.approx((2 * 1 + 1 * 2) / 3)}
+    assert truncation(text, 5) == {"texts": 6, "truncated": 0, "fraction": 0.0, "max_tokens": 5,
+                                   "tokens_lost_mean": 0.0}
+    empty = ModalitySpec("report", "text", length_counts=length_histogram([]))
+    assert truncation(empty, 3) == {"texts": 0, "truncated": 0, "fraction": 0.0, "max_tokens": 0,
+                                    "tokens_lost_mean": 0.0}
+
+
+def test_std_has_a_floor_relative_to_the_mean():
+    rng = np.random.default_rng(0)
+    varied = rng.normal(5.0, 2.0, 10)
+    varied[3] = np.nan
+    values = np.c_[np.full(10, 140.0), np.full(10, -250.0), np.full(10, 0.2), varied]
+    mean, std = std_with_floor(values)
+    np.testing.assert_allclose(mean, [140.0, -250.0, 0.2, np.nanmean(varied)])
+    np.testing.assert_allclose(std, [0.14, 0.25, 1e-3, np.nanstd(varied)])  # 1e-3 * max(|mean|, 1)

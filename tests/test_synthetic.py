@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.batch import MODALITIES
-from mmjax.data.synthetic.generate import GenerationSettings, generate_split
+from mmjax.data.synthetic.generate import MODALITIES, GenerationSettings, generate_split
 from mmjax.data.synthetic.labs import FEATURES
 from mmjax.data.synthetic.latent import CONDITIONS
 
@@ -31,7 +30,8 @@ def test_builds_are_identical(tiny_builder, tmp_path):
     from mmjax.data import pipeline
 
     again = pipeline.load_builder("synthetic_patients/tiny", str(tmp_path))
-    assert again.info.metadata["vocab"] == tiny_builder.info.metadata["vocab"]
+    assert again.info.metadata["modalities"] == tiny_builder.info.metadata["modalities"]  # vocab, statistics
+    assert again.info.metadata["tasks"] == tiny_builder.info.metadata["tasks"]
     for split in ("train", "validation", "test"):
         a, b = tiny_builder.as_data_source(split), again.as_data_source(split)
         assert len(a) == len(b) > 0
@@ -142,4 +142,31 @@ def test_registered_with_tfds(tiny_builder):
     b = tfds.builder("synthetic_patients/tiny", data_dir=tiny_builder.data_dir_root)
     assert b.info.splits["train"].num_examples == 256
     assert b.info.features["image"].shape == (32, 32, 1)
-    assert b.info.version == "1.0.0"
+    assert b.info.version == "1.1.0"
+
+
+def test_metadata_is_the_dataset_spec_fitted_on_the_training_split(tiny_builder, tiny_spec, tmp_path):
+    from mmjax.data.spec import DatasetSpec
+
+    assert [(m.name, m.kind, m.field) for m in tiny_spec.modalities] == [
+        ("image", "image", "image"), ("text", "text", "note"), ("tabular", "tabular", "labs"),
+        ("signal", "signal", "ecg")]
+    assert tiny_spec.modality("image").shape == (32, 32, 1) and tiny_spec.modality("signal").shape == (1000, 1)
+    assert tiny_spec.split_sizes == {"train": 256, "validation": 96, "test": 120}
+    src = tiny_builder.as_data_source("train")
+    rows = [src[i] for i in range(len(src))]
+    diagnosis = np.stack([r["labels"]["diagnosis"] for r in rows])
+    severity = np.array([r["labels"]["severity"] for r in rows], np.float64)
+    known = np.array([r["label_known"]["mortality"] for r in rows])
+    mortality = np.array([r["labels"]["mortality"] for r in rows])
+    tasks = {t.name: t for t in tiny_spec.tasks}
+    assert tasks["diagnosis"].class_counts == tuple(diagnosis.sum(0).astype(int))
+    assert tasks["mortality"].class_counts == (int(mortality[known].sum()),)
+    assert tasks["severity"].target_mean == pytest.approx(severity.mean(), rel=1e-5)
+    assert tasks["severity"].target_std == pytest.approx(severity.std(), rel=1e-5)
+    with_text = sum(bool(r["present"]["text"]) for r in rows)
+    assert sum(tiny_spec.modality("text").length_counts) == with_text
+    # The spec survives its metadata and JSON round trips unchanged.
+    assert DatasetSpec.from_metadata(tiny_spec.to_metadata()) == tiny_spec
+    tiny_spec.save(str(tmp_path / "spec.json"))
+    assert DatasetSpec.load(str(tmp_path / "spec.json")) == tiny_spec

@@ -1,6 +1,7 @@
 """Input-pipeline throughput: prints examples/s of the training loader (and one evaluation pass).
 
     python -m mmjax.data.benchmark [--dataset=synthetic_patients] [--batch_size=64] [--workers=2]
+    python -m mmjax.data.benchmark --manifest=M --schema=S      # a manifest dataset (prepared if needed)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 200, "Training batches to time (after 5 warm-up batches).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Grain worker processes; each value is timed.")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Train-time image augmentation.")
+_MANIFEST = flags.DEFINE_string("manifest", None, "A manifest dataset instead of --dataset (with --schema).")
+_SCHEMA = flags.DEFINE_string("schema", None, "The manifest's schema.")
 
 
 def measure(builder, spec, batch_size, batches, workers, augment=True) -> dict:
@@ -41,7 +44,12 @@ def measure(builder, spec, batch_size, batches, workers, augment=True) -> dict:
 
 def main(argv):
     del argv
-    builder = pipeline.load_builder(_DATASET.value, _DATA_DIR.value)
+    if _MANIFEST.value:
+        from mmjax.data.manifest import builder as manifest_builder
+
+        builder = manifest_builder.load(_MANIFEST.value, _SCHEMA.value, _DATA_DIR.value)
+    else:
+        builder = pipeline.load_builder(_DATASET.value, _DATA_DIR.value)
     spec = pipeline.DatasetSpec.from_builder(builder)
     shapes = ", ".join(f"{m.name} ({m.kind}) {m.shape}" for m in spec.modalities if m.shape)
     print(f"{builder.name}/{builder.builder_config.name}: {shapes}; batch {_BATCH.value}, cpus {os.cpu_count()}")

@@ -48,8 +48,9 @@ def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, 
 
 def builder_from_config(data):
     """The prepared builder an experiment's `config.data` names: a manifest dataset when
-    `data.manifest` is set (`mmjax.data.manifest`), else the registered TFDS dataset `data.name/data.config`."""
-    if data.get("manifest"):
+    `data.manifest` (or `data.public`, a converted public dataset) is set (`mmjax.data.manifest`),
+    else the registered TFDS dataset `data.name/data.config`."""
+    if data.get("manifest") or data.get("public"):
         from mmjax.data.manifest import builder as manifest_builder
 
         return manifest_builder.from_config(data)
@@ -80,8 +81,10 @@ class _CheckedSource:
 
 
 def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: Sequence[TaskSpec],
-                   text_max_length: int = 96, spectrogram: bool = False, train: bool = False) -> list:
-    """Per-example ops for the named modalities (None: all), read from each modality's spec."""
+                   text_max_length: int = 96, spectrogram: bool = False, train: bool = False,
+                   signal_windows: int = 0) -> list:
+    """Per-example ops for the named modalities (None: all), read from each modality's spec.
+    `signal_windows` > 0 (evaluation only): that many windows per signal instead of the centre crop."""
     mods = spec.select_modalities(modalities)
     ops = [T.CheckExample(mods, tuple(tasks))]
     for m in mods:
@@ -92,7 +95,7 @@ def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: S
         elif m.kind == "tabular":
             ops.append(T.StandardizeTabular(m))
         else:
-            ops.append(T.PrepareSignal(m, random_crop=train))
+            ops.append(T.PrepareSignal(m, random_crop=train, windows=0 if train else signal_windows))
             if spectrogram:
                 ops.append(T.Spectrogram(m.name))
     ops += [T.CollectLabels(tuple(tasks)), T.Assemble(tuple(m.name for m in mods))]
@@ -159,16 +162,20 @@ def num_eval_batches(num_records: int, batch_size: int, shard_count: int) -> int
 
 def eval_batches(builder, spec: DatasetSpec, split: str, batch_size: int, *,
                  modalities: Sequence[str] | None = None, tasks: Sequence[TaskSpec] | None = None,
-                 text_max_length: int = 96, spectrogram: bool = False,
+                 text_max_length: int = 96, spectrogram: bool = False, signal_windows: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None) -> Iterator[dict]:
     """One pass over this process's shard of `split`, in order, no augmentation.
+
+    A signal longer than its spec's length is centre-cropped, or with `signal_windows` = W cut into
+    W evenly spaced windows (values [B, W, T, C]; `mmjax.training.step.make_eval_step` averages).
 
     Every batch has `batch_size` rows; rows past the end are padding with `example_mask` False,
     so each example counts exactly once. All processes yield the same number of batches.
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     source = _CheckedSource(builder, split)
-    ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram)
+    ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram,
+                         signal_windows=signal_windows)
     to_float = T.ImageToFloat(_image_specs(spec, modalities))  # per batch
     ds = _apply(_records(source, shard_index, shard_count), ops, seed=0)
     ds = ds.batch(batch_size, drop_remainder=False).map(to_float)

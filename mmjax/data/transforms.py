@@ -186,27 +186,47 @@ class StandardizeTabular(grain.transforms.Map):
 class PrepareSignal(grain.transforms.RandomMap):
     """[T] or [T, C] -> [length, C]: a longer recording is cropped (a random window in training, the
     centre otherwise), a shorter one zero-padded with the time mask False on the padding; then each
-    channel is standardized over its real samples."""
+    channel is standardized over its real samples.
+
+    With `windows` = W > 0 (evaluation), W evenly spaced windows covering the recording instead:
+    values [W, length, C], mask [W, length]; the eval step averages the predictions over them.
+    """
 
     spec: ModalitySpec
     random_crop: bool = False
+    windows: int = 0
 
     def random_map(self, ex, rng: np.random.Generator):
         length, channels = self.spec.shape
         present = _present(ex, self.spec.name)
         x = np.asarray(get_field(ex, self.spec.field), np.float32).reshape(-1, channels)
-        out = np.zeros((length, channels), np.float32)
-        mask = np.zeros(length, bool)
-        if present and x.shape[0]:
-            n = x.shape[0]
-            if n > length:
-                start = int(rng.integers(0, n - length + 1)) if self.random_crop else (n - length) // 2
-                x, n = x[start:start + length], length
-            x = x - x.mean(axis=0)
-            x *= 1.0 / (np.sqrt((x * x).mean(axis=0)) + 1e-6)
-            out[:n], mask[:n] = x, True
-        ex[f"out/{self.spec.name}"] = {"values": out, "mask": mask, "present": np.bool_(mask.any())}
+        if not present:
+            x = x[:0]
+        n = x.shape[0]
+        if self.windows:
+            starts = np.round(np.linspace(0, max(n - length, 0), self.windows)).astype(int)
+        elif n > length:
+            starts = [int(rng.integers(0, n - length + 1)) if self.random_crop else (n - length) // 2]
+        else:
+            starts = [0]
+        crops = [_standardized_window(x, s, length) for s in starts]
+        values, mask = np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
+        if not self.windows:
+            values, mask = values[0], mask[0]
+        ex[f"out/{self.spec.name}"] = {"values": values, "mask": mask, "present": np.bool_(mask.any())}
         return ex
+
+
+def _standardized_window(x, start: int, length: int):
+    """x[start:start + length] standardized per channel, zero-padded to `length`; (values, time mask)."""
+    w = x[start:start + length]
+    out = np.zeros((length, x.shape[1]), np.float32)
+    mask = np.zeros(length, bool)
+    if len(w):
+        w = w - w.mean(axis=0)
+        w *= 1.0 / (np.sqrt((w * w).mean(axis=0)) + 1e-6)
+        out[:len(w)], mask[:len(w)] = w, True
+    return out, mask
 
 
 def spectrogram_frames(length: int, frame_length: int = 64, hop: int = 16) -> int:
@@ -224,13 +244,14 @@ class Spectrogram(grain.transforms.Map):
 
     def map(self, ex):
         sig = ex[f"out/{self.name}"]
-        x, time_mask = sig["values"], sig["mask"]  # [T, C], [T]
-        n_frames = spectrogram_frames(len(x), self.frame_length, self.hop)
+        x, time_mask = sig["values"], sig["mask"]  # [(W,) T, C], [(W,) T]
+        n_frames = spectrogram_frames(x.shape[-2], self.frame_length, self.hop)
         idx = np.arange(self.frame_length)[None, :] + self.hop * np.arange(n_frames)[:, None]  # [F, L]
         window = np.hanning(self.frame_length).astype(np.float32)[None, :, None]
-        spec = np.log1p(np.abs(np.fft.rfft(x[idx] * window, axis=1))).astype(np.float32)  # [F, bins, C]
-        mask = time_mask[idx].all(axis=1)
-        values = spec.reshape(n_frames, -1) * mask[:, None]
+        frames = x[..., idx, :] * window  # [(W,) F, L, C]
+        spec = np.log1p(np.abs(np.fft.rfft(frames, axis=-2))).astype(np.float32)  # [(W,) F, bins, C]
+        mask = time_mask[..., idx].all(axis=-1)
+        values = spec.reshape(*spec.shape[:-2], -1) * mask[..., None]
         ex[f"out/{self.name}"] = {"values": values, "mask": mask, "present": np.bool_(mask.any())}
         return ex
 

@@ -67,10 +67,23 @@ def predictions(outputs, tasks: Sequence[TaskSpec]) -> dict:
     return {t.name: link.get(t.kind, jax.nn.sigmoid)(outputs[t.name]) for t in tasks}
 
 
-def make_eval_step(model, tasks: Sequence[TaskSpec]):
+def make_eval_step(model, tasks: Sequence[TaskSpec], windowed: Sequence[str] = ()):
+    """eval_step(params, batch) -> predictions. `windowed`: signal modalities whose batch entries carry
+    W evaluation windows ([B, W, T, C]); the predictions are averaged over the windows."""
+
     def eval_step(params, batch):
-        outputs, _ = model.apply({"params": params}, batch, train=False)
-        return predictions(outputs, tasks)
+        if not windowed:
+            outputs, _ = model.apply({"params": params}, batch, train=False)
+            return predictions(outputs, tasks)
+        num = batch[windowed[0]]["values"].shape[1]
+        total = None
+        for k in range(num):
+            view = dict(batch)
+            for m in windowed:
+                view[m] = {**batch[m], "values": batch[m]["values"][:, k], "mask": batch[m]["mask"][:, k]}
+            p = predictions(model.apply({"params": params}, view, train=False)[0], tasks)
+            total = p if total is None else jax.tree.map(jax.numpy.add, total, p)
+        return jax.tree.map(lambda x: x / num, total)
 
     return eval_step
 

@@ -69,7 +69,10 @@ def loss_weights(config, spec, tasks) -> dict:
     """Fixed task weights: 1 unless the config says otherwise; weights of the dataset's tasks that this
     run does not train are ignored with a warning; a name that is no task of the dataset is an error."""
     weights = {k: float(v) for k, v in parse_mapping(config.loss.weights, "loss.weights").items()}
-    spec.select_tasks(list(weights))  # raises on a name the dataset does not have
+    unknown = sorted(set(weights) - {t.name for t in spec.tasks})
+    if unknown:
+        raise ValueError(f"loss.weights names unknown task(s) {unknown}; dataset {spec.name!r} has "
+                         f"{[t.name for t in spec.tasks]}")
     unused = sorted(set(weights) - {t.name for t in tasks})
     if unused:
         logging.warning("loss.weights for task(s) %s ignored: not selected by config.tasks", unused)
@@ -155,14 +158,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          worker_count=data.worker_count, **data_kw)
     train_iter = iter(train_loader)
 
+    windows = int(data.get("signal_eval_windows", 0))
+    windowed = tuple(m.name for m in spec.select_modalities(modalities) if m.kind == "signal") if windows else ()
+
     def eval_iter(split):
-        return pipeline.eval_batches(builder, spec, split, config.eval_batch_size // n_proc, **data_kw)
+        return pipeline.eval_batches(builder, spec, split, config.eval_batch_size // n_proc, signal_windows=windows,
+                                     **data_kw)
 
     # ---- Model and optimizer ---------------------------------------------------------------------
     model = build_model(config, spec, tasks)
     tx = make_optimizer(config.optimizer, num_steps)
     schedule = learning_rate_schedule(config.optimizer, num_steps)
-    template = parallel.device_batch(next(eval_iter("validation")))
+    template = parallel.device_batch(next(pipeline.eval_batches(builder, spec, "validation",
+                                                                config.eval_batch_size // n_proc, **data_kw)))
 
     # ---- State and shardings ---------------------------------------------------------------------
     mesh = parallel.make_mesh()
@@ -192,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                              class_weights=class_weights),
                              in_shardings=(repl, data_sharding),
                              out_shardings=(repl, repl), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, tasks), in_shardings=(repl, data_sharding))
+        eval_step = jax.jit(make_eval_step(model, tasks, windowed), in_shardings=(repl, data_sharding))
         put = lambda b: parallel.global_batch(b, data_sharding)
         host_state = lambda s: s
     else:
@@ -200,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               num_shards=n_dev, modality_heads_weight=mh_weight,
                                               class_weights=class_weights),
                               axis_name=parallel.DATA_AXIS, donate_argnums=0)
-        eval_step = jax.pmap(make_eval_step(model, tasks), axis_name=parallel.DATA_AXIS)
+        eval_step = jax.pmap(make_eval_step(model, tasks, windowed), axis_name=parallel.DATA_AXIS)
         put = parallel.split_for_pmap
         state = parallel.replicate(jax.device_get(state))
         host_state = parallel.unreplicate

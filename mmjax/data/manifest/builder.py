@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -36,12 +37,13 @@ class ManifestConfig(tfds.core.BuilderConfig):
     """A manifest, its schema and the split settings."""
 
     def __init__(self, *, manifest: str, schema: Schema, fractions: dict, folds: int = 0, fold: int = 0,
-                 workers: int | None = None):
+                 workers: int | None = None, log=print):
         name = schema.name + (f"_fold{fold}of{folds}" if folds > 1 else "")
         super().__init__(name=name, version=tfds.core.Version("1.0.0"),
                          description=f"Manifest dataset from {manifest} with schema {schema.path}")
         self.manifest, self.schema = os.path.abspath(manifest), schema
         self.fractions, self.folds, self.fold, self.workers = dict(fractions), folds, fold, workers
+        self.log = log
 
 
 class Manifest(tfds.core.GeneratorBasedBuilder):
@@ -98,7 +100,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
         cache = tempfile.mkdtemp(prefix="mmjax-decoded-")
         self._cache = cache
         prepared = prepare(cfg.manifest, cfg.schema, cache, fractions=cfg.fractions, folds=cfg.folds, fold=cfg.fold,
-                           workers=cfg.workers)
+                           workers=cfg.workers, log=cfg.log)
         self.prepared = prepared
         self.info.metadata.update({**prepared.spec.to_metadata(), "summary": prepared.summary})
         splits = {}
@@ -130,9 +132,12 @@ def referenced_files(manifest: str, schema: Schema) -> dict:
                 out[path] = [st.st_size, st.st_mtime_ns]
             except OSError:
                 out[path] = None
-            if m["kind"] == "signal" and path.endswith(".hea"):  # a WFDB header names its data file
-                for sib in (path[:-4] + ".mat", path[:-4] + ".dat"):
-                    if os.path.exists(sib):
+            stem, ext = os.path.splitext(path)
+            if m["kind"] == "signal" and ext.lower() in ("", ".hea", ".mat"):
+                # A WFDB record (named with or without '.hea', or by its .mat data file as in CinC 2021):
+                # its header and data file, which the cell does not name, are what readers.read_signal reads.
+                for sib in (stem + ".hea", stem + ".mat", stem + ".dat"):
+                    if sib != path and os.path.exists(sib):
                         st = os.stat(sib)
                         out[sib] = [st.st_size, st.st_mtime_ns]
     return out
@@ -179,7 +184,7 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
         raise DataError(f"manifest {manifest}: file not found")
     schema = load_schema(schema_path, manifest, on_error)
     cfg = ManifestConfig(manifest=manifest, schema=schema, fractions=fractions or DEFAULT_FRACTIONS, folds=folds,
-                         fold=fold, workers=workers)
+                         fold=fold, workers=workers, log=log)
     data_dir = data_dir or DEFAULT_DATA_DIR
     tfds.disable_progress_bar()
     builder = Manifest(config=cfg, data_dir=data_dir)
@@ -197,16 +202,19 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
         shutil.rmtree(builder.data_dir)  # an interrupted or foreign preparation: start over
         builder = Manifest(config=cfg, data_dir=data_dir)
     log(f"Preparing {builder.name}/{cfg.name} from {manifest} into {builder.data_dir}")
+    start = time.perf_counter()
     try:
         builder.download_and_prepare(file_format="array_record")
     finally:
         cache = getattr(builder, "_cache", None)
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
+    seconds = time.perf_counter() - start
     prepared = builder.prepared
     s = prepared.summary
-    rate = f", {s['files_per_second']:.0f} files/s" if s.get("files_per_second") else ""
-    log(f"Prepared {s['kept']} of {s['rows']} rows ({s['files']} files decoded in {s['decode_seconds']:.1f} s{rate})")
+    rate = f" at {s['files_per_second']:.0f} files/s" if s.get("files_per_second") else ""
+    log(f"Prepared {s['kept']} of {s['rows']} rows in {seconds:.1f} s ({s['rows'] / seconds:.0f} rows/s; "
+        f"{s['files']} files decoded in {s['decode_seconds']:.1f} s{rate})")
     _write_skipped(os.path.join(builder.data_dir, SKIPPED_FILE), prepared.skipped)
     if prepared.skipped:
         log(f"Skipped {s['skipped_rows']} row(s) ({len(prepared.skipped)} problem(s)); each with its reason in "
@@ -225,9 +233,23 @@ def _write_skipped(path: str, skipped) -> None:
 
 
 def from_config(data):
-    """The builder an experiment's `config.data` names (`experiments/manifest.py`)."""
+    """The builder an experiment's `config.data` names (`experiments/manifest.py`). With `data.public`
+    (a converter in `mmjax.data.public`) and `data.source_dir`, the manifest and schema are first
+    written from the public dataset's own layout into `<data_dir>/manifests/<public>`."""
+    from mmjax.data.pipeline import DEFAULT_DATA_DIR
+
+    manifest, schema = data.get("manifest"), data.get("schema")
+    if data.get("public"):
+        import importlib
+
+        converter = importlib.import_module(f"mmjax.data.public.{data.public}")
+        source = os.path.abspath(os.path.expanduser(data.source_dir))
+        if not os.path.isdir(source):
+            raise DataError(f"data.source_dir={data.source_dir}: no such folder (the {data.public} files)")
+        out = os.path.join(data.get("data_dir") or DEFAULT_DATA_DIR, "manifests", data.public)
+        manifest, schema = converter.write_manifest(source, out)
     fractions = {k: float(v) for k, v in _mapping(data.get("split_fractions", "")).items()} or None
-    return load(data.manifest, data.schema, data.get("data_dir") or None, fractions=fractions,
+    return load(manifest, schema, data.get("data_dir") or None, fractions=fractions,
                 folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)), on_error=data.get("on_error") or None,
                 workers=int(data.get("prepare_workers", 0)) or None)
 

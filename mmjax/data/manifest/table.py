@@ -151,15 +151,16 @@ def parse_labels(df, name: str, t: dict, train_rows: np.ndarray) -> tuple[np.nda
         labels, known = np.zeros((n, len(classes)), np.float32), np.zeros((n, len(classes)), bool)
         for i in range(n):
             for k, c in enumerate(classes):
-                v = _binary(cells[i, k], None, unknown_values)
+                cell = str(cells[i, k])  # a Python str: numpy's repr would show np.str_('...') in messages
+                v = _binary(cell, None, unknown_values)
                 if v == "bad":
-                    bad.append((i, c, f"label {cells[i, k]!r} is not 0/1, true/false, yes/no"))
+                    bad.append((i, c, f"label {cell!r} is not 0/1, true/false, yes/no"))
                 elif v is not None:
                     labels[i, k], known[i, k] = v, True
         return labels, known, classes, bad
     col = df[t["column"]].to_numpy(str)
     if kind == "multiclass" and not classes:
-        classes = sorted({c for c in col[train_rows] if c and c not in unknown_values})
+        classes = sorted({str(c) for c in col[train_rows] if c and c not in unknown_values})
         if len(classes) < 2:
             raise DataError(f"task {name!r}: the training split has {len(classes)} class(es) in column "
                             f"{t['column']!r}; a multiclass task needs at least 2 (or list them as 'classes')")
@@ -169,7 +170,7 @@ def parse_labels(df, name: str, t: dict, train_rows: np.ndarray) -> tuple[np.nda
     else:
         labels = np.zeros(n, np.int64 if kind == "multiclass" else np.float32)
         known = np.zeros(n, bool)
-    for i, cell in enumerate(col):
+    for i, cell in enumerate(col.tolist()):  # Python str, so messages quote 'x', not np.str_('x')
         if cell == "" or cell in unknown_values:
             continue
         if kind == "binary":

@@ -1,0 +1,25 @@
+r"""Indiana chest X-ray reports: indication + findings (two text modalities) -> Problems (multilabel).
+
+    python launch.py --config=experiments/iu_xray.py --workdir=workdirs/iu_xray
+    python launch.py --config=experiments/iu_xray.py:modalities=findings --workdir=workdirs/iu_findings
+    python launch.py --config=experiments/iu_xray.py:modalities=indication --workdir=workdirs/iu_indication
+
+The converter (`mmjax.data.public.iu_xray`) writes `../shared/data/iu_xray_reports` as a manifest with
+the 10 most frequent Problems labels; the impression is left out (it states the answer). Splits by a
+hash of the report id (80/10/10). No published figure for this exact task.
+
+Results: see README ("Real data").
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manifest import public_config, smoke  # noqa: E402
+
+
+def get_config(arg=None):
+    c, opts = public_config("iu_xray", "iu_xray_reports", arg)
+    c.data.text_max_length = 96
+    c.train.update(batch_size=64, num_steps=1000, eval_every=250, checkpoint_every=250)
+    return smoke(c) if opts["smoke"] else c
