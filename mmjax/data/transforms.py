@@ -356,6 +356,23 @@ def _bilinear(x, yy, xx):
     idx += np.arange(b, dtype=np.int32)[:, None, None] * h
     idx *= w
     idx += x0  # flat index of the top-left neighbour
+    if c > 1:  # gather whole pixels (c contiguous values per index): one gather per corner, not c
+        flat = x.reshape(-1, c)
+        fy, fx = yy[..., None], xx[..., None]
+        top = np.take(flat, idx, axis=0)
+        a = np.take(flat, idx + 1, axis=0)
+        a -= top
+        a *= fx
+        top += a
+        bottom = np.take(flat, idx + w, axis=0)
+        np.take(flat, idx + (w + 1), axis=0, out=a)
+        a -= bottom
+        a *= fx
+        bottom += a
+        bottom -= top
+        bottom *= fy
+        bottom += top
+        return bottom
     out = np.empty_like(x)
     a, d = np.empty_like(yy), np.empty_like(yy)
     for ch in range(c):
