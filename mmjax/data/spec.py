@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,11 +96,31 @@ class DatasetSpec:
 
 def std_with_floor(values: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) over finite values with a floor relative to the scale, so a near-constant column
-    is not blown up by a tiny std: std >= 1e-3 * max(|mean|, 1)."""
-    mean = np.nanmean(values, axis=axis)
-    std = np.nanstd(values, axis=axis)
-    floor = 1e-3 * np.maximum(np.abs(mean), 1.0)
-    return np.nan_to_num(mean), np.maximum(np.nan_to_num(std), floor)
+    is not blown up by a tiny std: std >= 1e-3 * max(|mean|, 1). A degenerate column (a single
+    distinct value, or none, in training) gets std = max(|mean|, 1): a flag that was always 0 in
+    training then maps a later 1 to 1, not to 1000."""
+    values = np.asarray(values, np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
+        mean = np.nan_to_num(np.nanmean(values, axis=axis))
+        std = np.nan_to_num(np.nanstd(values, axis=axis))
+        spread = np.nan_to_num(np.nanmax(values, axis=axis) - np.nanmin(values, axis=axis))
+    scale = np.maximum(np.abs(mean), 1.0)
+    return mean, np.where(spread > 0, np.maximum(std, 1e-3 * scale), scale)
+
+
+def parse_mapping(value, what: str) -> dict:
+    """A config dict, or 'a=1,b=0.5' text from the command line -> {name: value}."""
+    if not isinstance(value, str):
+        return dict(value or {})
+    out = {}
+    for item in value.split(","):
+        if item.strip():
+            key, sep, v = item.partition("=")
+            if not sep:
+                raise ValueError(f"{what}: expected name=value, got {item!r}")
+            out[key.strip()] = v.strip()
+    return out
 
 
 def length_histogram(lengths: Sequence[int]) -> list[int]:

@@ -1,6 +1,10 @@
-"""A prepared dataset's summary: split sizes, label prevalence, modality presence, missing values.
+"""A prepared dataset's summary, read through its TFDS data source (one pass per split): split sizes,
+presence per modality, label distribution, missing numeric values, text lengths.
 
     python -m mmjax.data.summary [--dataset=synthetic_patients/default] [--data_dir=D] [--json=out.json]
+
+Driven by the dataset's `DatasetSpec`, so it works for any registered dataset (a manifest dataset
+prints its own summary: `python -m mmjax.data.manifest`).
 """
 
 from __future__ import annotations
@@ -10,64 +14,79 @@ import json
 import numpy as np
 from absl import app, flags
 
-from mmjax.batch import MODALITIES
 from mmjax.data import pipeline
+from mmjax.data.tokenizer import WordPieceTokenizer
+from mmjax.data.transforms import get_field, tabular_parts
 
 
 def summarize(builder, splits=None) -> dict:
-    """Statistics of each split, read through the TFDS data source (one pass)."""
     spec = pipeline.DatasetSpec.from_builder(builder)
     out = {"dataset": f"{builder.name}/{builder.builder_config.name}", "version": str(builder.version),
            "data_dir": builder.data_dir, "tasks": [t.to_dict() for t in spec.tasks], "splits": {}}
+    tokenizers = {m.name: WordPieceTokenizer(m.vocab) for m in spec.modalities if m.kind == "text"}
     for split in splits or spec.split_sizes:
         src = builder.as_data_source(split)
         n = len(src)
-        present = np.zeros((n, len(MODALITIES)), bool)
-        labs = np.zeros((n, len(spec.tabular_names)), np.float32)
-        diagnosis, severity, mortality, known, tokens = [], [], [], [], []
+        present = {m.name: np.zeros(n, bool) for m in spec.modalities}
+        numeric = {m.name: np.full((n, len(m.numeric)), np.nan) for m in spec.modalities if m.kind == "tabular"}
+        labels = {t.name: [] for t in spec.tasks}
+        known = {t.name: [] for t in spec.tasks}
+        tokens = {name: [] for name in tokenizers}
         for i in range(n):
             ex = src[i]
-            present[i] = [ex["present"][m] for m in MODALITIES]
-            labs[i] = ex["labs"]
-            diagnosis.append(ex["labels"]["diagnosis"])
-            severity.append(ex["labels"]["severity"])
-            mortality.append(ex["labels"]["mortality"])
-            known.append(ex["label_known"]["mortality"])
-            if ex["present"]["text"]:
-                tokens.append(len(spec.tokenizer.tokenize(ex["note"].decode("utf-8"))))
-        diagnosis, severity, known = np.array(diagnosis), np.array(severity), np.array(known)
-        tab_present = present[:, MODALITIES.index("tabular")]
-        out["splits"][split] = {
-            "examples": n,
-            "presence_rate": dict(zip(MODALITIES, present.mean(0).round(4).tolist())),
-            "prevalence": dict(zip(spec.tasks[0].label_names, diagnosis.mean(0).round(4).tolist())),
-            "severity": {"mean": round(float(severity.mean()), 3), "std": round(float(severity.std()), 3),
-                         "min": round(float(severity.min()), 3), "max": round(float(severity.max()), 3)},
-            "mortality": {"known_rate": round(float(known.mean()), 4),
-                          "rate_among_known": round(float(np.array(mortality)[known].mean()), 4)},
-            "lab_missing_rate": dict(zip(spec.tabular_names,
-                                         np.isnan(labs[tab_present]).mean(0).round(4).tolist())),
-            "note_tokens": {"p50": float(np.percentile(tokens, 50)), "p99": float(np.percentile(tokens, 99)),
-                            "max": int(max(tokens))} if tokens else {},
-        }
+            for m in spec.modalities:
+                present[m.name][i] = bool(ex["present"][m.name])
+                if m.name in numeric and present[m.name][i]:
+                    numeric[m.name][i] = tabular_parts(ex, m)[0]
+                if m.name in tokens and present[m.name][i]:
+                    text = get_field(ex, m.field)
+                    tokens[m.name].append(len(tokenizers[m.name].tokenize(
+                        text.decode("utf-8") if isinstance(text, bytes) else str(text))))
+            for t in spec.tasks:
+                y = np.asarray(ex["labels"][t.name], np.float64)
+                labels[t.name].append(y)
+                known[t.name].append(np.broadcast_to(np.asarray(ex.get("label_known", {}).get(t.name, True)), y.shape))
+        info = {"examples": n, "presence_rate": {k: round(float(v.mean()), 4) for k, v in present.items()},
+                "labels": {}, "missing_rate": {}, "text_tokens": {}}
+        for t in spec.tasks:
+            y, k = np.stack(labels[t.name]), np.stack(known[t.name]).astype(bool)
+            if t.kind == "regression":
+                v = y[k]
+                info["labels"][t.name] = {"mean": round(float(v.mean()), 3), "std": round(float(v.std()), 3),
+                                          "min": round(float(v.min()), 3), "max": round(float(v.max()), 3)}
+            elif t.kind == "multiclass":
+                counts = np.bincount(y[k].astype(np.int64), minlength=t.num_outputs)
+                info["labels"][t.name] = dict(zip(t.label_names, (counts / max(k.sum(), 1)).round(4).tolist()))
+            elif t.kind == "multilabel":
+                rate = (y * k).sum(0) / np.maximum(k.sum(0), 1)
+                info["labels"][t.name] = dict(zip(t.label_names, rate.round(4).tolist()))
+            else:
+                info["labels"][t.name] = {"positive_rate": round(float(y[k].mean()), 4),
+                                          "known_rate": round(float(k.mean()), 4)}
+        for m in spec.modalities:
+            if m.name in numeric:
+                rows = numeric[m.name][present[m.name]]
+                info["missing_rate"][m.name] = dict(zip(m.numeric, np.isnan(rows).mean(0).round(4).tolist()))
+            if m.name in tokens and tokens[m.name]:
+                t = tokens[m.name]
+                info["text_tokens"][m.name] = {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)),
+                                               "max": int(max(t))}
+        out["splits"][split] = info
     return out
 
 
 def print_summary(summary: dict) -> None:
     print(f"{summary['dataset']} v{summary['version']} in {summary['data_dir']}")
     for split, s in summary["splits"].items():
-        print(f"\n[{split}] {s['examples']} patients")
-        print("  present:    " + "  ".join(f"{k} {v:.1%}" for k, v in s["presence_rate"].items()))
-        print("  prevalence: " + "  ".join(f"{k} {v:.1%}" for k, v in s["prevalence"].items()))
-        sev = s["severity"]
-        print(f"  severity:   mean {sev['mean']:.2f} sd {sev['std']:.2f} range [{sev['min']:.2f}, {sev['max']:.2f}]")
-        mort = s["mortality"]
-        print(f"  mortality:  {mort['rate_among_known']:.1%} of the {mort['known_rate']:.1%} with follow-up")
-        worst = sorted(s["lab_missing_rate"].items(), key=lambda kv: -kv[1])[:4]
-        print("  labs most often missing: " + ", ".join(f"{k} {v:.0%}" for k, v in worst))
-        if s["note_tokens"]:
-            t = s["note_tokens"]
-            print(f"  note tokens: median {t['p50']:.0f}, p99 {t['p99']:.0f}, max {t['max']}")
+        print(f"\n[{split}] {s['examples']} examples")
+        print("  present: " + "  ".join(f"{k} {v:.1%}" for k, v in s["presence_rate"].items()))
+        for task, dist in s["labels"].items():
+            print(f"  {task}: " + "  ".join(f"{k} {v:g}" for k, v in dist.items()))
+        for name, rates in s["missing_rate"].items():
+            worst = sorted(rates.items(), key=lambda kv: -kv[1])[:4]
+            print(f"  {name} most often missing: " + ", ".join(f"{k} {v:.0%}" for k, v in worst))
+        for name, t in s["text_tokens"].items():
+            print(f"  {name} tokens: median {t['p50']:.0f}, p99 {t['p99']:.0f}, max {t['max']}")
 
 
 _DATASET = flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")

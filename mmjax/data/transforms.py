@@ -25,7 +25,8 @@ from mmjax.data.spec import DataError
 from mmjax.data.tokenizer import WordPieceTokenizer
 
 __all__ = ["DataError", "CheckExample", "SelectImage", "ImageToFloat", "TokenizeText", "StandardizeTabular",
-           "PrepareSignal", "Spectrogram", "CollectLabels", "Assemble", "AugmentImages", "get_field"]
+           "PrepareSignal", "Spectrogram", "CollectLabels", "Assemble", "AugmentImages", "get_field",
+           "tabular_parts"]
 
 
 def get_field(ex, path: str):
@@ -47,7 +48,7 @@ def _present(ex, name: str) -> bool:
     return bool(ex["present"][name])
 
 
-def _tabular_parts(ex, spec: ModalitySpec):
+def tabular_parts(ex, spec: ModalitySpec):
     """(numeric f32[F], categorical i32[G]) of a tabular field: an array (numeric only) or a dict."""
     value = get_field(ex, spec.field)
     if isinstance(value, dict):
@@ -80,7 +81,7 @@ class CheckExample(grain.transforms.Map):
                 if not np.all(np.isfinite(x)):
                     raise DataError(f"{where}: field {m.field!r} contains NaN or infinity")
             elif m.kind == "tabular":
-                numeric, categorical = _tabular_parts(ex, m)
+                numeric, categorical = tabular_parts(ex, m)
                 if numeric.shape != (len(m.numeric),) or categorical.shape != (len(m.categorical),):
                     raise DataError(f"{where}: field {m.field!r} has {numeric.shape[0]} numeric and "
                                     f"{categorical.shape[0]} categorical values, expected {len(m.numeric)} "
@@ -165,7 +166,7 @@ class StandardizeTabular(grain.transforms.Map):
         self._std = np.asarray(self.spec.std, np.float32)
 
     def map(self, ex):
-        numeric, categorical = _tabular_parts(ex, self.spec)
+        numeric, categorical = tabular_parts(ex, self.spec)
         present = _present(ex, self.spec.name)
         bad = self._log & (numeric <= 0)
         if present and bad.any():

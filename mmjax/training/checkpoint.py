@@ -1,7 +1,8 @@
 """Orbax checkpoints: the train state and the data iterator's position, saved together.
 
 Asynchronous saves every `every` steps; kept: the latest `keep` and the best one by the
-validation metric passed at save time (higher is better). Resume order, in `train.py`: this
+validation metric passed at save time (higher is better, or lower for errors such as
+`los.mae`). Resume order, in `train.py`: this
 run's workdir, then `init_from` (parameters only), then a fresh start.
 """
 
@@ -15,10 +16,13 @@ import orbax.checkpoint as ocp
 from mmjax.training.state import TrainState
 
 
-def make_manager(directory: str, every: int, keep: int, metric: str = "macro_auroc") -> ocp.CheckpointManager:
+def make_manager(directory: str, every: int, keep: int, metric: str = "macro_auroc",
+                 lower_is_better: bool = False) -> ocp.CheckpointManager:
+    sign = -1.0 if lower_is_better else 1.0  # BestN keeps the highest value
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[metric], n=1, keep_checkpoints_without_metrics=False),
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: sign * m[metric], n=1,
+                                      keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, preservation_policy=policy,
                                            enable_async_checkpointing=True, create=True)

@@ -16,7 +16,7 @@ from absl import logging
 
 from mmjax import losses
 from mmjax.data import pipeline
-from mmjax.data.spec import truncation
+from mmjax.data.spec import parse_mapping, truncation
 from mmjax.evaluation import evaluate
 from mmjax.models import MultimodalModel
 from mmjax.models import build_model as _build_model
@@ -49,20 +49,6 @@ def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
         if unknown:
             raise ValueError(f"unknown {what} {unknown}; choose from {list(known)}")
     return items
-
-
-def parse_mapping(value, what: str) -> dict:
-    """A config dict, or 'a=1,b=0.5' text from the command line -> {name: value}."""
-    if not isinstance(value, str):
-        return dict(value or {})
-    out = {}
-    for item in value.split(","):
-        if item.strip():
-            key, sep, v = item.partition("=")
-            if not sep:
-                raise ValueError(f"{what}: expected name=value, got {item!r}")
-            out[key.strip()] = v.strip()
-    return out
 
 
 def loss_weights(config, spec, tasks) -> dict:
@@ -106,6 +92,12 @@ def metric_value(results: dict, name: str) -> float:
                            f"top level has {sorted(results)}")
         value = value[key]
     return float(value)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Errors and losses (mae, rmse, ..._loss) are minimized; every other metric maximized."""
+    last = metric.rsplit(".", 1)[-1]
+    return last in ("mae", "rmse", "brier", "ece") or last.endswith("loss")
 
 
 def report_truncation(spec, names, max_length: int) -> None:
@@ -169,8 +161,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = build_model(config, spec, tasks)
     tx = make_optimizer(config.optimizer, num_steps)
     schedule = learning_rate_schedule(config.optimizer, num_steps)
-    template = parallel.device_batch(next(pipeline.eval_batches(builder, spec, "validation",
+    template = parallel.device_batch(next(pipeline.eval_batches(builder, spec, "train",
                                                                 config.eval_batch_size // n_proc, **data_kw)))
+    splits = set(builder.info.splits)
+    validate = "validation" in splits
+    if not validate:
+        print("Note: the dataset has no validation split: no validation during training, the last "
+              "checkpoint is kept as the best", flush=True)
 
     # ---- State and shardings ---------------------------------------------------------------------
     mesh = parallel.make_mesh()
@@ -181,7 +178,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- Restore: this run's workdir, else init_from, else scratch --------------------------------
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
-                                      config.train.keep_checkpoints, config.best_metric)
+                                      config.train.keep_checkpoints, config.best_metric,
+                                      lower_is_better=lower_is_better(config.best_metric))
     if manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state = checkpoint.restore(manager, abstract)
@@ -271,7 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             rates = writer.progress(step, mean["loss"])
             writer.write("train", step, {**mean, **rates, "learning_rate": float(schedule(step - 1))})
         val = None
-        if step % config.train.eval_every == 0 or step == num_steps:
+        if validate and (step % config.train.eval_every == 0 or step == num_steps):
             val = run_eval("validation")
             results["validation"] = val
             writer.write("validation", step, val)
@@ -290,10 +288,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {"stopped_at_step": step}
 
     # ---- Final test evaluation ---------------------------------------------------------------------
-    results["test"] = run_eval("test")
-    if "validation" not in results:
+    if validate and "validation" not in results:
         results["validation"] = run_eval("validation")
-    results = {"validation": results["validation"], "test": results["test"]}
+    if "test" in splits:
+        results["test"] = run_eval("test")
+    results = {k: results[k] for k in ("validation", "test") if k in results}
     steps_run = step - start_step
     run_info = {
         "steps_run": steps_run, "parameters": int(n_params), "devices": n_dev, "processes": n_proc,
@@ -303,7 +302,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "train_step_recompilations_after_first_step": _train_step_cache_size(train_step) - 1,
         "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
     }
-    writer.write("test", step, results["test"])
+    if "test" in results:
+        writer.write("test", step, results["test"])
     writer.write("run", step, run_info)
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -28,7 +28,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the summary to this JSON f
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    fractions = {k: float(v) for k, v in manifest_builder._mapping(_FRACTIONS.value).items()} or None
+    fractions = manifest_builder.split_fractions(_FRACTIONS.value)
     builder = manifest_builder.load(_MANIFEST.value, _SCHEMA.value, _DATA_DIR.value, fractions=fractions,
                                     folds=_FOLDS.value, fold=_FOLD.value, on_error=_ON_ERROR.value,
                                     workers=_WORKERS.value or None)

@@ -26,11 +26,12 @@ from mmjax.data.manifest import readers
 from mmjax.data.manifest.prepare import example, prepare
 from mmjax.data.manifest.schema import Schema, load_schema
 from mmjax.data.manifest.table import read_table
-from mmjax.data.spec import DataError
+from mmjax.data.spec import SPEC_FORMAT, DataError, parse_mapping
 
 DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 INPUTS_FILE = "inputs.json"
 SKIPPED_FILE = "skipped_rows.csv"
+PREPARE_VERSION = f"1.0/spec{SPEC_FORMAT}"  # bump when preparation changes what it writes
 
 
 class ManifestConfig(tfds.core.BuilderConfig):
@@ -97,7 +98,8 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        cache = tempfile.mkdtemp(prefix="mmjax-decoded-")
+        os.makedirs(self.data_dir_root, exist_ok=True)
+        cache = tempfile.mkdtemp(prefix=".decoded-", dir=self.data_dir_root)  # beside the data, not in /tmp
         self._cache = cache
         prepared = prepare(cfg.manifest, cfg.schema, cache, fractions=cfg.fractions, folds=cfg.folds, fold=cfg.fold,
                            workers=cfg.workers, log=cfg.log)
@@ -149,7 +151,7 @@ def _sha256(path: str) -> str:
 
 
 def inputs_of(cfg: ManifestConfig) -> dict:
-    return {"manifest": cfg.manifest, "manifest_sha256": _sha256(cfg.manifest),
+    return {"prepared_by": PREPARE_VERSION, "manifest": cfg.manifest, "manifest_sha256": _sha256(cfg.manifest),
             "schema": cfg.schema.path, "schema_sha256": _sha256(cfg.schema.path),
             "on_error": cfg.schema.on_error, "fractions": cfg.fractions, "folds": cfg.folds, "fold": cfg.fold,
             "files": referenced_files(cfg.manifest, cfg.schema)}
@@ -158,6 +160,9 @@ def inputs_of(cfg: ManifestConfig) -> dict:
 def changes(old: dict, new: dict) -> list[str]:
     """What differs between the inputs a dataset was prepared from and today's, in words."""
     out = []
+    if old.get("prepared_by") != new["prepared_by"]:
+        out.append(f"it was prepared by another version of mmjax's preparation ({old.get('prepared_by')} -> "
+                   f"{new['prepared_by']})")
     if old.get("manifest_sha256") != new["manifest_sha256"]:
         out.append(f"the manifest {new['manifest']} changed")
     if old.get("schema_sha256") != new["schema_sha256"]:
@@ -248,16 +253,12 @@ def from_config(data):
             raise DataError(f"data.source_dir={data.source_dir}: no such folder (the {data.public} files)")
         out = os.path.join(data.get("data_dir") or DEFAULT_DATA_DIR, "manifests", data.public)
         manifest, schema = converter.write_manifest(source, out)
-    fractions = {k: float(v) for k, v in _mapping(data.get("split_fractions", "")).items()} or None
+    fractions = split_fractions(data.get("split_fractions", ""))
     return load(manifest, schema, data.get("data_dir") or None, fractions=fractions,
                 folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)), on_error=data.get("on_error") or None,
                 workers=int(data.get("prepare_workers", 0)) or None)
 
 
-def _mapping(text: str) -> dict:
-    out = {}
-    for item in (text or "").split(","):
-        if item.strip():
-            key, _, value = item.partition("=")
-            out[key.strip()] = value.strip()
-    return out
+def split_fractions(text: str) -> dict | None:
+    """'train=0.8,validation=0.1,test=0.1' -> {split: fraction}; empty: None (the defaults)."""
+    return {k: float(v) for k, v in parse_mapping(text, "split_fractions").items()} or None

@@ -62,8 +62,15 @@ def read_table(path: str):
     return df.apply(lambda col: col.map(_cell_text)) if len(df) else df.astype(str)
 
 
+LIST_SEPARATOR = "\x1f"  # joins a JSON/Parquet list cell; multilabel cells split on it too
+
+
 def _cell_text(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    import pandas as pd
+
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return LIST_SEPARATOR.join(_cell_text(x) for x in v)
+    if v is None or pd.isna(v):  # None, NaN, pd.NA, NaT: an empty cell
         return ""
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
@@ -95,6 +102,13 @@ def assign_splits(df, schema: Schema, fractions: dict, folds: int, fold: int, ma
     total = sum(fractions.values())
     if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()) or not total > 0:
         raise DataError(f"split fractions {fractions}: need non-negative train, validation and test")
+    cut_train = fractions["train"] / total
+    cut_val = cut_train + fractions["validation"] / total
+
+    def by_hash(pid):
+        u = hash_unit(pid)
+        return "train" if u < cut_train else "validation" if u < cut_val else "test"
+
     fold_of = {}
     if folds > 1:
         ranked = sorted(set(ids), key=lambda p: (hash_unit(f"fold:{p}"), p))
@@ -102,6 +116,7 @@ def assign_splits(df, schema: Schema, fractions: dict, folds: int, fold: int, ma
     splits = []
     if schema.split:
         for i, (pid, cell) in enumerate(zip(ids, df[schema.split].tolist())):
+            cell = cell or by_hash(pid)  # an empty split cell: by the id's hash, as without a split column
             split = _SPLIT_ALIASES.get(cell.lower())
             if split is None:
                 bad.append(BadCell(i + 1, pid, schema.split, "", f"split {cell!r} is not one of {list(SPLITS)}"))
@@ -114,16 +129,13 @@ def assign_splits(df, schema: Schema, fractions: dict, folds: int, fold: int, ma
                 raise DataError(f"manifest {manifest}: id {pid!r} is in two splits ({seen[pid]} and {split}, "
                                 f"row {i + 1}); a patient's rows must share one split")
         return splits, bad
-    cut_train = fractions["train"] / total
-    cut_val = cut_train + fractions["validation"] / total
     for pid in ids:
         if folds > 1:
             rest_val = fractions["validation"] / (fractions["train"] + fractions["validation"] or 1)
             splits.append("test" if fold_of[pid] == fold else
                           "validation" if hash_unit(f"val:{pid}") < rest_val else "train")
         else:
-            u = hash_unit(pid)
-            splits.append("train" if u < cut_train else "validation" if u < cut_val else "test")
+            splits.append(by_hash(pid))
     return splits, bad
 
 
@@ -191,7 +203,8 @@ def parse_labels(df, name: str, t: dict, train_rows: np.ndarray) -> tuple[np.nda
                 continue
             labels[i] = index[cell]
         else:
-            items = {s.strip() for s in cell.split(t.get("separator", ";")) if s.strip()}
+            parts = cell.split(LIST_SEPARATOR)
+            items = {s.strip() for part in parts for s in part.split(t.get("separator", ";")) if s.strip()}
             other = sorted(items - set(index))
             if other and t.get("other_labels", "error") == "error":
                 bad.append((i, t["column"], f"labels {other} are not among the classes {classes} "
