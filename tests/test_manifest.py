@@ -775,3 +775,53 @@ def test_tensorflow_and_torch_are_never_imported(tmp_path):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
     assert "Preparing manifest/small" in out.stdout  # it prepared the dataset, not reused one
+
+
+def test_nullable_and_list_cells_from_jsonl(tmp_path):
+    """pd.NA / null cells are empty (absent, unknown); a JSON list is a multilabel cell."""
+    import pandas as pd
+
+    from mmjax.data.manifest import table
+
+    rows = [{"id": "a", "x": 1.5, "labels": ["p", "q"]}, {"id": "b", "x": None, "labels": None},
+            {"id": "c", "x": pd.NA, "labels": ["q"]}]
+    df = pd.DataFrame(rows).astype({"x": "Float64"})
+    path = tmp_path / "m.parquet"
+    df.to_parquet(path)
+    got = table.read_table(str(path))
+    assert got["x"].tolist() == ["1.5", "", ""]
+    t = {"kind": "multilabel", "column": "labels", "classes": ["p", "q"], "separator": ";", "unknown_values": []}
+    y, known, _, bad = table.parse_labels(got, "labels", t, np.ones(3, bool))
+    assert not bad
+    np.testing.assert_array_equal(y, [[1, 1], [0, 0], [0, 1]])
+    np.testing.assert_array_equal(known.all(axis=1), [True, False, True])
+
+
+def test_empty_split_cell_is_assigned_by_hash():
+    import pandas as pd
+
+    from mmjax.data.manifest import table
+    from mmjax.data.manifest.schema import Schema
+
+    schema = Schema("s.yaml", "s", "id", "split", "strict", {}, {})
+    df = pd.DataFrame({"id": [f"p{i}" for i in range(50)], "split": ["test"] * 10 + [""] * 40})
+    fractions = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    splits, bad = table.assign_splits(df, schema, fractions, 0, 0, "m.csv")
+    assert not bad and splits[:10] == ["test"] * 10
+    no_column = Schema("s.yaml", "s", "id", None, "strict", {}, {})
+    by_hash, _ = table.assign_splits(df, no_column, fractions, 0, 0, "m.csv")
+    assert splits[10:] == by_hash[10:]
+
+
+def test_degenerate_numeric_column_and_error_metrics_direction():
+    from mmjax.data.spec import std_with_floor
+    from mmjax.training.train import lower_is_better
+
+    x = np.array([[0.0, 5.0, np.nan, 140.0], [0.0, 5.0, np.nan, 143.0], [0.0, 5.0001, np.nan, 137.0]])
+    mean, std = std_with_floor(x)
+    assert std[0] == 1.0  # always 0 in training: a later 1 standardizes to 1, not 1000
+    assert std[1] == pytest.approx(1e-3 * 5.0, rel=1e-3)  # near-constant: the relative floor
+    assert mean[2] == 0.0 and std[2] == 1.0  # never observed
+    assert std[3] == pytest.approx(np.std([140.0, 143.0, 137.0]))
+    assert lower_is_better("los.mae") and lower_is_better("los.rmse") and not lower_is_better("macro_auroc")
+    assert not lower_is_better("answer.accuracy")
