@@ -135,7 +135,7 @@ def test_iu_xray(iu):
     classes = top_k(counts, 10)
     assert classes[:4] == ["normal", "Lung", "Opacity", "Cardiomegaly"]
     assert schema["tasks"] == {"problems": {"kind": "multilabel", "column": "problems", "separator": ";",
-                                            "classes": classes}}
+                                            "other_labels": "ignore", "classes": classes}}
 
     assert sum(bool(r["findings"]) for r in rows) == sum(bool(r["findings"].strip()) for r in reports) == 3337
     assert sum(bool(r["indication"]) for r in rows) == 3851 - 86 - 3  # empty, '#NAME?'
@@ -215,7 +215,8 @@ def test_cinc2021(cinc):
     counts = collections.Counter(c for r in index for c in r["dx_snomed"].split(","))
     classes = top_k(counts, 5)
     assert classes == ["427084000", "284470004", "426783006", "164934002", "698252002"]
-    assert schema["tasks"] == {"dx": {"kind": "multilabel", "column": "dx", "separator": ";", "classes": classes}}
+    assert schema["tasks"] == {"dx": {"kind": "multilabel", "column": "dx", "separator": ";",
+                                     "other_labels": "ignore", "classes": classes}}
     assert collections.Counter(r["sex"] for r in rows) == {"Female": 27, "Male": 23}
 
     # the first record, against its header read as text
