@@ -50,3 +50,68 @@ def test_upper_bound_logistic_regression_matches_sklearn():
     ref = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=1000).fit(x, y)
     np.testing.assert_allclose(w[1:], ref.coef_[0], atol=1e-4)
     np.testing.assert_allclose(w[0], ref.intercept_[0], atol=1e-4)
+
+
+def _multiclass_data(seed, k=4):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y] * rng.uniform(0, 1)
+    logits = np.round(logits, int(rng.integers(0, 3)))  # ties too
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, proba
+
+
+def _check_against_sklearn(y, proba, got):
+    pred = proba.argmax(1)
+    k = proba.shape[1]
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    np.testing.assert_array_equal(got["confusion_matrix"], skm.confusion_matrix(y, pred, labels=np.arange(k)))
+    assert got["count"] == len(y)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_multiclass_metrics_match_sklearn(seed):
+    y, proba = _multiclass_data(seed)
+    got = metrics.multiclass(y, proba)
+    _check_against_sklearn(y, proba, got)
+    assert got["macro_auroc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"),
+                                               abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # scikit-learn's balanced accuracy
+@pytest.mark.parametrize("seed", range(3))
+def test_multiclass_metrics_with_a_class_absent_from_the_labels(seed):
+    y, proba = _multiclass_data(seed)
+    keep = y != 2
+    y, proba = y[keep], proba[keep]
+    proba[:3] = [0.1, 0.1, 0.7, 0.1]  # class 2 is still predicted: its F1 of 0 counts, as in scikit-learn
+    got = metrics.multiclass(y, proba)
+    _check_against_sklearn(y, proba, got)
+    ovr = [skm.roc_auc_score(y == c, proba[:, c]) for c in (0, 1, 3)]  # class 2 has no positive: no AUROC
+    assert got["macro_auroc"] == pytest.approx(np.mean(ovr), abs=1e-12)
+    assert np.asarray(got["confusion_matrix"])[2].sum() == 0
+
+
+def test_multiclass_evaluation_and_bad_input():
+    from mmjax.batch import TaskSpec
+    from mmjax.evaluation.evaluate import compute_metrics
+
+    y, proba = _multiclass_data(0)
+    known = np.arange(len(y)) % 5 != 0
+    task = TaskSpec("view", "multiclass", ("a", "b", "c", "d"))
+    res = compute_metrics({"view": proba}, {"view": y.astype(np.float64)}, {"view": known}, [task])
+    expect = metrics.multiclass(y[known], proba[known])
+    assert res["view"] == {**expect, "classes": ["a", "b", "c", "d"]}  # only rows with a known label count
+    assert res["macro_auroc"] == expect["macro_auroc"]
+    np.testing.assert_array_equal(metrics.confusion_matrix([0, 2, 2, 1], [0, 2, 1, 1], 3),
+                                  [[1, 0, 0], [0, 1, 0], [0, 1, 1]])
+    with pytest.raises(ValueError, match="class indices in"):
+        metrics.confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="finite"):
+        metrics.multiclass([0, 1], [[0.5, np.nan], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="3 labels for 2 predictions"):
+        metrics.multiclass([0, 1, 1], [[0.5, 0.5], [0.5, 0.5]])

@@ -24,7 +24,7 @@ from mmjax.batch import ModalitySpec, TaskSpec, fake_batch, validate_batch
 from mmjax.models import ENCODERS, FUSIONS, MultimodalModel, build_model, drop_modalities, layers
 from mmjax.models.encoders import SignalEncoder
 from mmjax.models.registry import Registry
-from mmjax.training.step import predictions
+from mmjax.training.step import make_eval_step, predictions
 
 TASKS = (TaskSpec("diagnosis", "multilabel", ("a", "b", "c")), TaskSpec("severity", "regression"),
          TaskSpec("mortality", "binary"))
@@ -332,14 +332,15 @@ def test_fusion_ignores_masked_token_content_exactly(fusion):
     assert not np.array_equal(module.apply(params, changed, masks)[0], a[0])  # valid content does matter
 
 
-def _float_intermediates(model, params, batch) -> dict:
-    """{path: dtype} of every floating-point value a module call returned."""
-    _, state = model.apply({"params": params}, batch, capture_intermediates=True, mutable=["intermediates"])
-    out = {}
+def _apply_with_dtypes(model, params, batch):
+    """(outputs, {path: dtype} of every floating-point value a module call returned)."""
+    (outputs, _), state = model.apply({"params": params}, batch, capture_intermediates=True,
+                                      mutable=["intermediates"])
+    dtypes = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
         if jnp.issubdtype(leaf.dtype, jnp.floating):
-            out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf.dtype
-    return out
+            dtypes["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf.dtype
+    return outputs, dtypes
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
@@ -353,13 +354,12 @@ def test_bfloat16_compute_keeps_float32_parameters():
     model = make_model("cross_attention", dtype=jnp.bfloat16, tasks=tasks)
     params = _init(model, batch)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    out, _ = model.apply({"params": params}, batch)
+    out, dtypes = _apply_with_dtypes(model, params, batch)
     ref, _ = make_model("cross_attention", tasks=tasks).apply({"params": params}, batch)
     for k in ref:
         assert out[k].dtype == jnp.float32, k
         err, spread = float(np.abs(np.asarray(out[k]) - np.asarray(ref[k])).max()), float(np.std(ref[k]))
         assert 0 < err <= 0.06 * spread, (k, err, spread)  # measured: 0.010 to 0.027 of the spread
-    dtypes = _float_intermediates(model, params, batch)
     float32_by_design = re.compile(r"^(__call__/0/0|heads)/|attention/\d+$|(attn|layer\d+)/__call__/0/1$"
                                    r"|^text_encoder/embedding/")
     assert [p for p, d in dtypes.items() if d != jnp.bfloat16 and not float32_by_design.search(p)] == []
@@ -373,16 +373,16 @@ def test_bfloat16_compute_keeps_float32_parameters():
 SPECS = (
     ModalitySpec("frontal", "image", shape=(16, 16, 1), mean=(0.5,), std=(0.25,)),
     ModalitySpec("lateral", "image", shape=(16, 16, 1), mean=(0.5,), std=(0.25,)),
-    ModalitySpec("report", "text", vocab=("[PAD]", "[UNK]", "[CLS]", "[SEP]") + tuple(f"w{i}" for i in range(26))),
-    ModalitySpec("labs", "tabular", numeric=("hr", "sodium"), mean=(80.0, 140.0), std=(12.0, 3.0),
-                 log_scale=(False, False), categorical=("sex", "ward"),
+    ModalitySpec("report", "text", vocab=("[PAD]", "[UNK]", "[CLS]", "[SEP]") + tuple(f"w{i}" for i in range(46))),
+    ModalitySpec("labs", "tabular", numeric=("hr", "sodium", "crp"), mean=(80.0, 140.0, 1.0), std=(12.0, 3.0, 2.0),
+                 log_scale=(False, False, True), categorical=("sex", "ward"),
                  categories=(("f", "m"), ("icu", "ed", "floor"))),
-    ModalitySpec("ecg", "signal", shape=(130, 12), rate=100.0, channel_names=tuple(f"lead{i}" for i in range(12))),
+    ModalitySpec("ecg", "signal", shape=(180, 12), rate=100.0, channel_names=tuple(f"lead{i}" for i in range(12))),
 )
 ALL_KINDS = (TaskSpec("findings", "multilabel", ("edema", "effusion", "mass")),
              TaskSpec("view", "multiclass", ("ap", "pa", "lateral", "other")), TaskSpec("dead", "binary"),
              TaskSpec("stay", "regression", target_mean=5.0, target_std=3.0))
-TOKENS = {"frontal": 4, "lateral": 16, "report": 12, "labs": 4, "ecg": 3}  # lateral: patch_size 4 (per_modality)
+TOKENS = {"frontal": 4, "lateral": 16, "report": 12, "labs": 5, "ecg": 4}  # lateral: patch_size 4 (per_modality)
 
 
 def model_config(fusion="cross_attention", **kw):
@@ -417,7 +417,7 @@ def test_declared_model_shapes_encoders_and_per_modality_settings(declared):
     assert {m: model.encoders[m]["name"] for m in model.modalities} == {
         "frontal": "image", "lateral": "image", "report": "text", "labs": "tabular", "ecg": "signal"}
     assert model.encoders["lateral"]["patch_size"] == 4 and model.encoders["frontal"]["patch_size"] == 8
-    assert model.encoders["report"]["vocab_size"] == 30 and model.encoders["labs"]["category_sizes"] == (4, 5)
+    assert model.encoders["report"]["vocab_size"] == 50 and model.encoders["labs"]["category_sizes"] == (4, 5)
     assert out["findings"].shape == (B, 3) and out["view"].shape == (B, 4)
     assert out["dead"].shape == (B,) and out["stay"].shape == (B,)
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
@@ -438,7 +438,7 @@ def test_declared_model_uses_categories_and_ignores_absent_modalities(declared):
     for name in ("frontal", "lateral", "report", "labs", "ecg"):
         absent = ~batch[name]["present"]
         v = other[name]["values"]
-        v[absent] = rng.integers(2, 30, v[absent].shape) if name == "report" else rng.normal(size=v[absent].shape) * 100
+        v[absent] = rng.integers(2, 50, v[absent].shape) if name == "report" else rng.normal(size=v[absent].shape) * 100
         if name == "labs":
             other[name]["categories"][absent] = [3, 4]
     jax.tree.map(np.testing.assert_array_equal, apply(other), out)
@@ -454,27 +454,45 @@ def test_declared_model_uses_categories_and_ignores_absent_modalities(declared):
 
 def test_signal_tail_that_does_not_fill_a_patch_is_used(declared):
     model, params, batch, out, _ = declared
-    assert batch["ecg"]["values"].shape[1] == 130  # 2 patches of 50 and a tail of 30
+    assert batch["ecg"]["values"].shape[1] == 180  # 3 patches of 50 and a tail of 30
     enc = SignalEncoder(width=16, num_heads=2, patch_size=50)
     enc_params = {"params": params["ecg_encoder"]}
     tokens, mask = enc.apply(enc_params, batch["ecg"])
-    assert tokens.shape == (B, 3, 16)
-    np.testing.assert_array_equal(mask, np.repeat(batch["ecg"]["present"][:, None], 3, 1))
+    assert tokens.shape == (B, 4, 16)
+    np.testing.assert_array_equal(mask, np.repeat(batch["ecg"]["present"][:, None], 4, 1))
     other = jax.tree.map(np.copy, batch)
-    other["ecg"]["values"][:, 100:] += 3.0  # the last 30 steps only
+    other["ecg"]["values"][:, 150:] += 3.0  # the last 30 steps only
     changed = model.apply({"params": params}, other)[0]
     present = batch["ecg"]["present"]
     assert not np.allclose(changed["stay"][present], out["stay"][present])
     # A recording that ends inside the tail: the padding is masked, its token still real.
     short = jax.tree.map(np.copy, batch["ecg"])
-    short["mask"][:, 110:] = False
+    short["mask"][:, 160:] = False
     _, m = enc.apply(enc_params, short)
-    np.testing.assert_array_equal(m, np.repeat(batch["ecg"]["present"][:, None], 3, 1))
+    np.testing.assert_array_equal(m, np.repeat(batch["ecg"]["present"][:, None], 4, 1))
     noisy = jax.tree.map(np.copy, short)
-    noisy["values"][:, 110:] = 1e3
+    noisy["values"][:, 160:] = 1e3
     np.testing.assert_array_equal(enc.apply(enc_params, noisy)[0], enc.apply(enc_params, short)[0])
-    short["mask"][:, 100:] = False  # nothing real in the tail: its token is masked
-    np.testing.assert_array_equal(enc.apply(enc_params, short)[1][:, 2], False)
+    short["mask"][:, 150:] = False  # nothing real in the tail: its token is masked
+    np.testing.assert_array_equal(enc.apply(enc_params, short)[1][:, 3], False)
+
+
+def test_eval_step_averages_predictions_over_signal_windows(declared):
+    model, params, batch, _, _ = declared
+    rng = np.random.default_rng(4)
+    windows = [jax.tree.map(np.copy, batch["ecg"]) for _ in range(3)]
+    for w in windows[1:]:
+        w["values"] += rng.normal(size=w["values"].shape).astype(np.float32) * w["mask"][..., None]
+    windows[2]["mask"][:, 120:] = False
+    stacked = {**batch, "ecg": {"values": np.stack([w["values"] for w in windows], 1),
+                                "mask": np.stack([w["mask"] for w in windows], 1), "present": batch["ecg"]["present"]}}
+    validate_batch(stacked, ALL_KINDS, SPECS)
+    got = make_eval_step(model, ALL_KINDS, windowed=("ecg",))(params, stacked)
+    each = [make_eval_step(model, ALL_KINDS)(params, {**batch, "ecg": {**w, "present": batch["ecg"]["present"]}})
+            for w in windows]
+    for t in ALL_KINDS:
+        np.testing.assert_allclose(got[t.name], np.mean([p[t.name] for p in each], axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(each[0]["stay"], each[1]["stay"])  # the windows differ
 
 
 @pytest.mark.parametrize("steps", [50, 31])

@@ -318,6 +318,23 @@ def test_prepare_signal_pads_a_short_recording_with_the_mask_false():
     assert not absent["present"] and not absent["mask"].any() and not absent["values"].any()
 
 
+def test_prepare_signal_evaluation_windows_cover_the_recording():
+    spec = ModalitySpec("ecg", "signal", shape=(100, 2))
+    x = np.random.default_rng(3).normal(size=(250, 2)).astype(np.float32)
+    out = T.PrepareSignal(spec, windows=4).random_map(_signal_example(x), np.random.default_rng(0))["out/ecg"]
+    assert out["values"].shape == (4, 100, 2) and out["mask"].shape == (4, 100) and out["mask"].all()
+    for w, start in enumerate([0, 50, 100, 150]):  # evenly spaced, first and last at the ends
+        np.testing.assert_allclose(out["values"][w], _normalized(x[start:start + 100]), atol=1e-5)
+    short = T.PrepareSignal(spec, windows=3).random_map(_signal_example(x[:60]), np.random.default_rng(0))["out/ecg"]
+    assert short["values"].shape == (3, 100, 2)
+    np.testing.assert_array_equal(short["mask"], np.broadcast_to(np.arange(100) < 60, (3, 100)))
+    np.testing.assert_allclose(short["values"][:, :60], np.broadcast_to(_normalized(x[:60]), (3, 60, 2)), atol=1e-5)
+    frames = T.Spectrogram("ecg").map({"out/ecg": out})["out/ecg"]
+    assert frames["values"].shape == (4, 3, 33 * 2) and frames["mask"].shape == (4, 3)
+    single = T.Spectrogram("ecg").map({"out/ecg": {k: v[1] for k, v in out.items() if k != "present"}})["out/ecg"]
+    np.testing.assert_allclose(frames["values"][1], single["values"], rtol=1e-6)
+
+
 def test_spectrogram_of_several_channels():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(300, 3)).astype(np.float32)
@@ -353,7 +370,10 @@ def test_std_has_a_floor_relative_to_the_mean():
     rng = np.random.default_rng(0)
     varied = rng.normal(5.0, 2.0, 10)
     varied[3] = np.nan
-    values = np.c_[np.full(10, 140.0), np.full(10, -250.0), np.full(10, 0.2), varied]
+    near = np.full(10, 140.0)
+    near[0] = 140.00001  # near-constant: the relative floor 1e-3 * max(|mean|, 1)
+    values = np.c_[near, np.full(10, -250.0), np.full(10, 0.2), varied]
     mean, std = std_with_floor(values)
-    np.testing.assert_allclose(mean, [140.0, -250.0, 0.2, np.nanmean(varied)])
-    np.testing.assert_allclose(std, [0.14, 0.25, 1e-3, np.nanstd(varied)])  # 1e-3 * max(|mean|, 1)
+    np.testing.assert_allclose(mean, [np.mean(near), -250.0, 0.2, np.nanmean(varied)])
+    # constant columns (one distinct training value) get the scale max(|mean|, 1) itself
+    np.testing.assert_allclose(std, [0.14, 250.0, 1.0, np.nanstd(varied)], rtol=1e-6)

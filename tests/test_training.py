@@ -222,7 +222,7 @@ def test_a_tabular_only_model_learns_the_diagnosis(tiny_builder, tmp_path, capsy
     assert results["validation"]["diagnosis"]["macro_auroc"] > 0.65
     train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [e["loss_diagnosis"] for e in train if e["event"] == "train"]
-    assert len(losses) == 3 and losses[-1] < 0.85 * losses[0] < 0.85 * np.log(2)  # starts near ln 2, then falls
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses  # measured: 0.59, 0.43, 0.40
 
 
 def _launch(tiny_builder, workdir, *flags):
