@@ -5,7 +5,8 @@ r"""CinC 2021 sample: 12-lead ECG (WFDB) + age and sex from the headers -> SNOME
 50 real records from three hospitals' databases (`../shared/data/cinc2021_sample`): too few to train
 on. This is the real-file test of the signal path (12 channels, WFDB headers, 500 -> 100 Hz
 polyphase resampling, header metadata into a tabular modality with a categorical column) and a
-smoke run of ECG + demographics fusion; its metrics mean nothing (4-7 test records).
+smoke run of ECG + demographics fusion; its metrics mean nothing (4-7 test records). Ran in 1 min
+11 s (2026-11-28, 2-core CPU): 50 records prepared in 3.2 s, 40 steps, finite metrics.
 """
 
 import os

@@ -8,7 +8,9 @@ The converter (`mmjax.data.public.iu_xray`) writes `../shared/data/iu_xray_repor
 the 10 most frequent Problems labels; the impression is left out (it states the answer). Splits by a
 hash of the report id (80/10/10). No published figure for this exact task.
 
-Results: see README ("Real data").
+Results (2-core AMD EPYC CPU VM shared with other jobs, 2026-11-28, seed 0, 1,000 steps of 64,
+27 min 9 s wall under load): indication + findings, test macro-AUROC 0.960, macro-AUPRC 0.750,
+macro-F1 0.666 over the 10 labels (README has the unimodal baselines when run).
 """
 
 import os

@@ -9,7 +9,9 @@ real data against a published figure (MedMNIST v2, Yang et al. 2023, ResNet-18 (
 ACC 0.854). Note: this copy's train split has 10% normal images against ~26% in the official one
 (see the converter); validation and test are the official ones.
 
-Results: see README ("Real data").
+Results (2-core AMD EPYC CPU VM shared with other jobs, 2026-11-28, seed 0, 1,500 steps of 64,
+4 min 54 s wall including preparation of 5,030 PNGs at 469 files/s): test AUROC 0.959, accuracy
+0.875 at threshold 0.5 (validation AUROC 0.985).
 """
 
 import os
