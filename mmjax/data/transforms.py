@@ -59,6 +59,15 @@ def tabular_parts(ex, spec: ModalitySpec):
     return np.asarray(numeric, np.float32), np.asarray(categorical, np.int32)
 
 
+def label_and_known(ex, t: TaskSpec):
+    """(label array, known bool of the same shape) of task t in a raw example; a missing label is an error."""
+    if t.name not in ex["labels"]:
+        raise DataError(f"{_pid(ex)}: unknown label {t.name!r}; the example has {sorted(ex['labels'])}")
+    y = np.asarray(ex["labels"][t.name])
+    known = np.broadcast_to(np.asarray(ex.get("label_known", {}).get(t.name, True), bool), y.shape).copy()
+    return y, known
+
+
 @dataclasses.dataclass
 class CheckExample(grain.transforms.Map):
     """Fails on wrong shapes, NaN or infinities where none are allowed, and labels out of range."""
@@ -91,10 +100,7 @@ class CheckExample(grain.transforms.Map):
                 if np.any((categorical < 0) | (categorical >= np.asarray(m.category_sizes, np.int64))):
                     raise DataError(f"{where}: field {m.field!r} has a category index out of range: {categorical}")
         for t in self.tasks:
-            if t.name not in ex["labels"]:
-                raise DataError(f"{where}: unknown label {t.name!r}; the example has {sorted(ex['labels'])}")
-            v = np.asarray(ex["labels"][t.name])
-            known = np.broadcast_to(np.asarray(ex.get("label_known", {}).get(t.name, True), bool), v.shape)
+            v, known = label_and_known(ex, t)
             v = v[known]
             if not np.all(np.isfinite(v)):
                 raise DataError(f"{where}: label {t.name!r} is not finite: {v}")
@@ -264,11 +270,8 @@ class CollectLabels(grain.transforms.Map):
     def map(self, ex):
         labels, masks = {}, {}
         for t in self.tasks:
-            if t.name not in ex["labels"]:
-                raise DataError(f"{_pid(ex)}: unknown label {t.name!r}; the example has {sorted(ex['labels'])}")
-            y = np.asarray(ex["labels"][t.name], np.int32 if t.kind == "multiclass" else np.float32)
-            known = np.asarray(ex.get("label_known", {}).get(t.name, True), bool)
-            known = np.broadcast_to(known, y.shape).copy()
+            y, known = label_and_known(ex, t)
+            y = y.astype(np.int32 if t.kind == "multiclass" else np.float32)
             labels[t.name] = np.where(known, y, 0).astype(y.dtype)
             masks[t.name] = known
         ex["out/labels"], ex["out/label_mask"] = labels, masks

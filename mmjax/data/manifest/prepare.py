@@ -36,7 +36,6 @@ class Prepared:
     spec: DatasetSpec
     rows: list  # kept rows, each a dict ready for `example`
     skipped: list  # BadCell of every row left out (on_error: skip)
-    files: dict  # (modality, path) -> cached .npy path
     summary: dict
 
 
@@ -255,7 +254,7 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
                "splits": _split_summary(spec, schema, rows),
                "decode_seconds": round(seconds, 2), "files_per_second": round(len(jobs) / seconds, 1) if jobs else None,
                "unseen_categories": unseen}
-    return Prepared(spec, rows, [b for b in bad], keys, summary)
+    return Prepared(spec, rows, bad, summary)
 
 
 def example(row: dict, spec: DatasetSpec) -> dict:
