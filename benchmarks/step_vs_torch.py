@@ -44,7 +44,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmjax.models import encoders, fusion, layers  # noqa: E402
+import mmjax.models  # noqa: E402,F401  (imports every encoder and fusion module)
+from mmjax.models import layers  # noqa: E402
 from mmjax.training import benchmark as step_benchmark  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
 from mmjax.training.step import make_loss_fn  # noqa: E402
@@ -106,8 +107,8 @@ _TORCH_VARIANTS = {"torch_eager": False, "torch_eager_sdpa": True}  # name: sdpa
 @contextlib.contextmanager
 def _layers(**replace):
     """Swaps the shared layers that mmjax's models look up at trace time."""
-    saved = [(mod, name, getattr(mod, name)) for mod in (layers, encoders, fusion) for name in replace
-             if hasattr(mod, name)]
+    modules = [mod for key, mod in sorted(sys.modules.items()) if key.startswith("mmjax.models.")]
+    saved = [(mod, name, getattr(mod, name)) for mod in modules for name in replace if hasattr(mod, name)]
     try:
         for mod, name, _ in saved:
             setattr(mod, name, replace[name])

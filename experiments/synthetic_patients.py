@@ -19,6 +19,8 @@ The default run took 3 min 50 s wall including evaluation (peak RSS 1.71 GB), ~7
 
 import ml_collections
 
+from mmjax.models.build import encoder_config, fusion_config
+
 
 def parse_arg(arg, defaults: dict, flags=("smoke",)) -> dict:
     """'a=1,b=x,smoke' -> options; keys must be in `defaults` (valued) or `flags` (bare)."""
@@ -50,10 +52,12 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
     c.model = ml_collections.ConfigDict(dict(
         width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
-        fusion=dict(name=fusion, depth=2),
-        # Settings per modality kind; `encoder=` names another registered encoder for that kind.
-        image=dict(patch_size=16, depth=1), text=dict(depth=1), tabular=dict(depth=1),
-        signal=dict(patch_size=50, depth=1),
+        # The fusion's and each kind's encoder settings: every registered fusion's (encoder's) fields
+        # with their defaults, so any of them can be set from the command line; `fusion.name` and
+        # `<kind>.encoder` choose the class (mmjax/models/build.py).
+        fusion=fusion_config(fusion, depth=2),
+        image=encoder_config("image", patch_size=16, depth=1), text=encoder_config("text", depth=1),
+        tabular=encoder_config("tabular", depth=1), signal=encoder_config("signal", patch_size=50, depth=1),
         per_modality=""))  # JSON, settings for one modality by name: '{"lateral": {"patch_size": 8}}'
     c.loss = ml_collections.ConfigDict(dict(
         weights="", uncertainty_weighting=False,  # weights: 'task=w,...' (default 1 each)

@@ -22,7 +22,7 @@ except ImportError:
 
 from mmjax.batch import ModalitySpec, TaskSpec, fake_batch, validate_batch
 from mmjax.models import ENCODERS, FUSIONS, MultimodalModel, build_model, drop_modalities, layers
-from mmjax.models.encoders import SignalEncoder
+from mmjax.models.encoders.signal import SignalEncoder
 from mmjax.models.registry import Registry
 from mmjax.training.step import make_eval_step, predictions
 

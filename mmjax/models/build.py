@@ -6,12 +6,18 @@ Each modality's encoder is chosen by its kind (`config.model.<kind>`, whose opti
 names a registered encoder; default: the kind's own) with that kind's settings; `per_modality`
 (a dict, or its JSON text on the command line) overrides settings for one modality by name:
 `--config.model.per_modality='{"lateral": {"patch_size": 8}}'`. What an encoder needs of the data
-(vocabulary size, categorical column sizes) comes from the `ModalitySpec`. The fusion gets every
-setting of `config.model.fusion` except `name`, plus the shared ones, whatever its name.
+(vocabulary size, categorical column sizes) comes from the `ModalitySpec`.
+
+`config.model.fusion` (from `fusion_config`) holds `name` and the settings of every registered
+fusion, `config.model.<kind>` (from `encoder_config`) `encoder` and the settings of every encoder
+of that kind, with their defaults; so `--config.model.fusion.num_bottlenecks=8` works whichever
+fusion the config file chose, and the launcher never knows a name. The chosen class gets the
+settings it declares (plus the model-wide ones) and the rest are ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -23,6 +29,56 @@ from mmjax.models.fusion import FUSIONS
 from mmjax.models.model import MultimodalModel
 
 _SHARED = ("num_heads", "mlp_ratio", "dropout")  # model-wide settings every encoder and fusion takes
+_FROM_MODEL = ("width", "dtype", "parent", "name") + _SHARED  # set by the model, not per fusion or encoder
+
+
+def declared_settings(cls) -> dict:
+    """{field: default} a fusion or encoder class declares, less what the model sets."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in _FROM_MODEL or not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _union(classes, first) -> dict:
+    settings = dict(declared_settings(first))
+    for cls in classes:
+        for k, v in declared_settings(cls).items():
+            settings.setdefault(k, v)
+    return settings
+
+
+def fusion_config(name: str = "cross_attention", **overrides) -> dict:
+    """The `config.model.fusion` block: `name` plus every registered fusion's settings (the chosen
+    fusion's defaults first), `overrides` on top."""
+    classes = [FUSIONS.get(n) for n in FUSIONS.names()]
+    settings = {"name": name, **_union(classes, FUSIONS.get(name))}
+    return _override(settings, overrides, "fusion")
+
+
+def encoder_config(kind: str, encoder: str | None = None, **overrides) -> dict:
+    """The `config.model.<kind>` block: `encoder` plus the settings of every encoder of that kind."""
+    encoder = encoder or kind
+    classes = [ENCODERS.get(n) for n in ENCODERS.names() if ENCODERS.get(n).kind == kind]
+    settings = {"encoder": encoder, **_union(classes, ENCODERS.get(encoder))}
+    return _override(settings, overrides, f"{kind} encoder")
+
+
+def _override(settings: dict, overrides: dict, what: str) -> dict:
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(settings)}")
+    return {**settings, **overrides}
+
+
+def _accepted(cls, kw: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kw.items() if k in names}
 
 
 def _as_dict(value) -> dict:
@@ -42,14 +98,21 @@ def encoder_settings(m, spec: ModalitySpec) -> dict:
     kw.update(dict(m[spec.kind]) if spec.kind in m else {})
     per = _as_dict(m.get("per_modality"))
     kw.update(per.get(spec.name, {}))
-    kw["name"] = kw.pop("encoder", spec.kind)
-    if kw["name"] not in ENCODERS:
-        raise ValueError(f"modality {spec.name!r}: unknown encoder {kw['name']!r}; registered: {ENCODERS.names()}")
+    name = kw.pop("encoder", spec.kind)
+    if name not in ENCODERS:
+        raise ValueError(f"modality {spec.name!r}: unknown encoder {name!r}; registered: {ENCODERS.names()}")
+    cls = ENCODERS.get(name)
+    if cls.kind != spec.kind:
+        raise ValueError(f"modality {spec.name!r} is {spec.kind}; encoder {name!r} encodes {cls.kind}")
+    declared = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(per.get(spec.name, {})) - declared - {"encoder"})
+    if unknown:
+        raise ValueError(f"model.per_modality[{spec.name!r}]: encoder {name!r} has no settings {unknown}")
     if spec.kind == "text":
         kw["vocab_size"] = spec.vocab_size
     if spec.kind == "tabular":
         kw["category_sizes"] = spec.category_sizes
-    return kw
+    return {**_accepted(cls, kw), "name": name}
 
 
 def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec], *, modality_heads: bool = False,
@@ -67,6 +130,7 @@ def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec]
     if name not in FUSIONS:
         raise ValueError(f"unknown fusion {name!r}; registered: {FUSIONS.names()}")
     fusion.update({k: m[k] for k in _SHARED})
+    fusion = _accepted(FUSIONS.get(name), fusion)
     return MultimodalModel(
         modalities=tuple(s.name for s in modalities), tasks=tuple(tasks),
         encoders={s.name: encoder_settings(m, s) for s in modalities}, fusion=name, fusion_kwargs=fusion,

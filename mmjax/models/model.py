@@ -43,7 +43,8 @@ def drop_modalities(present: dict, rate: float, rng) -> dict:
 
 
 class TaskHeads(nn.Module):
-    """One linear head per task over fused [B, K, D]; logits averaged over fused_mask [B, K]."""
+    """One linear head per task over fused [B, K, D]; logits averaged over fused_mask [B, K] (bool, or
+    float weights such as a decision fusion's `fused_weights`; renormalized to sum to 1)."""
 
     tasks: Sequence[TaskSpec]
     dtype: Dtype = jnp.float32
@@ -97,7 +98,7 @@ class MultimodalModel(nn.Module):
         fusion = FUSIONS.get(self.fusion)(width=self.width, dtype=self.dtype, name="fusion",
                                           **dict(self.fusion_kwargs or {}))
         fused, fused_mask, aux = fusion(tokens, masks, train=train)
-        outputs = TaskHeads(tuple(self.tasks), name="heads")(fused, fused_mask)
+        outputs = TaskHeads(tuple(self.tasks), name="heads")(fused, aux.get("fused_weights", fused_mask))
         aux = dict(aux, present=present)
         if self.modality_heads:
             pooled = jnp.stack([masked_mean(tokens[m], masks[m]) for m in self.modalities], axis=1)  # [B, M, D]
