@@ -60,8 +60,15 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         tabular=encoder_config("tabular", depth=1), signal=encoder_config("signal", patch_size=50, depth=1),
         per_modality=""))  # JSON, settings for one modality by name: '{"lateral": {"patch_size": 8}}'
     c.loss = ml_collections.ConfigDict(dict(
-        weights="", uncertainty_weighting=False,  # weights: 'task=w,...' (default 1 each)
-        class_weights="",  # multiclass: 'task=balanced' or 'task=1:2:0.5'
+        weights="",  # fixed task weights: 'task=w,...' (default 1 each)
+        # 'task=balanced' or 'task=1:2:0.5': class weights (multiclass, a weighted mean) or positive
+        # weights per label (multilabel, binary: BCEWithLogitsLoss(pos_weight=); balanced = n_neg / n_pos)
+        class_weights="",
+        focal_gamma=0.0, focal_alpha=-1.0,  # focal loss on classification tasks (gamma 0: off; alpha -1: off)
+        # fixed | uncertainty (Kendall 2018) | dwa (Liu 2019) | pcgrad (Yu 2020); fixed weights apply to dwa
+        # and pcgrad too. uncertainty_weighting=True is the older spelling of task_weighting='uncertainty'.
+        task_weighting="fixed", uncertainty_weighting=False,
+        dwa_window=50, dwa_temperature=2.0,  # DWA: steps per window (the paper's epoch), softmax temperature
         modality_heads_weight=0.5))  # auxiliary per-encoder heads (0: off); see mmjax/models/model.py
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, warmup_steps=100, end_lr_factor=0.02, weight_decay=0.05, b1=0.9, b2=0.999,
@@ -73,6 +80,7 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.parallel = "mesh"  # or "pmap"
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
     c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from
+    c.init_params = ""  # subtrees to take from init_from: 'image_encoder' or 'xray_encoder=image_encoder,...'; '': all
     c.best_metric = "macro_auroc"  # validation metric that picks the kept best checkpoint ('task.metric' too)
     return c
 

@@ -1,6 +1,7 @@
 """Training: optimizer masks, mesh/pmap/single-device equality on 8 fake devices, checkpoints,
 interrupt-and-resume equality, warm start, non-finite stop, config errors, launch.py end to end."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -163,6 +164,56 @@ def test_init_from_warm_starts_parameters(uninterrupted, tmp_path):
     config.model.width = 16  # a different model cannot warm-start from it
     with pytest.raises(ValueError, match="init_from=.*has shape"):
         train_and_evaluate(config, str(tmp_path / "dst"))
+
+
+def test_init_from_loads_named_subtrees_into_another_model(uninterrupted, tiny_builder, tiny_spec, tmp_path,
+                                                            capsys):
+    """Another dataset's model (its `image` modality called `xray`, no text or signal, concat fusion)
+    takes run A's image and tabular encoders; its fusion and heads keep their fresh values."""
+    _, src, _ = uninterrupted
+    source, _ = _final_params(src)
+    b = smoke_config(tiny_builder, "smoke,fusion=concat,modalities=xray+tabular")
+    xray = dataclasses.replace(tiny_spec.modality("image"), name="xray", field="image")
+    spec = dataclasses.replace(tiny_spec, modalities=(xray, tiny_spec.modality("tabular")))
+    batch = next(pipeline.eval_batches(tiny_builder, tiny_spec, "train", 8, modalities=("image", "tabular"),
+                                       text_max_length=b.data.text_max_length))
+    batch["xray"] = batch.pop("image")
+    fresh = build_model(b, spec, spec.tasks).init(jax.random.PRNGKey(123), batch)["params"]
+    assert sorted(fresh) == ["fusion", "heads", "modality_heads", "tabular_encoder", "xray_encoder"]
+
+    subtrees = checkpoint.parse_subtrees("xray_encoder=image_encoder, tabular_encoder")
+    assert subtrees == {"xray_encoder": "image_encoder", "tabular_encoder": "tabular_encoder"}
+    loaded, step = checkpoint.restore_params(src, fresh, subtrees=subtrees)
+    assert step == 7 and sorted(loaded) == sorted(fresh)
+    jax.tree.map(np.testing.assert_array_equal, loaded["xray_encoder"], source["image_encoder"])
+    jax.tree.map(np.testing.assert_array_equal, loaded["tabular_encoder"], source["tabular_encoder"])
+    for name in ("fusion", "heads", "modality_heads"):  # not named: as initialized, not A's
+        jax.tree.map(np.testing.assert_array_equal, loaded[name], fresh[name])
+    assert not all(np.array_equal(a, s) for a, s in zip(jax.tree.leaves(loaded["heads"]),
+                                                         jax.tree.leaves(source["heads"]), strict=True))
+    assert not np.array_equal(fresh["tabular_encoder"]["feature_weight"], source["tabular_encoder"]["feature_weight"])
+
+    with pytest.raises(ValueError, match=r"has no subtree \['ct_encoder'\]; it has \[.*'image_encoder'"):
+        checkpoint.restore_params(src, fresh, subtrees={"xray_encoder": "ct_encoder"})
+    with pytest.raises(ValueError, match=r"this model has no subtree \['image_encoder'\]; it has \['fusion'"):
+        checkpoint.restore_params(src, fresh, subtrees={"image_encoder": "image_encoder"})
+    with pytest.raises(ValueError, match=r"step 7: parameter \['tabular_encoder'\].* \(from 'image_encoder'\)"):
+        checkpoint.restore_params(src, fresh, subtrees={"tabular_encoder": "image_encoder"})
+    with pytest.raises(ValueError, match=r"init_from=.*(is missing|unexpected parameters)"):
+        checkpoint.restore_params(src, fresh)  # everything: the models differ
+    with pytest.raises(ValueError, match="is not 'name' or 'target=source'"):
+        checkpoint.parse_subtrees("xray_encoder=")
+
+    # The config route (one step of a tabular-only model); init_params without init_from is refused.
+    b.init_from, b.init_params, b.modalities = src, "tabular_encoder", "tabular"
+    b.train.update(num_steps=2, stop_at_step=1, log_every=1)
+    capsys.readouterr()
+    assert train_and_evaluate(b, str(tmp_path / "b")) == {"stopped_at_step": 1}
+    n = sum(x.size for x in jax.tree.leaves(source["tabular_encoder"]))
+    assert f"Initialized tabular_encoder ({n:,} of " in capsys.readouterr().out
+    b.init_from = ""
+    with pytest.raises(ValueError, match="init_params=.*init_from is empty"):
+        train_and_evaluate(b, str(tmp_path / "c"))
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_builder, tmp_path):

@@ -2,15 +2,25 @@
 
 Asynchronous saves every `every` steps; kept: the latest `keep` and the best one by the
 validation metric passed at save time (higher is better, or lower for errors such as
-`los.mae`). Resume order, in `train.py`: this
-run's workdir, then `init_from` (parameters only), then a fresh start.
+`los.mae`).
+
+Resume order, in `train.py`: this run's own workdir (everything; `init_from` is then not used),
+else `init_from` (parameters only, no optimizer state or data position), else a fresh start.
+`init_from` is another run's workdir or checkpoint folder; `init_params` names which top-level
+parameter subtrees to take from it (default: all, and the two models must then be the same):
+`--config.init_params=image_encoder` warm-starts one encoder pretrained on another dataset,
+`xray_encoder=image_encoder` loads the source's `image_encoder` into this model's `xray_encoder`.
+Everything not named keeps its fresh initialization; the source's other subtrees are not read.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mmjax.training.state import TrainState
@@ -43,28 +53,92 @@ def restore(manager, abstract_state: TrainState, step: int | None = None):
     return restored["state"], restored["data"]
 
 
-def restore_params(directory: str, abstract_params, step: int | None = None):
-    """Parameters of another run (`init_from`): its latest checkpoint, or `step`."""
+def parse_subtrees(spec: str) -> dict[str, str]:
+    """`config.init_params` as {this model's subtree: the source run's subtree}.
+
+    'image_encoder' -> {'image_encoder': 'image_encoder'}; 'xray_encoder=image_encoder' loads the
+    source's `image_encoder` into this model's `xray_encoder`; entries are separated by ',' (or '+').
+    Empty: {} (every parameter)."""
+    subtrees = {}
+    for entry in spec.replace("+", ",").split(","):
+        if not entry.strip():
+            continue
+        target, sep, source = (s.strip() for s in entry.partition("="))
+        source = source if sep else target
+        if not target or not source:
+            raise ValueError(f"init_params={spec!r}: entry {entry!r} is not 'name' or 'target=source'")
+        if target in subtrees:
+            raise ValueError(f"init_params={spec!r}: {target!r} is named twice")
+        subtrees[target] = source
+    return subtrees
+
+
+def checkpoint_directory(directory: str) -> str:
+    """The checkpoints folder of a workdir, or `directory` itself when it is one."""
     directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
-        directory = os.path.join(directory, "checkpoints")  # a workdir was given
-    with ocp.CheckpointManager(directory, item_names=("state", "data"),
+    nested = os.path.join(directory, "checkpoints")
+    return nested if os.path.isdir(nested) else directory
+
+
+def restore_params(directory: str, params, step: int | None = None, subtrees: Mapping[str, str] | None = None):
+    """(params, step): `params` with subtrees replaced by another run's (`init_from`), from its latest
+    checkpoint or `step`.
+
+    `subtrees` maps top-level names of `params` to top-level names in the checkpoint ({} or None:
+    all of them, and then the two trees must have the same names). Only the named subtrees are read
+    (Orbax partial restore); the rest of `params` is returned as given, and the source's other
+    subtrees, optimizer state and data position are ignored, so the source may be another model on
+    another dataset. Within a loaded subtree, names and shapes must match; values take the dtypes of
+    `params` (arrays, or `jax.ShapeDtypeStruct`s when everything is loaded)."""
+    directory = checkpoint_directory(directory)
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"init_from={directory}: no checkpoint found")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    params = restored["state"]["params"]
-    want = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    for path, leaf in want:
-        name = jax.tree_util.keystr(path)
-        if path not in got:
-            raise ValueError(f"init_from={directory} step {step}: parameter {name} is missing")
-        if tuple(got[path].shape) != tuple(leaf.shape):
-            raise ValueError(f"init_from={directory} step {step}: parameter {name} has shape "
-                             f"{tuple(got[path].shape)}, this model needs {tuple(leaf.shape)}")
-    if len(got) != len(want):
-        extra = sorted(set(map(jax.tree_util.keystr, got)) - set(jax.tree_util.keystr(p) for p, _ in want))
-        raise ValueError(f"init_from={directory} step {step}: unexpected parameters {extra[:5]}")
-    return jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype), abstract_params, params), step
+        where = f"init_from={directory} step {step}"
+        saved = manager.item_metadata(step)["state"]  # names, shapes and dtypes; no array is read
+        saved = getattr(saved, "tree", saved)["params"]
+        pairs = dict(subtrees) if subtrees else {name: name for name in params}
+        _check_subtrees(where, params, saved, pairs, everything=not subtrees)
+        wanted = {"params": {source: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[source])
+                             for source in set(pairs.values())}}
+        # numpy: independent of the devices the source was saved from; partial_restore: orbax >= 0.11.16
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            wanted, restore_args=as_numpy, partial_restore=True)))
+    loaded = restored["state"]["params"]
+    out = dict(params)
+    for target, source in pairs.items():
+        out[target] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params[target], loaded[source])
+    return out, step
+
+
+def _check_subtrees(where: str, params, saved, pairs: dict, everything: bool) -> None:
+    """Raises, naming the subtree or parameter, unless each target in `pairs` and its source match."""
+    unknown = sorted(t for t in pairs if t not in params)
+    if unknown:
+        raise ValueError(f"init_params: this model has no subtree {unknown}; it has {sorted(params)}")
+    missing = sorted(s for s in pairs.values() if s not in saved)
+    if missing and not everything:
+        raise ValueError(f"{where} has no subtree {missing}; it has {sorted(saved)}")
+    for target, source in pairs.items():
+        renamed = "" if source == target else f" (from {source!r})"
+        want = jax.tree_util.tree_flatten_with_path(params[target])[0]
+        got = dict(jax.tree_util.tree_flatten_with_path(saved.get(source, {}))[0])
+        for path, leaf in want:
+            name = f"[{target!r}]" + jax.tree_util.keystr(path)
+            if path not in got:
+                raise ValueError(f"{where}: parameter {name}{renamed} is missing")
+            if tuple(got[path].shape) != tuple(leaf.shape):
+                raise ValueError(f"{where}: parameter {name}{renamed} has shape {tuple(got[path].shape)}, "
+                                 f"this model needs {tuple(leaf.shape)}")
+        extra = sorted(set(map(jax.tree_util.keystr, got)) - {jax.tree_util.keystr(p) for p, _ in want})
+        if extra:
+            raise ValueError(f"{where}: subtree {source!r} has parameters that this model's {target!r} "
+                             f"lacks: {extra[:5]}")
+    extra = sorted(set(saved) - set(params)) if everything else []
+    if extra:
+        raise ValueError(f"{where}: unexpected parameters {extra[:5]}; init_params names the subtrees to "
+                         "load when the models differ")

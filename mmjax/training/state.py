@@ -14,10 +14,14 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # the run's base key; each step folds its step number in
+    # What the task weighting carries between steps (`losses.init_loss_state`): DWA's window sums and
+    # means; {} for the other weightings.
+    loss_state: Any = struct.field(default_factory=dict)
 
 
-def create_state(model, tx, template_batch, rng) -> TrainState:
+def create_state(model, tx, template_batch, rng, loss_state: dict | None = None) -> TrainState:
     """Fresh parameters (initialized on `template_batch`'s shapes), optimizer state, step 0."""
     k_params, k_dropout, k_run = jax.random.split(rng, 3)
     params = model.init({"params": k_params, "dropout": k_dropout}, template_batch, train=False)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run,
+                      loss_state=loss_state or {})

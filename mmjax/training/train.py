@@ -66,21 +66,43 @@ def loss_weights(config, spec, tasks) -> dict:
     return {t.name: weights.get(t.name, 1.0) for t in tasks}
 
 
-def class_weight_arrays(config, tasks) -> dict:
-    """{task: per-class weights} from `loss.class_weights` ('task=balanced' or 'task=1:2:0.5')."""
+def class_weight_arrays(config, tasks, num_train: int | None = None) -> dict:
+    """{task: class weights (multiclass) or positive weights (multilabel, binary)} from `loss.class_weights`
+    ('task=balanced' or 'task=1:2:0.5'); `num_train`: the training split's size ('balanced' positives)."""
     setting = parse_mapping(config.loss.get("class_weights", ""), "loss.class_weights")
     known = {t.name: t for t in tasks}
     unknown = sorted(set(setting) - set(known))
     if unknown:
         raise ValueError(f"loss.class_weights names task(s) {unknown} not trained; tasks are {sorted(known)}")
-    return {name: losses.class_weights(known[name], v) for name, v in setting.items()}
+    return {name: losses.class_weights(known[name], v, num_train) for name, v in setting.items()}
+
+
+def task_weighting(config) -> losses.TaskWeighting:
+    """`loss.task_weighting`; the older `loss.uncertainty_weighting=True` means 'uncertainty'."""
+    c = config.loss
+    kind = c.get("task_weighting", "fixed")
+    if c.get("uncertainty_weighting", False):
+        if kind not in ("fixed", "uncertainty"):
+            raise ValueError(f"loss.uncertainty_weighting=True conflicts with loss.task_weighting={kind!r}")
+        kind = "uncertainty"
+    return losses.TaskWeighting(kind, int(c.get("dwa_window", 50)), float(c.get("dwa_temperature", 2.0)))
+
+
+def loss_settings(config) -> dict:
+    """The train step's loss keywords besides the task and class weights."""
+    c = config.loss
+    gamma, alpha = float(c.get("focal_gamma", 0.0)), float(c.get("focal_alpha", -1.0))
+    if gamma < 0 or not (alpha == -1.0 or 0.0 <= alpha <= 1.0):
+        raise ValueError(f"loss.focal_gamma={gamma} must be >= 0 and loss.focal_alpha={alpha} in [0, 1] or -1 (off)")
+    return dict(modality_heads_weight=float(c.modality_heads_weight), task_weighting=task_weighting(config),
+                focal_gamma=gamma, focal_alpha=None if alpha == -1.0 else alpha)
 
 
 def build_model(config, spec, tasks) -> MultimodalModel:
     """The experiment's model for the dataset's selected modalities (`config.modalities`, default all)."""
     return _build_model(config.model, spec.select_modalities(parse_list(config.modalities)), tasks,
                         modality_heads=config.loss.modality_heads_weight > 0,
-                        uncertainty_weighting=config.loss.uncertainty_weighting)
+                        uncertainty_weighting=task_weighting(config).kind == "uncertainty")
 
 
 def metric_value(results: dict, name: str) -> float:
@@ -140,7 +162,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tasks = spec.select_tasks(parse_list(config.tasks))
     modalities = tuple(m.name for m in spec.select_modalities(parse_list(config.modalities)))
     weights = loss_weights(config, spec, tasks)
-    class_weights = class_weight_arrays(config, tasks)
+    class_weights = class_weight_arrays(config, tasks, spec.split_sizes.get("train"))
+    loss_kw = dict(loss_settings(config), class_weights=class_weights)
     if is_main:
         spec.save(os.path.join(workdir, "dataset_spec.json"))  # what evaluation and prediction need
         report_truncation(spec, modalities, data.text_max_length)
@@ -172,7 +195,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- State and shardings ---------------------------------------------------------------------
     mesh = parallel.make_mesh()
     repl, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.jit(lambda rng: create_state(model, tx, template, rng), out_shardings=repl)(
+    loss_state = losses.init_loss_state(loss_kw["task_weighting"], tasks)
+    state = jax.jit(lambda rng: create_state(model, tx, template, rng, loss_state), out_shardings=repl)(
         jax.random.PRNGKey(config.seed))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
@@ -187,15 +211,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("resumed from %s at step %d", workdir, int(state.step))
         print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
     elif config.init_from:
-        params, from_step = checkpoint.restore_params(config.init_from, state.params)
+        subtrees = checkpoint.parse_subtrees(config.init_params)  # {}: every parameter
+        params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
         state = state.replace(params=jax.device_put(params, repl))
-        print(f"Initialized parameters from {config.init_from} (step {from_step})", flush=True)
+        loaded = sum(x.size for name in (subtrees or params) for x in jax.tree.leaves(params[name]))
+        what = ", ".join(t if s == t else f"{t} (from {s})" for t, s in subtrees.items()) or "all parameters"
+        print(f"Initialized {what} ({loaded:,} of {n_params:,} parameters) from {config.init_from} "
+              f"(step {from_step}){'; the rest from scratch' if subtrees else ''}", flush=True)
+    elif config.init_params:
+        raise ValueError(f"init_params={config.init_params!r} names subtrees to load, but init_from is empty")
 
     # ---- Steps -------------------------------------------------------------------------------------
-    mh_weight = float(config.loss.modality_heads_weight)
     if config.parallel == "mesh":
-        train_step = jax.jit(make_train_step(model, tx, tasks, weights, modality_heads_weight=mh_weight,
-                                             class_weights=class_weights),
+        train_step = jax.jit(make_train_step(model, tx, tasks, weights, **loss_kw),
                              in_shardings=(repl, data_sharding),
                              out_shardings=(repl, repl), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(model, tasks, windowed), in_shardings=(repl, data_sharding))
@@ -203,8 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         host_state = lambda s: s
     else:
         train_step = jax.pmap(make_train_step(model, tx, tasks, weights, axis_name=parallel.DATA_AXIS,
-                                              num_shards=n_dev, modality_heads_weight=mh_weight,
-                                              class_weights=class_weights),
+                                              num_shards=n_dev, **loss_kw),
                               axis_name=parallel.DATA_AXIS, donate_argnums=0)
         eval_step = jax.pmap(make_eval_step(model, tasks, windowed), axis_name=parallel.DATA_AXIS)
         put = parallel.split_for_pmap
