@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,8 +58,9 @@ try:  # optional: without it only the JAX variants run (e.g. on a GPU machine wi
 except ImportError:
     torch = torch_model = None
 
-_CONFIG, _STEPS = step_benchmark._CONFIG, step_benchmark._STEPS  # --config, --steps (per round and variant)
-flags.FLAGS.set_default("steps", 10)
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(step_benchmark._DEFAULT), "Experiment config.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round and variant.")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Rounds; each times every variant once.")
 _CHECK = flags.DEFINE_bool("check", True, "Assert equal outputs, losses and gradients first.")
 _VARIANTS_FLAG = flags.DEFINE_list("variants", [], "Time only these variants (default: all).")

@@ -19,16 +19,15 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax import losses
 from mmjax.data import pipeline
 from mmjax.training import parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import TrainState, create_state
 from mmjax.training.step import make_train_step
-from mmjax.training.train import build_model, class_weight_arrays, loss_weights, parse_list
+from mmjax.training.train import build_model, class_weight_arrays, loss_settings, loss_weights, parse_list
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
 
 
 @dataclasses.dataclass
@@ -63,10 +62,12 @@ def setup(config) -> StepSetup:
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     host_batch = next(it)
     batch = parallel.global_batch(host_batch, shard)
-    state = jax.jit(lambda rng: create_state(model, tx, batch, rng), out_shardings=repl)(jax.random.PRNGKey(0))
-    train_step = make_train_step(model, tx, tasks, loss_weights(config, spec, tasks),
-                                 modality_heads_weight=config.loss.modality_heads_weight,
-                                 class_weights=class_weight_arrays(config, tasks))
+    loss_kw = dict(loss_settings(config),
+                   class_weights=class_weight_arrays(config, tasks, spec.split_sizes.get("train")))
+    loss_state = losses.init_loss_state(loss_kw["task_weighting"], tasks)
+    state = jax.jit(lambda rng: create_state(model, tx, batch, rng, loss_state), out_shardings=repl)(
+        jax.random.PRNGKey(0))
+    train_step = make_train_step(model, tx, tasks, loss_weights(config, spec, tasks), **loss_kw)
     step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
     return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
 
@@ -101,10 +102,13 @@ def benchmark(config, steps: int) -> dict:
     }
 
 
-def main(argv):
-    del argv
-    print(json.dumps(benchmark(_CONFIG.value, _STEPS.value)))
+def main():
+    # Flags defined here, not at import, so that other entry points (the sweep) can import this module.
+    config = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.",
+                                             lock_config=True)
+    steps = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
+    app.run(lambda argv: print(json.dumps(benchmark(config.value, steps.value))))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

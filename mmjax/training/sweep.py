@@ -1,0 +1,139 @@
+r"""A sweep: every fusion x seeds of one experiment, ranked in one table.
+
+    python -m mmjax.training.sweep --config=experiments/fusion_sweep.py --workdir=workdirs/sweep
+    python -m mmjax.training.sweep --config=experiments/fusion_sweep.py:dataset=iu_xray --workdir=workdirs/sweep_iu \
+        --config.model.width=128 --config.model.fusion.depth=3
+
+The config is an ordinary experiment config plus a `sweep` block: `fusions` (comma-separated;
+empty: every registered fusion), `seeds` ('0,1,2'), `metric` (the test metric ranked, a path such
+as `macro_auroc` or `answer.accuracy`), `benchmark_steps` (timed train steps per fusion). Each
+(fusion, seed) trains in `WORKDIR/<fusion>/seed<s>` with `train_and_evaluate`, so an interrupted
+sweep resumes: a finished run (its `results.json`) is read back, an unfinished one resumes from its
+checkpoint. Per fusion it also measures, on the first seed's config: parameters, forward GFLOPs per
+example (XLA's cost analysis of the evaluation forward pass), the train step in ms (compiled step on
+one batch, the median of `benchmark_steps`) and its compile time in s.
+
+Writes `WORKDIR/sweep.csv` (one row per fusion, per-seed values too), `WORKDIR/sweep.md` (the
+Markdown table, best first) and prints the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import statistics
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax.models import FUSIONS
+from mmjax.training import benchmark as step_benchmark
+from mmjax.training.train import metric_value, parse_list, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/fusion_sweep.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/sweep", "Where each run and the tables go.")
+
+
+def forward_gflops(setup) -> float:
+    """GFLOPs per example of the evaluation forward pass, from XLA's cost analysis."""
+    params, batch, model = setup.state.params, setup.batch, setup.model
+    lowered = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False)[0]).lower(params, batch)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan"))) / len(batch["example_mask"]) / 1e9
+
+
+def measure_costs(config, steps: int) -> dict:
+    """Parameters, GFLOPs per example, train step ms and compile s of one config."""
+    bench = step_benchmark.benchmark(config, steps)
+    setup = step_benchmark.setup(config)
+    return {"parameters": bench["parameters"], "gflops_per_example": forward_gflops(setup),
+            "train_step_ms": bench["step_ms"], "compile_s": bench["compile_s"]}
+
+
+def run_one(config, workdir: str) -> dict:
+    """The run's results: read back when it finished before, else trained (or resumed) now."""
+    done = os.path.join(workdir, "results.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    return train_and_evaluate(config, workdir)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Best mean first; rows with no finite metric last."""
+    return sorted(rows, key=lambda r: -r["mean"] if r["mean"] == r["mean"] else float("inf"))
+
+
+def markdown(rows: list[dict], metric: str) -> str:
+    head = (f"| fusion | test {metric} (mean ± std) | per seed | parameters | GFLOPs / example | "
+            "train step ms | compile s | train wall s / run |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['fusion']} | {r['mean']:.3f} ± {r['std']:.3f} | "
+                     f"{' '.join(f'{v:.3f}' for v in r['values'])} | {r['parameters']:,} | "
+                     f"{r['gflops_per_example']:.4f} | {r['train_step_ms']:.1f} | {r['compile_s']:.1f} | "
+                     f"{r['train_wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep(config, workdir: str) -> list[dict]:
+    s = config.sweep
+    fusions = parse_list(s.fusions, FUSIONS.names(), "fusion") or tuple(FUSIONS.names())
+    seeds = [int(v) for v in parse_list(s.seeds)]
+    if not seeds:
+        raise ValueError("sweep.seeds is empty")
+    os.makedirs(workdir, exist_ok=True)
+    rows, start = [], time.perf_counter()
+    for fusion in fusions:
+        values, walls = [], []
+        for seed in seeds:
+            c = copy.deepcopy(config)
+            with c.unlocked():
+                c.model.fusion.name = fusion
+                c.seed = seed
+            print(f"==== sweep: {fusion}, seed {seed} ({time.perf_counter() - start:.0f} s so far)", flush=True)
+            results = run_one(c, os.path.join(workdir, fusion, f"seed{seed}"))
+            values.append(metric_value(results["test"], s.metric))
+            walls.append(results["run"]["wall_seconds"])
+        c = copy.deepcopy(config)
+        with c.unlocked():
+            c.model.fusion.name = fusion
+        costs = measure_costs(c, int(s.benchmark_steps))
+        rows.append({"fusion": fusion, "mean": statistics.fmean(values),
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values,
+                     "train_wall_s": statistics.fmean(walls), **costs})
+        write_tables(summarize(rows), workdir, s.metric)  # after every fusion: a partial table survives
+    rows = summarize(rows)
+    print(markdown(rows, s.metric), flush=True)
+    print(f"sweep took {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def write_tables(rows: list[dict], workdir: str, metric: str) -> None:
+    with open(os.path.join(workdir, "sweep.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fusion", f"{metric}_mean", f"{metric}_std", "per_seed", "parameters", "gflops_per_example",
+                    "train_step_ms", "compile_s", "train_wall_s"])
+        for r in rows:
+            w.writerow([r["fusion"], f"{r['mean']:.4f}", f"{r['std']:.4f}", " ".join(f"{v:.4f}" for v in r["values"]),
+                        r["parameters"], f"{r['gflops_per_example']:.5f}", r["train_step_ms"], r["compile_s"],
+                        f"{r['train_wall_s']:.1f}"])
+    with open(os.path.join(workdir, "sweep.md"), "w") as f:
+        f.write(markdown(rows, metric))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sweep(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
