@@ -12,6 +12,10 @@
   that has no key to attend to, so masked content can never leak through a uniform softmax.
 - `Conv1D` is a 'SAME' 1-D convolution as flat GEMMs over blocked input (XLA:CPU's
   convolution is ~2.5x slower, forward plus backward, on the signal tokenizer).
+- `GroupNorm` takes a mask of valid positions (padded time steps stay out of the statistics) and
+  stays finite when a sample has none (an absent modality), where `nn.GroupNorm`'s masked mean
+  is 0/0. Two-pass statistics in float32, summed over positions before groups: as fast as
+  `nn.GroupNorm` forward plus backward, 2-5x faster than reducing a [B, N, groups, C/groups] view.
 """
 
 from __future__ import annotations
@@ -203,6 +207,43 @@ class Conv1D(nn.Module):
             z = z.reshape(b, out - 1 + r, r, f)
             y = sum(z[:, j:j + out, j] for j in range(r)).astype(self.dtype)
         return y.reshape(b, out, f) + bias.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He, 2018) of x [B, ..., C] over all axes but the batch, per group
+    of channels, with the parameters of `flax.linen.GroupNorm` (`scale`, `bias`).
+
+    `mask` bool [B, ...] (x's shape less the channels) keeps the positions where it is False out
+    of the mean and variance (they are still normalized); a sample with no True position gets
+    mean 0 and variance 0 instead of NaN. `num_groups` is capped at the channel count.
+    """
+
+    num_groups: int = 32
+    eps: float = 1e-5
+    scale_init: Callable = nn.initializers.ones
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        b, c = x.shape[0], x.shape[-1]
+        g = min(self.num_groups, c)
+        if c % g:
+            raise ValueError(f"{c} channels do not divide into {g} groups")
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        xf = x.astype(jnp.float32).reshape(b, -1, c)  # [B, N, C]: sums over N first, then within groups
+        m = None if mask is None else mask.reshape(b, -1, 1).astype(jnp.float32)
+        count = xf.shape[1] if m is None else jnp.maximum(jnp.sum(m, axis=1), 1.0)  # [B, 1]
+        count = count * (c // g)
+
+        def group_mean(v):  # [B, N, C] -> [B, 1, C]: the mean over N and the channel's group
+            v = jnp.sum(v if m is None else v * m, axis=1).reshape(b, g, c // g)
+            return jnp.repeat(jnp.sum(v, axis=-1) / count, c // g, axis=-1)[:, None]
+
+        mean = group_mean(xf)
+        centered = xf - mean
+        a = jax.lax.rsqrt(group_mean(centered * centered) + self.eps) * scale  # [B, 1, C]
+        return (centered * a + bias).reshape(x.shape).astype(x.dtype)
 
 
 class TransformerBlock(nn.Module):

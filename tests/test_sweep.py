@@ -1,0 +1,69 @@
+"""The fusion sweep's bookkeeping: finished runs are read back (resume), statistics and tables, and
+the GFLOPs figure against a hand count. (Training itself is tested in test_training.py.)"""
+
+import csv
+import json
+import statistics
+import types
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax.training import sweep
+
+
+def _config(fusions="concat,late", seeds="0,1,2"):
+    c = ml_collections.ConfigDict(dict(seed=0, model=dict(fusion=dict(name="cross_attention")),
+                                       sweep=dict(fusions=fusions, seeds=seeds, metric="dx.accuracy",
+                                                  benchmark_steps=1)))
+    return c
+
+
+def test_sweep_reads_finished_runs_and_ranks_fusions(tmp_path, monkeypatch):
+    values = {"concat": [0.70, 0.74, 0.72], "late": [0.80, 0.78, 0.82]}
+    for fusion, vs in values.items():
+        for seed, v in enumerate(vs):
+            run = tmp_path / fusion / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "results.json").write_text(json.dumps({"test": {"dx": {"accuracy": v}},
+                                                          "run": {"wall_seconds": 10.0 + seed}}))
+    trained = []
+    monkeypatch.setattr(sweep, "train_and_evaluate", lambda c, w: trained.append(w))
+    monkeypatch.setattr(sweep, "measure_costs", lambda c, steps: {
+        "parameters": 1000 if c.model.fusion.name == "concat" else 900, "gflops_per_example": 0.5,
+        "train_step_ms": 12.0, "compile_s": 3.0})
+    rows = sweep.sweep(_config(), str(tmp_path))
+    assert trained == []  # every run had finished: nothing retrained
+    assert [r["fusion"] for r in rows] == ["late", "concat"]  # best mean first
+    for r in rows:
+        assert r["mean"] == statistics.fmean(values[r["fusion"]])
+        assert r["std"] == statistics.stdev(values[r["fusion"]])
+        assert r["train_wall_s"] == 11.0
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["fusion"] for t in table] == ["late", "concat"]
+    assert table[0]["dx.accuracy_mean"] == "0.8000" and table[1]["parameters"] == "1000"
+    md = (tmp_path / "sweep.md").read_text().splitlines()
+    assert md[2].startswith("| late | 0.800 ± 0.020 | 0.800 0.780 0.820 | 900 |")
+
+
+def test_sweep_rejects_an_unknown_fusion(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        sweep.sweep(_config(fusions="concat,nope"), str(tmp_path))
+
+
+class _Linear(nn.Module):
+    @nn.compact
+    def __call__(self, batch, train=False):
+        return {"y": nn.Dense(8, use_bias=False)(batch["x"])}, {}
+
+
+def test_forward_gflops_counts_a_matmul():
+    model = _Linear()
+    batch = {"x": np.ones((4, 16), np.float32), "example_mask": np.ones(4, bool)}
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    setup = types.SimpleNamespace(model=model, batch=batch, state=types.SimpleNamespace(params=params))
+    assert abs(sweep.forward_gflops(setup) - 2 * 16 * 8 / 1e9) < 0.1 * 2 * 16 * 8 / 1e9
