@@ -30,13 +30,14 @@ from mmjax.models.model import MultimodalModel
 
 _SHARED = ("num_heads", "mlp_ratio", "dropout")  # model-wide settings every encoder and fusion takes
 _FROM_MODEL = ("width", "dtype", "parent", "name") + _SHARED  # set by the model, not per fusion or encoder
+_FROM_DATA = ("vocab_size", "category_sizes")  # set from the ModalitySpec
 
 
 def declared_settings(cls) -> dict:
     """{field: default} a fusion or encoder class declares, less what the model sets."""
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name in _FROM_MODEL or not f.init:
+        if f.name in _FROM_MODEL + _FROM_DATA or not f.init:
             continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
