@@ -240,16 +240,27 @@ def pcgrad_coefficients(gram, orders):
     return jnp.sum(jnp.stack(rows), axis=0)
 
 
-def pcgrad(task_grads, rng):
+def pcgrad(task_grads, rng, shared=None):
     """Sum of the PCGrad-projected task gradients. `task_grads`: a pytree whose leaves are `[K, ...]` (task
     k's full gradient at index k; under pmap, already summed over devices); `rng`: draws each task's
-    order. Returns (the combined gradient, the number of task pairs whose gradients conflict)."""
-    leaves = jax.tree.leaves(task_grads)
+    order; `shared`: a pytree of bools like `task_grads` (default all True). Yu et al. project the
+    gradients of the shared parameters: only shared leaves enter the Gram matrix and are projected;
+    a task-specific leaf (its head) gets the plain sum. Returns (the combined gradient, the number of
+    task pairs whose shared gradients conflict)."""
+    leaves, treedef = jax.tree.flatten(task_grads)
+    mask = [True] * len(leaves) if shared is None else jax.tree.leaves(shared)
     k = leaves[0].shape[0]
-    flat = [x.reshape(k, -1).astype(jnp.float32) for x in leaves]
-    gram = sum(f @ f.T for f in flat)  # [K, K]
+    flat = [x.reshape(k, -1).astype(jnp.float32) for x, s in zip(leaves, mask) if s]
+    gram = sum(f @ f.T for f in flat) if flat else jnp.zeros((k, k), jnp.float32)  # [K, K]
     orders = jax.vmap(lambda key: jax.random.permutation(key, k))(jax.random.split(rng, k))
     coef = pcgrad_coefficients(gram, orders)
-    combined = jax.tree.map(lambda g: jnp.tensordot(coef, g.astype(jnp.float32), axes=1).astype(g.dtype), task_grads)
+    combined = [(jnp.tensordot(coef, g.astype(jnp.float32), axes=1) if s else jnp.sum(g.astype(jnp.float32), 0))
+                .astype(g.dtype) for g, s in zip(leaves, mask)]
     conflicts = jnp.sum(jnp.triu(gram < 0, 1))
-    return combined, conflicts
+    return jax.tree.unflatten(treedef, combined), conflicts
+
+
+def shared_parameters(params, names=("heads", "modality_heads", "task_log_vars")):
+    """A pytree of bools like `params`: False for a leaf under one of `names` (a task's own head)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) in names for k in path), params)

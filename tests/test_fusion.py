@@ -86,6 +86,10 @@ def test_fusion_contract(fusion, num_modalities):
         w = np.asarray(aux["fused_weights"])
         assert np.all(w[~present] == 0)
         np.testing.assert_allclose(w.sum(1)[present.any(1)], 1.0, rtol=1e-6)
+    if "gates" in aux:  # gated: exactly 0 for an absent modality, sum 1 over present ones (per feature)
+        g = np.asarray(aux["gates"])
+        assert np.all(g[~present] == 0)
+        np.testing.assert_allclose(g.sum(1)[present.any(1)], 1.0, rtol=1e-6)
     assert np.all(np.isfinite(np.asarray(fused)))
     jax.tree.map(np.testing.assert_array_equal, out, out_noisy)  # absent and masked content: no bit changes
     np.testing.assert_allclose(np.asarray(out_mixed)[[0, -1]], np.asarray(fused)[[0, -1]], rtol=1e-5, atol=1e-6)
@@ -141,8 +145,8 @@ def test_low_rank_fusion_equals_its_full_tensor_in_float64():
 
 
 def test_bottleneck_modalities_exchange_only_through_bottleneck_tokens():
-    """Before the fusion layer a modality's tokens depend on nothing else; with num_bottlenecks
-    tokens each modality's layer input grows by exactly that many tokens."""
+    """Before the fusion layer a modality's tokens depend on nothing else; from it on, the others
+    reach it through the bottleneck tokens."""
     tokens, masks = make_inputs(2)
     module = FUSIONS.get("bottleneck")(width=WIDTH, num_heads=2, depth=2, fusion_layer=2, num_bottlenecks=3)
     params = module.init(jax.random.PRNGKey(0), tokens, masks)
@@ -157,3 +161,20 @@ def test_bottleneck_modalities_exchange_only_through_bottleneck_tokens():
     e0 = np.asarray(mixing.apply(params, tokens, masks)[2]["embeddings"]["m0"])
     e1 = np.asarray(mixing.apply(params, changed, masks)[2]["embeddings"]["m0"])
     assert both.any() and not np.allclose(e0[both], e1[both])
+
+
+def test_bottleneck_update_of_an_absent_modality_is_left_out():
+    """An absent modality's layer still updates the bottleneck tokens (from the bottleneck alone);
+    that update must not enter the average: changing only that modality's layer weights changes no
+    output of a patient who lacks it."""
+    tokens, masks = make_inputs(3)
+    module = FUSIONS.get("bottleneck")(width=WIDTH, num_heads=2, depth=2, fusion_layer=0, num_bottlenecks=3)
+    params = module.init(jax.random.PRNGKey(0), tokens, masks)
+    rng = np.random.default_rng(4)
+    other = jax.tree_util.tree_map_with_path(
+        lambda path, p: p.at[1].set(rng.normal(size=p.shape[1:])) if "layer" in jax.tree_util.keystr(path) else p,
+        params)
+    a, b = module.apply(params, tokens, masks)[0], module.apply(other, tokens, masks)[0]
+    lacks = ~masks["m1"].any(1)
+    np.testing.assert_array_equal(np.asarray(a)[lacks], np.asarray(b)[lacks])
+    assert not np.allclose(np.asarray(a)[~lacks], np.asarray(b)[~lacks])

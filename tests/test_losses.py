@@ -360,6 +360,15 @@ def test_pcgrad_two_tasks_hand_projected():
     got, conflicts = losses.pcgrad(tree, jnp.array([0, 1], jnp.uint32))
     np.testing.assert_allclose([float(got["a"][0]), float(got["b"][0])], [2.0, 1.0], rtol=1e-6)
     assert int(conflicts) == 0
+    # A task's own head is not shared: it stays out of the projection (and of the conflict test) and
+    # gets the plain sum; the shared leaves are projected as if the head were not there.
+    tree = {"shared": jnp.array([[1.0, 1.0], [-1.0, 0.0]]), "heads": {"t0_kernel": jnp.array([[5.0], [0.0]])}}
+    shared = losses.shared_parameters(tree)
+    assert shared == {"shared": True, "heads": {"t0_kernel": False}}
+    got, conflicts = losses.pcgrad(tree, jnp.array([0, 0], jnp.uint32), shared)
+    np.testing.assert_allclose(got["shared"], g1_pc + g2_pc, rtol=1e-6)
+    np.testing.assert_allclose(got["heads"]["t0_kernel"], [5.0])
+    assert int(conflicts) == 1
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -185,7 +185,7 @@ def test_modality_dropout_is_applied_only_in_training():
 
 
 def test_registry_fails_loudly():
-    with pytest.raises(KeyError, match="unknown fusion 'attention'; registered: \\['concat'"):
+    with pytest.raises(KeyError, match="unknown fusion 'attention'; registered: \\['bottleneck', 'concat'"):
         FUSIONS.get("attention")
     reg = Registry("thing")
     reg.register("a")(int)
@@ -507,3 +507,24 @@ def test_build_model_rejects_unknown_names():
     labels["labels"]["view"] = labels["labels"]["view"].astype(np.float32)
     with pytest.raises(ValueError, match="labels/view"):
         validate_batch(labels, ALL_KINDS, SPECS)
+
+
+def test_settings_of_other_fusions_and_encoders_come_from_the_registry():
+    from mmjax.models.build import encoder_config, fusion_config
+
+    fusion = fusion_config("concat", depth=1)
+    assert fusion["name"] == "concat" and fusion["num_bottlenecks"] == 4 and fusion["rank"] == 4
+    assert "width" not in fusion and "num_heads" not in fusion  # model-wide, not per fusion
+    image = encoder_config("image")
+    assert image["encoder"] == "image" and image["patch_size"] == 8 and image["stages"] == "18"
+    assert "vocab_size" not in encoder_config("text")  # set from the data
+    with pytest.raises(ValueError, match="unknown fusion settings"):
+        fusion_config("concat", bottlenecks=3)
+    cfg = dict(model_config(), fusion=dict(fusion_config("bottleneck", depth=1), num_bottlenecks=2))
+    assert build_model(cfg, SPECS, ALL_KINDS).fusion_kwargs["num_bottlenecks"] == 2
+    cfg["fusion"]["name"] = "concat"  # set but meaningless for concat: a warning, not silence
+    with pytest.warns(UserWarning, match=r"ConcatFusion has no settings \['num_bottlenecks'\]"):
+        model = build_model(cfg, SPECS, ALL_KINDS)
+    assert "num_bottlenecks" not in model.fusion_kwargs
+    with pytest.raises(ValueError, match="encoder 'resnet' encodes image"):
+        build_model(model_config(text={"encoder": "resnet"}), SPECS, ALL_KINDS)

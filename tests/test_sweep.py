@@ -50,6 +50,25 @@ def test_sweep_reads_finished_runs_and_ranks_fusions(tmp_path, monkeypatch):
     assert md[2].startswith("| late | 0.800 ± 0.020 | 0.800 0.780 0.820 | 900 |")
 
 
+def test_error_metrics_rank_lowest_first():
+    rows = [{"fusion": "a", "mean": 0.5}, {"fusion": "b", "mean": 0.3}, {"fusion": "c", "mean": float("nan")}]
+    assert [r["fusion"] for r in sweep.summarize(rows, "los.mae")] == ["b", "a", "c"]
+    assert [r["fusion"] for r in sweep.summarize(rows, "macro_auroc")] == ["a", "b", "c"]
+
+
+def test_a_finished_run_of_another_config_is_an_error(tmp_path):
+    run = tmp_path / "concat" / "seed0"
+    run.mkdir(parents=True)
+    c = _config(fusions="concat", seeds="0")
+    stale = json.loads(c.to_json_best_effort())
+    stale["model"]["fusion"]["name"] = "concat"
+    stale["model"]["width"] = 999
+    (run / "config.json").write_text(json.dumps(stale))
+    (run / "results.json").write_text(json.dumps({"test": {"dx": {"accuracy": 1.0}}, "run": {"wall_seconds": 1}}))
+    with pytest.raises(ValueError, match="another config.*model.width"):
+        sweep.sweep(c, str(tmp_path))
+
+
 def test_sweep_rejects_an_unknown_fusion(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         sweep.sweep(_config(fusions="concat,nope"), str(tmp_path))

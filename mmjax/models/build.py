@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -77,8 +78,13 @@ def _override(settings: dict, overrides: dict, what: str) -> dict:
     return {**settings, **overrides}
 
 
-def _accepted(cls, kw: dict) -> dict:
+def _accepted(cls, kw: dict, defaults: dict, what: str) -> dict:
+    """The settings `cls` declares; a setting it does not declare but that differs from its default
+    (so somebody set it) is ignored with a warning, never silently."""
     names = {f.name for f in dataclasses.fields(cls)}
+    ignored = sorted(k for k, v in kw.items() if k not in names and k in defaults and v != defaults[k])
+    if ignored:
+        warnings.warn(f"{what}: {cls.__name__} has no settings {ignored}; they are ignored", stacklevel=3)
     return {k: v for k, v in kw.items() if k in names}
 
 
@@ -113,7 +119,7 @@ def encoder_settings(m, spec: ModalitySpec) -> dict:
         kw["vocab_size"] = spec.vocab_size
     if spec.kind == "tabular":
         kw["category_sizes"] = spec.category_sizes
-    return {**_accepted(cls, kw), "name": name}
+    return {**_accepted(cls, kw, encoder_config(spec.kind, name), f"modality {spec.name!r}"), "name": name}
 
 
 def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec], *, modality_heads: bool = False,
@@ -131,7 +137,7 @@ def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec]
     if name not in FUSIONS:
         raise ValueError(f"unknown fusion {name!r}; registered: {FUSIONS.names()}")
     fusion.update({k: m[k] for k in _SHARED})
-    fusion = _accepted(FUSIONS.get(name), fusion)
+    fusion = _accepted(FUSIONS.get(name), fusion, fusion_config(name), "model.fusion")
     return MultimodalModel(
         modalities=tuple(s.name for s in modalities), tasks=tuple(tasks),
         encoders={s.name: encoder_settings(m, s) for s in modalities}, fusion=name, fusion_kwargs=fusion,

@@ -72,8 +72,8 @@ def setup(config) -> StepSetup:
     return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
 
 
-def benchmark(config, steps: int) -> dict:
-    s = setup(config)
+def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
+    s = prepared or setup(config)
     state, batch, it, shard = s.state, s.batch, s.batches, s.shard
     t = time.perf_counter()
     compiled = s.step_fn.lower(state, batch).compile()

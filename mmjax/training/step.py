@@ -92,7 +92,8 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
             (task_grads,) = jax.vmap(task_vjp)(jnp.eye(len(tasks), dtype=terms.dtype))  # leaves [K, ...]
             terms, per_task, task_grads = reduce(terms), reduce(per_task), reduce(task_grads)
             # The projection order comes from the step's key, folded apart from dropout's use of it.
-            grads, extra["pcgrad_conflicts"] = losses.pcgrad(task_grads, jax.random.fold_in(rng, 0x5C))
+            grads, extra["pcgrad_conflicts"] = losses.pcgrad(task_grads, jax.random.fold_in(rng, 0x5C),
+                                                              losses.shared_parameters(state.params))
             loss = jnp.sum(terms)
         else:
             scale = None

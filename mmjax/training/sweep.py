@@ -9,9 +9,11 @@ empty: every registered fusion), `seeds` ('0,1,2'), `metric` (the test metric ra
 as `macro_auroc` or `answer.accuracy`), `benchmark_steps` (timed train steps per fusion). Each
 (fusion, seed) trains in `WORKDIR/<fusion>/seed<s>` with `train_and_evaluate`, so an interrupted
 sweep resumes: a finished run (its `results.json`) is read back, an unfinished one resumes from its
-checkpoint. Per fusion it also measures, on the first seed's config: parameters, forward GFLOPs per
+checkpoint; a run whose `config.json` differs from the sweep's config for it is an error (a stale
+result never enters the table). Per fusion it also measures, on the first seed's config: parameters, forward GFLOPs per
 example (XLA's cost analysis of the evaluation forward pass), the train step in ms (compiled step on
-one batch, the median of `benchmark_steps`) and its compile time in s.
+one batch, the mean of `benchmark_steps`) and its compile time in s, kept in
+`WORKDIR/<fusion>/costs.json`.
 
 Writes `WORKDIR/sweep.csv` (one row per fusion, per-seed values too), `WORKDIR/sweep.md` (the
 Markdown table, best first) and prints the table.
@@ -32,7 +34,7 @@ from ml_collections import config_flags
 
 from mmjax.models import FUSIONS
 from mmjax.training import benchmark as step_benchmark
-from mmjax.training.train import metric_value, parse_list, train_and_evaluate
+from mmjax.training.train import lower_is_better, metric_value, parse_list, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/fusion_sweep.py).",
                                           lock_config=True)
@@ -40,8 +42,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/sweep", "Where each run and 
 
 
 def forward_gflops(setup) -> float:
-    """GFLOPs per example of the evaluation forward pass, from XLA's cost analysis."""
-    params, batch, model = setup.state.params, setup.batch, setup.model
+    """GFLOPs per example of the evaluation forward pass, from XLA's cost analysis of an unsharded
+    (one-device) compilation: a sharded one reports one device's share."""
+    (params, batch), model = jax.device_get((setup.state.params, setup.batch)), setup.model
     lowered = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False)[0]).lower(params, batch)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -50,14 +53,36 @@ def forward_gflops(setup) -> float:
 
 def measure_costs(config, steps: int) -> dict:
     """Parameters, GFLOPs per example, train step ms and compile s of one config."""
-    bench = step_benchmark.benchmark(config, steps)
     setup = step_benchmark.setup(config)
-    return {"parameters": bench["parameters"], "gflops_per_example": forward_gflops(setup),
+    gflops = forward_gflops(setup)  # before the benchmark: its steps donate the state
+    bench = step_benchmark.benchmark(config, steps, setup)
+    return {"parameters": bench["parameters"], "gflops_per_example": gflops,
             "train_step_ms": bench["step_ms"], "compile_s": bench["compile_s"]}
+
+
+def _check_same_config(config, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    now = json.loads(config.to_json_best_effort())
+    differ = sorted(k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k))
+    if differ:
+        raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "
+                         f"use another sweep workdir or remove that run")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def run_one(config, workdir: str) -> dict:
     """The run's results: read back when it finished before, else trained (or resumed) now."""
+    _check_same_config(config, workdir)
     done = os.path.join(workdir, "results.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -65,9 +90,21 @@ def run_one(config, workdir: str) -> dict:
     return train_and_evaluate(config, workdir)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Best mean first; rows with no finite metric last."""
-    return sorted(rows, key=lambda r: -r["mean"] if r["mean"] == r["mean"] else float("inf"))
+def cached_costs(config, workdir: str, steps: int) -> dict:
+    path = os.path.join(workdir, "costs.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    costs = measure_costs(config, steps)
+    with open(path, "w") as f:
+        json.dump(costs, f)
+    return costs
+
+
+def summarize(rows: list[dict], metric: str) -> list[dict]:
+    """Best first (the highest mean, or the lowest for an error metric); rows with no finite metric last."""
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    return sorted(rows, key=lambda r: sign * r["mean"] if r["mean"] == r["mean"] else float("inf"))
 
 
 def markdown(rows: list[dict], metric: str) -> str:
@@ -104,12 +141,12 @@ def sweep(config, workdir: str) -> list[dict]:
         c = copy.deepcopy(config)
         with c.unlocked():
             c.model.fusion.name = fusion
-        costs = measure_costs(c, int(s.benchmark_steps))
+        costs = cached_costs(c, os.path.join(workdir, fusion), int(s.benchmark_steps))
         rows.append({"fusion": fusion, "mean": statistics.fmean(values),
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values,
                      "train_wall_s": statistics.fmean(walls), **costs})
-        write_tables(summarize(rows), workdir, s.metric)  # after every fusion: a partial table survives
-    rows = summarize(rows)
+        write_tables(summarize(rows, s.metric), workdir, s.metric)  # after every fusion: a partial table survives
+    rows = summarize(rows, s.metric)
     print(markdown(rows, s.metric), flush=True)
     print(f"sweep took {time.perf_counter() - start:.0f} s", flush=True)
     return rows

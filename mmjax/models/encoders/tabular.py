@@ -33,7 +33,7 @@ class TabularEncoder(EncoderBase):
             w = self.param("feature_weight", init, (f, self.width), jnp.float32)
             bias = self.param("feature_bias", init, (f, self.width), jnp.float32)
             missing = self.param("missing_embedding", init, (f, self.width), jnp.float32)
-            parts.append(jnp.where(observed[..., None], x[..., None] * w + bias, missing))
+            parts.append(jnp.where(observed[..., None], jnp.where(observed, x, 0)[..., None] * w + bias, missing))
         if self.category_sizes:
             cats = inputs["categories"]  # [B, G]
             if cats.shape[1] != len(self.category_sizes):

@@ -34,8 +34,10 @@ def mean_over_present(x, present):
 
 
 def softmax_over_present(logits, present):
-    """Softmax over the modality axis of logits [B, M] restricted to `present` [B, M]: an absent
-    modality's weight is exactly 0 (all zero when none is present)."""
+    """Softmax over the modality axis (1) of logits [B, M, ...] restricted to `present` [B, M]: an
+    absent modality's weight is exactly 0 (all zero when none is present)."""
+    present = present.reshape(present.shape + (1,) * (logits.ndim - 2))
+    present = jnp.broadcast_to(present, logits.shape)
     logits = jnp.where(present, logits.astype(jnp.float32), 0.0)
     top = jax.lax.stop_gradient(jnp.max(jnp.where(present, logits, -1e30), axis=1, keepdims=True))
     top = jnp.where(jnp.any(present, axis=1, keepdims=True), top, 0.0)

@@ -2,9 +2,10 @@
 fusion"), generalized from two to M modalities.
 
 Each modality's pooled embedding x_m gives a candidate h_m = tanh(W_m x_m); a gate network reads
-all modalities side by side, z = W_z [x_1; ...; x_M] ([B, M] gate logits); the fused vector is
-sum_m g_m h_m with g = softmax of z over the present modalities (Arevalo's sigmoid gate z, 1 - z
-for two modalities is this softmax). An absent modality's slot in the gate input is a learned
+all modalities side by side, z = W_z [x_1; ...; x_M] (gate logits [B, M, D], one per modality and
+feature); the fused vector is sum_m g_m * h_m (elementwise) with g the softmax of z over the
+present modalities, feature by feature. For two modalities this is Arevalo's z * h_1 + (1 - z) * h_2
+with z = sigmoid(z_1 - z_2) per feature. An absent modality's slot in the gate input is a learned
 placeholder and its gate is exactly 0, so its content never enters.
 """
 
@@ -26,7 +27,8 @@ class GatedFusion(FusionBase):
         candidates = jnp.stack([jnp.tanh(Dense(self.width, dtype=self.dtype, name=f"candidate_{m}")(pooled[:, i]))
                                 for i, m in enumerate(tokens)], axis=1)  # [B, M, D]
         gate_in = with_placeholder(self, pooled, present).reshape(pooled.shape[0], -1)
-        gates = softmax_over_present(Dense(len(tokens), dtype=self.dtype, name="gate")(gate_in), present)  # [B, M]
-        fused = jnp.einsum("bm,bmd->bd", gates.astype(self.dtype), jnp.where(present[..., None], candidates, 0))
+        logits = Dense(len(tokens) * self.width, dtype=self.dtype, name="gate")(gate_in)
+        gates = softmax_over_present(logits.reshape(candidates.shape), present)  # [B, M, D]
+        fused = jnp.sum(gates.astype(self.dtype) * jnp.where(present[..., None], candidates, 0), axis=1)
         aux = {"embeddings": embeddings(tokens, pooled), "gates": gates}
         return fused[:, None], jnp.any(present, axis=1, keepdims=True), aux
