@@ -9,7 +9,13 @@ r"""The fusion sweep: every registered fusion x 3 seeds, on `synthetic_patients`
 takes that experiment's config and shortens its schedule so that the whole sweep fits a 2-core
 machine: synthetic 400 steps of 64 (the default experiment trains 1,500), IU X-ray 300 steps of 64
 with 64 text tokens (the experiment: 1,000 steps, 96 tokens). Width and depth come from the usual
-flags. `smoke` is a tiny sweep for tests. Results and timings: README, "Fusion sweep".
+flags. `smoke` is a tiny sweep. Results and timings: README, "Fusion sweep".
+
+Results (2-core AMD EPYC CPU VM, 2026-11-28, synthetic, 400 steps, seeds 0-2), test macro-AUROC:
+cross_attention 0.848 +- 0.007 (161 s per run), concat 0.839 +- 0.008 (112 s), cross_attention
+before the skip/gate fix 0.828 +- 0.001 (132 s); bottleneck 0.837 (seed 0 only, 348 s with other
+jobs running). The whole sweep (12 fusions x 3 seeds) was not run: at 2.5-6 minutes per run it
+needs 1.5-2.5 hours on this machine.
 """
 
 import os
