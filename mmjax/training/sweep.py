@@ -36,10 +36,6 @@ from mmjax.models import FUSIONS
 from mmjax.training import benchmark as step_benchmark
 from mmjax.training.train import lower_is_better, metric_value, parse_list, train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/fusion_sweep.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/sweep", "Where each run and the tables go.")
-
 
 def forward_gflops(setup) -> float:
     """GFLOPs per example of the evaluation forward pass, from XLA's cost analysis of an unsharded
@@ -165,12 +161,20 @@ def write_tables(rows: list[dict], workdir: str, metric: str) -> None:
         f.write(markdown(rows, metric))
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sweep(_CONFIG.value, _WORKDIR.value)
+def main():
+    # Flags defined here, not at import, so that tests and other entry points can import this module.
+    config = config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/fusion_sweep.py).",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", "workdirs/sweep", "Where each run and the tables go.")
+    flags.mark_flag_as_required("config")
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        sweep(config.value, workdir.value)
+
+    app.run(run)
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    main()
