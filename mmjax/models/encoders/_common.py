@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models.layers import Dtype, LayerNorm, TransformerBlock
 
@@ -45,3 +46,13 @@ class EncoderBase(nn.Module):
             x, mask, train)
 
 
+
+
+def category_embeddings(module: nn.Module, categories, sizes, features: int):
+    """Each categorical column's embedding [B, G, features] from one table of sum(sizes) rows (column
+    g's rows start at sizes[0] + ... + sizes[g-1]; its index 0 is missing, 1 unseen, 2+k category k)."""
+    if categories.shape[1] != len(sizes):
+        raise ValueError(f"{categories.shape[1]} categorical columns, the encoder was built for {len(sizes)}")
+    offsets = jnp.asarray(np.cumsum((0,) + tuple(sizes[:-1])), jnp.int32)
+    table = module.param("category_embedding", nn.initializers.normal(0.02), (sum(sizes), features), jnp.float32)
+    return table[categories + offsets]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from mmjax.models.encoders import ENCODERS
-from mmjax.models.encoders._common import EncoderBase
+from mmjax.models.encoders._common import EncoderBase, category_embeddings
 from mmjax.models.layers import Dense, LayerNorm
 
 
@@ -38,14 +37,8 @@ class MLPEncoder(EncoderBase):
         x, observed = inputs["values"], inputs["mask"]  # [B, F]
         parts = [jnp.where(observed, x, 0).astype(jnp.float32), observed.astype(jnp.float32)]
         if self.category_sizes:
-            cats = inputs["categories"]  # [B, G]
-            if cats.shape[1] != len(self.category_sizes):
-                raise ValueError(f"{cats.shape[1]} categorical columns, the encoder was built for "
-                                 f"{len(self.category_sizes)}")
-            offsets = jnp.asarray(np.cumsum((0,) + tuple(self.category_sizes[:-1])), jnp.int32)
-            table = self.param("category_embedding", nn.initializers.normal(0.02),
-                               (sum(self.category_sizes), self.embedding_dim), jnp.float32)
-            parts.append(table[cats + offsets].reshape(cats.shape[0], -1))  # [B, G * embedding_dim]
+            emb = category_embeddings(self, inputs["categories"], self.category_sizes, self.embedding_dim)
+            parts.append(emb.reshape(emb.shape[0], -1))  # [B, G * embedding_dim]
         h = jnp.concatenate(parts, axis=-1).astype(self.dtype)
         for i in range(self.layers):
             h = nn.gelu(Dense(self.hidden, dtype=self.dtype, name=f"fc{i}")(h))

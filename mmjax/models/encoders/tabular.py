@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from mmjax.models.encoders import ENCODERS
-from mmjax.models.encoders._common import EncoderBase
+from mmjax.models.encoders._common import EncoderBase, category_embeddings
 
 
 @ENCODERS.register("tabular")
@@ -35,13 +34,7 @@ class TabularEncoder(EncoderBase):
             missing = self.param("missing_embedding", init, (f, self.width), jnp.float32)
             parts.append(jnp.where(observed[..., None], jnp.where(observed, x, 0)[..., None] * w + bias, missing))
         if self.category_sizes:
-            cats = inputs["categories"]  # [B, G]
-            if cats.shape[1] != len(self.category_sizes):
-                raise ValueError(f"{cats.shape[1]} categorical columns, the encoder was built for "
-                                 f"{len(self.category_sizes)}")
-            offsets = jnp.asarray(np.cumsum((0,) + tuple(self.category_sizes[:-1])), jnp.int32)
-            table = self.param("category_embedding", init, (sum(self.category_sizes), self.width), jnp.float32)
-            parts.append(table[cats + offsets])
+            parts.append(category_embeddings(self, inputs["categories"], self.category_sizes, self.width))
         tokens = jnp.concatenate(parts, axis=1).astype(self.dtype)
         mask = jnp.broadcast_to(inputs["present"][:, None], tokens.shape[:2])
         return self.trunk(tokens, mask, train), mask
