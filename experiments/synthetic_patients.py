@@ -15,6 +15,9 @@ figures). macro_auroc over 5 diagnoses + mortality:
     image 0.718, text 0.761, tabular 0.811, signal 0.609 (each alone);
     concat 0.894, late 0.897, cross_attention 0.868 (all four modalities).
 The default run took 3 min 50 s wall including evaluation (peak RSS 1.71 GB), ~7.5 steps/s.
+Since 2026-11-28 cross_attention has `fusion.skip` and `fusion.cross_gate` (README, "Cross-attention
+versus concat"): over seeds 0-2, test macro_auroc 0.887 +- 0.007 (concat 0.887 +- 0.003; 4-11 min a
+run on a CPU shared with other jobs).
 """
 
 import ml_collections
