@@ -15,8 +15,8 @@ Results (2-core AMD EPYC CPU VM, 2026-11-28, synthetic, 400 steps, seeds 0-2), t
 cross_attention 0.848 +- 0.007 (161 s per run), concat 0.839 +- 0.008 (112 s), cross_attention
 before the skip/gate fix 0.828 +- 0.001 (132 s); bottleneck 0.837 (seed 0 only, 348 s with other
 jobs running). At 1,500 steps (`--config.train.num_steps=1500`, 3 seeds): cross_attention
-0.887 +- 0.007 (mean 0.8866), concat 0.887 +- 0.003 (mean 0.8874). The whole sweep (12 fusions x 3 seeds) was not run: at 2.5-6 minutes per run it
-needs 1.5-2.5 hours on this machine.
+0.887 +- 0.007 (mean 0.8866), concat 0.887 +- 0.003 (mean 0.8874). The whole sweep (12 fusions
+x 3 seeds) was not run: at 2.5-6 minutes per run it needs 1.5-2.5 hours on this machine.
 """
 
 import os

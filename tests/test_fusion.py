@@ -120,6 +120,8 @@ def test_tensor_fusion_matches_a_float64_outer_product_and_guards_its_size():
     ref = jax.nn.gelu(pre)
     np.testing.assert_allclose(fused, np.asarray(ref), rtol=1e-4, atol=1e-5)
     assert TensorFusion(width=WIDTH).dim(6) == 4 and TensorFusion(width=WIDTH).dim(2) == 16
+    with pytest.raises(ValueError, match="even at tensor_dim=1"):
+        TensorFusion(width=WIDTH).dim(16)
     with pytest.raises(ValueError, match="tensor_dim=20 has 194,481 features.*low_rank"):
         TensorFusion(width=WIDTH, tensor_dim=20).init(jax.random.PRNGKey(0), *make_inputs(4)[:2])
 

@@ -43,6 +43,10 @@ class TensorFusion(FusionBase):
         dim = 16
         while dim > 1 and tensor_size(dim, num_modalities) > self.max_features:
             dim -= 1
+        if tensor_size(dim, num_modalities) > self.max_features:
+            raise ValueError(f"tensor fusion of {num_modalities} modalities has {tensor_size(1, num_modalities):,} "
+                             f"features even at tensor_dim=1 (> max_features={self.max_features:,}); "
+                             f"use the low_rank fusion")
         return dim
 
     @nn.compact
