@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from mmjax.batch import TaskSpec
 from mmjax.models.encoders import ENCODERS
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.layers import Dtype, masked_mean
+from mmjax.models.fusion._common import pool
+from mmjax.models.layers import Dtype
 
 
 def drop_modalities(present: dict, rate: float, rng) -> dict:
@@ -101,8 +102,7 @@ class MultimodalModel(nn.Module):
         outputs = TaskHeads(tuple(self.tasks), name="heads")(fused, aux.get("fused_weights", fused_mask))
         aux = dict(aux, present=present)
         if self.modality_heads:
-            pooled = jnp.stack([masked_mean(tokens[m], masks[m]) for m in self.modalities], axis=1)  # [B, M, D]
-            has = jnp.stack([jnp.any(masks[m], axis=-1) for m in self.modalities], axis=1)
+            pooled, has = pool(tokens, masks)  # [B, M, D], [B, M] in the order of self.modalities
             aux["modality_outputs"] = TaskHeads(tuple(self.tasks), average=False, name="modality_heads")(pooled, has)
             aux["modality_present"] = has
         if self.uncertainty_weighting:

@@ -69,3 +69,21 @@ def modality_segments(tokens):
     sizes = [tokens[m].shape[1] for m in tokens]
     seg = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)])
     return seg, tuple(int(b) for b in np.cumsum([0] + sizes))
+
+
+def stack_padded(tokens, masks):
+    """Every modality padded to the longest (padding masked): (x [M, B, T, D], valid bool [M, B, T]),
+    for fusions that apply per-modality weights as one batch over the modality axis (nn.vmap)."""
+    t = max(v.shape[1] for v in tokens.values())
+    x = jnp.stack([jnp.pad(tokens[m], ((0, 0), (0, t - tokens[m].shape[1]), (0, 0))) for m in tokens])
+    valid = jnp.stack([jnp.pad(masks[m], ((0, 0), (0, t - masks[m].shape[1]))) for m in tokens])
+    return x, valid
+
+
+def concat_with_modality_embedding(module: nn.Module, tokens, masks, dtype):
+    """All modalities' tokens concatenated [B, T, D] plus a learned embedding of each token's
+    modality, their mask [B, T], and the segment ids and bounds of `modality_segments`."""
+    seg, bounds = modality_segments(tokens)
+    emb = module.param("modality_embedding", nn.initializers.normal(0.02), (len(tokens), module.width), jnp.float32)
+    x = jnp.concatenate(list(tokens.values()), axis=1) + emb[seg].astype(dtype)
+    return x, jnp.concatenate(list(masks.values()), axis=1), seg, bounds

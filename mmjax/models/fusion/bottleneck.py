@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.fusion._common import FusionBase, embeddings, mean_over_present, pool, with_placeholder
+from mmjax.models.fusion._common import FusionBase, embeddings, mean_over_present, pool, stack_padded, with_placeholder
 from mmjax.models.layers import Dense, LayerNorm, TransformerBlock
 
 
@@ -34,11 +34,10 @@ class BottleneckFusion(FusionBase):
         if not 0 <= self.fusion_layer <= self.depth:
             raise ValueError(f"bottleneck fusion_layer={self.fusion_layer} must be within [0, depth={self.depth}]")
         b = next(iter(tokens.values())).shape[0]
-        t = max(tokens[m].shape[1] for m in names)
         # All modalities at once: tokens padded to T (padding masked), one Transformer layer per
         # modality applied as a batch over the modality axis with per-modality weights (nn.vmap).
-        x = jnp.stack([jnp.pad(tokens[m], ((0, 0), (0, t - tokens[m].shape[1]), (0, 0))) for m in names])  # [M,B,T,D]
-        valid = jnp.stack([jnp.pad(masks[m], ((0, 0), (0, t - masks[m].shape[1]))) for m in names])  # [M, B, T]
+        x, valid = stack_padded(tokens, masks)  # [M, B, T, D], [M, B, T]
+        t = x.shape[2]
         present = jnp.any(valid, axis=-1).T  # [B, M]
         btl = self.param("bottleneck_tokens", nn.initializers.normal(0.02), (self.num_bottlenecks, self.width),
                          jnp.float32)

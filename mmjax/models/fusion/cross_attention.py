@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.fusion._common import FusionBase, embeddings, modality_segments, pool, summarize
+from mmjax.models.fusion._common import FusionBase, concat_with_modality_embedding, embeddings, pool, summarize
 from mmjax.models.layers import MLP, Dtype, LayerNorm, MultiHeadAttention
 
 
@@ -67,12 +67,7 @@ class CrossAttentionFusion(FusionBase):
     @nn.compact
     def __call__(self, tokens, masks, train: bool = False):
         names = list(tokens)
-        seg, bounds = modality_segments(tokens)
-        type_emb = self.param("modality_embedding", nn.initializers.normal(0.02), (len(names), self.width),
-                              jnp.float32)
-        x = jnp.concatenate([tokens[m] for m in names], axis=1)
-        x = x + type_emb[seg].astype(x.dtype)
-        valid = jnp.concatenate([masks[m] for m in names], axis=1)  # [B, T]
+        x, valid, seg, bounds = concat_with_modality_embedding(self, tokens, masks, self.dtype)  # [B, T, D], [B, T]
         pair_mask = valid[:, :, None] & valid[:, None, :]  # [B, T, T]: both tokens valid
         before, _ = pool(tokens, masks)
         cross_mask = pair_mask & jnp.asarray(seg[:, None] != seg[None, :])

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import einops
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.fusion._common import FusionBase, embeddings, pool, summarize
+from mmjax.models.fusion._common import FusionBase, embeddings, pool, stack_padded, summarize
 from mmjax.models.layers import MLP, Dense, Dtype, LayerNorm, MultiHeadAttention, TransformerBlock
 
 
@@ -56,9 +55,7 @@ class PairwiseCrossFusion(FusionBase):
     def __call__(self, tokens, masks, train: bool = False):
         names = list(tokens)
         m = len(names)
-        t = max(tokens[k].shape[1] for k in names)  # every modality padded to T (padding masked)
-        x = jnp.stack([jnp.pad(tokens[k], ((0, 0), (0, t - tokens[k].shape[1]), (0, 0))) for k in names])  # [M,B,T,D]
-        valid = jnp.stack([jnp.pad(masks[k], ((0, 0), (0, t - masks[k].shape[1]))) for k in names])  # [M, B, T]
+        x, valid = stack_padded(tokens, masks)  # [M, B, T, D], [M, B, T]
         if m > 1:
             # All M (M - 1) directed pairs at once: one batched computation, weights per pair (nn.vmap),
             # so the cost of compiling does not grow with the number of pairs.

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.fusion._common import FusionBase, embeddings, modality_segments, pool
+from mmjax.models.fusion._common import FusionBase, concat_with_modality_embedding, embeddings, pool
 from mmjax.models.layers import MLP, LayerNorm, MultiHeadAttention, TransformerBlock
 
 
@@ -25,11 +25,7 @@ class PerceiverFusion(FusionBase):
     @nn.compact
     def __call__(self, tokens, masks, train: bool = False):
         names = list(tokens)
-        seg, _ = modality_segments(tokens)
-        type_emb = self.param("modality_embedding", nn.initializers.normal(0.02), (len(names), self.width),
-                              jnp.float32)
-        context = jnp.concatenate([tokens[m] for m in names], axis=1) + type_emb[seg].astype(self.dtype)
-        valid = jnp.concatenate([masks[m] for m in names], axis=1)  # [B, T]
+        context, valid, seg, _ = concat_with_modality_embedding(self, tokens, masks, self.dtype)
         b = context.shape[0]
         latents = self.param("latents", nn.initializers.normal(0.02), (self.num_latents, self.width), jnp.float32)
         z = jnp.broadcast_to(latents.astype(self.dtype), (b,) + latents.shape)
