@@ -78,7 +78,10 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         clip_norm=1.0))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64, num_steps=1500, log_every=50, eval_every=500, checkpoint_every=500,
-        keep_checkpoints=2, stop_at_step=0))  # stop_at_step > 0 stops there, as a preemption would
+        keep_checkpoints=2, stop_at_step=0,  # stop_at_step > 0 stops there, as a preemption would
+        # the checkpoint the final validation and test evaluation use: 'best' (by best_metric on
+        # validation, the usual model selection; the last one when there is no validation split) or 'last'
+        final_checkpoint="best"))
     c.eval_batch_size = 256
     c.parallel = "mesh"  # or "pmap"
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)

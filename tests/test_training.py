@@ -140,16 +140,34 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_pat
     assert [e["step"] for e in events if e["event"] == "train"] == [3, 6, 7]  # one log, appended across the stop
 
 
-def test_best_checkpoint_is_kept_with_the_latest(tiny_builder, tmp_path):
+@pytest.mark.parametrize("parallel", ["mesh", "pmap"])
+def test_best_checkpoint_is_kept_with_the_latest(tiny_builder, tmp_path, parallel):
     config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.parallel = parallel
     config.train.update(num_steps=8, checkpoint_every=2, eval_every=2, log_every=2, keep_checkpoints=1)
-    train_and_evaluate(config, str(tmp_path))
+    results = train_and_evaluate(config, str(tmp_path))
     events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     aurocs = {e["step"]: e["macro_auroc"] for e in events if e["event"] == "validation"}
     assert sorted(aurocs) == [2, 4, 6, 8]
     best = max(aurocs, key=aurocs.get)
     kept = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
     assert kept == sorted({best, 8})
+    # the final evaluation uses the best checkpoint (train.final_checkpoint='best')
+    assert results["run"]["evaluated_step"] == best
+    assert results["validation"]["macro_auroc"] == pytest.approx(aurocs[best], abs=1e-9)
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_manager_keeps_the_best_by_metric_besides_the_latest(tmp_path, lower):
+    values = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7}  # higher is better: 2 is the best; lower: 1
+    manager = checkpoint.make_manager(str(tmp_path), every=1, keep=1, metric="m", lower_is_better=lower)
+    for step, value in values.items():
+        checkpoint.save(manager, step, {"w": np.full(2, step, np.float32)}, {}, {"m": value})
+    manager.wait_until_finished()
+    best = 1 if lower else 2
+    assert manager.best_step() == best
+    assert sorted(manager.all_steps()) == [best, 4]
+    manager.close()
 
 
 def test_init_from_warm_starts_parameters(uninterrupted, tmp_path):

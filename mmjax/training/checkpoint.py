@@ -34,7 +34,9 @@ def make_manager(directory: str, every: int, keep: int, metric: str = "macro_aur
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: sign * m[metric], n=1,
                                       keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes the manager store each save's metrics, without which BestN sees none and keeps nothing
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, preservation_policy=policy,
+                                           best_fn=lambda m: m[metric], best_mode="min" if lower_is_better else "max",
                                            enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 

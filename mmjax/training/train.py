@@ -204,9 +204,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
+    def abstract_state(s):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s)
+
     if manager.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state = checkpoint.restore(manager, abstract)
+        state, data_state = checkpoint.restore(manager, abstract_state(state))
         train_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", workdir, int(state.step))
         print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
@@ -237,6 +239,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         put = parallel.split_for_pmap
         state = parallel.replicate(jax.device_get(state))
         host_state = parallel.unreplicate
+
+    def restore_step(s):
+        """The train state of checkpoint `s`, placed as the loop's state is."""
+        restored, _ = checkpoint.restore(manager, abstract_state(host_state(state)), s)
+        return parallel.replicate(jax.device_get(restored)) if config.parallel == "pmap" else restored
 
     def predict(params, batch):
         out = eval_step(params, put(batch))
@@ -315,6 +322,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {"stopped_at_step": step}
 
     # ---- Final test evaluation ---------------------------------------------------------------------
+    final = config.train.get("final_checkpoint", "best")
+    if final not in ("best", "last"):
+        raise ValueError(f"train.final_checkpoint={final!r}: use 'best' or 'last'")
+    evaluated_step = step
+    if final == "best" and validate and manager.best_step() not in (None, step):
+        evaluated_step = manager.best_step()
+        state = restore_step(evaluated_step)
+        results.pop("validation", None)
+        print(f"Final evaluation with the best checkpoint by validation {config.best_metric}: step "
+              f"{evaluated_step} of {step}", flush=True)
     if validate and "validation" not in results:
         results["validation"] = run_eval("validation")
     if "test" in splits:
@@ -322,7 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results = {k: results[k] for k in ("validation", "test") if k in results}
     steps_run = step - start_step
     run_info = {
-        "steps_run": steps_run, "parameters": int(n_params), "devices": n_dev, "processes": n_proc,
+        "steps_run": steps_run, "evaluated_step": int(evaluated_step), "parameters": int(n_params), "devices": n_dev, "processes": n_proc,
         "parallel": config.parallel, "wall_seconds": round(train_seconds, 2),
         "first_step_seconds_incl_compile": round(first_step_s or 0.0, 3),
         "compilations_in_first_step": (first_step_compiles or 0) - (compiles_before or 0),
