@@ -34,7 +34,7 @@ def get_config(arg=None):
     if opts["dataset"] == "synthetic_patients":
         c = synthetic_patients.get_config("smoke" if opts["smoke"] else None)
         if not opts["smoke"]:
-            c.train.update(num_steps=400, eval_every=200, checkpoint_every=200, log_every=100)
+            c.train.update(num_steps=300, eval_every=150, checkpoint_every=150, log_every=100)
             c.optimizer.warmup_steps = 50
     elif opts["dataset"] == "iu_xray":
         c = iu_xray.get_config("smoke" if opts["smoke"] else None)

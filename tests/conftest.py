@@ -25,3 +25,12 @@ def tiny_spec(tiny_builder):
     from mmjax.data import pipeline
 
     return pipeline.DatasetSpec.from_builder(tiny_builder)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (pytest-xdist) the tests that share a module-scoped fixture
+    (a trained run, a prepared dataset) go to one worker, so it is built once; the others spread."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

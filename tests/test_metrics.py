@@ -115,3 +115,40 @@ def test_multiclass_evaluation_and_bad_input():
         metrics.multiclass([0, 1], [[0.5, np.nan], [0.5, 0.5]])
     with pytest.raises(ValueError, match="3 labels for 2 predictions"):
         metrics.multiclass([0, 1, 1], [[0.5, 0.5], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_weights_equal_the_metrics_of_the_repeated_rows(seed):
+    """A bootstrap resample as counts: [R, N] weights give, row by row, each metric of the rows
+    repeated that many times (rows of count 0 absent, ties and all), and agree with scikit-learn's
+    sample_weight."""
+    rng = np.random.default_rng(seed)
+    n, k = 60, 3
+    y = rng.integers(0, 2, n)
+    score = np.round(rng.normal(size=n) + y, 1)  # ties
+    pred = (score > 0.5).astype(int)
+    cls = rng.integers(0, k, n)
+    proba = rng.dirichlet(np.ones(k), n)
+    counts = rng.multinomial(n, np.ones(n) / n, size=5).astype(float)  # [R, N]
+    batched = {
+        "roc_auc": metrics.roc_auc(y, score, counts), "average_precision": metrics.average_precision(y, score, counts),
+        "f1": metrics.f1_score(y, pred, counts), "accuracy": metrics.accuracy(y, pred, counts),
+        "mae": metrics.mae(score, y, counts), "rmse": metrics.rmse(score, y, counts),
+        **{f"mc_{m}": v for m, v in metrics.multiclass(cls, proba, counts).items()}}
+    for r, c in enumerate(counts):
+        i = np.repeat(np.arange(n), c.astype(int))
+        expect = {
+            "roc_auc": metrics.roc_auc(y[i], score[i]), "average_precision": metrics.average_precision(y[i], score[i]),
+            "f1": metrics.f1_score(y[i], pred[i]), "accuracy": metrics.accuracy(y[i], pred[i]),
+            "mae": metrics.mae(score[i], y[i]), "rmse": metrics.rmse(score[i], y[i]),
+            **{f"mc_{m}": v for m, v in metrics.multiclass(cls[i], proba[i]).items() if m != "count"}}
+        for name, value in expect.items():
+            np.testing.assert_allclose(batched[name][r], value, atol=1e-12, err_msg=name)
+        sk = {"roc_auc": skm.roc_auc_score(y, score, sample_weight=c),
+              "average_precision": skm.average_precision_score(y, score, sample_weight=c),
+              "f1": skm.f1_score(y, pred, sample_weight=c), "mc_accuracy": skm.accuracy_score(cls, proba.argmax(1),
+                                                                                              sample_weight=c),
+              "mc_balanced_accuracy": skm.balanced_accuracy_score(cls, proba.argmax(1), sample_weight=c)}
+        for name, value in sk.items():
+            assert batched[name][r] == pytest.approx(value, abs=1e-12), name
+        assert metrics.roc_auc(y, score, c) == pytest.approx(batched["roc_auc"][r], abs=1e-12)  # [N] weights: a float

@@ -339,7 +339,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results = {k: results[k] for k in ("validation", "test") if k in results}
     steps_run = step - start_step
     run_info = {
-        "steps_run": steps_run, "evaluated_step": int(evaluated_step), "parameters": int(n_params), "devices": n_dev, "processes": n_proc,
+        "steps_run": steps_run, "evaluated_step": int(evaluated_step), "parameters": int(n_params),
+        "devices": n_dev, "processes": n_proc,
         "parallel": config.parallel, "wall_seconds": round(train_seconds, 2),
         "first_step_seconds_incl_compile": round(first_step_s or 0.0, 3),
         "compilations_in_first_step": (first_step_compiles or 0) - (compiles_before or 0),
