@@ -17,48 +17,65 @@ from mmjax import metrics
 from mmjax.batch import TaskSpec
 
 
-def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec]):
+def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec], with_ids: bool = False):
     """Runs `predict(batch) -> {task: [B, ...]}` over batches; returns (predictions, labels, masks)
-    concatenated over real rows only."""
+    concatenated over real rows only, and the rows' patient ids as a fourth item with `with_ids`."""
     preds, labels, masks = ({t.name: [] for t in tasks} for _ in range(3))
+    ids = []
     for batch in batches:
         out = predict(batch)
         rows = np.asarray(batch["example_mask"], bool)
+        ids.append(np.asarray(batch["patient_id"])[rows] if with_ids else np.zeros(0))
         for t in tasks:
             preds[t.name].append(np.asarray(out[t.name], np.float64)[rows])  # [N] or [N, K]
             labels[t.name].append(np.asarray(batch["labels"][t.name], np.float64)[rows])
             masks[t.name].append(np.asarray(batch["label_mask"][t.name], bool)[rows])
     cat = lambda d: {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in d.items()}
+    if with_ids:
+        return cat(preds), cat(labels), cat(masks), (np.concatenate(ids) if ids else np.zeros(0, str))
     return cat(preds), cat(labels), cat(masks)
 
 
-def _binary(y, p, known) -> dict:
-    y, p = y[known], p[known]
+def _binary(y, p, known, w) -> dict:
+    y, p, w = y[known], p[known], None if w is None else w[..., known]
     hard = (p >= 0.5).astype(np.float64)
-    return {"auroc": metrics.roc_auc(y, p), "auprc": metrics.average_precision(y, p),
-            "f1": metrics.f1_score(y, hard), "accuracy": metrics.accuracy(y, hard),
+    return {"auroc": metrics.roc_auc(y, p, w), "auprc": metrics.average_precision(y, p, w),
+            "f1": metrics.f1_score(y, hard, w), "accuracy": metrics.accuracy(y, hard, w),
             "positives": int(y.sum()), "count": int(len(y))}
 
 
-def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[TaskSpec]) -> dict:
+def _mean(values: list):
+    """Mean ignoring NaN of floats, or elementwise of [R] arrays."""
+    if not values:
+        return float("nan")
+    mean = metrics.nanmean(np.stack([np.asarray(v, np.float64) for v in values], -1))
+    return float(mean) if np.ndim(mean) == 0 else mean
+
+
+def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[TaskSpec], sample_weight=None) -> dict:
+    """Every task's metrics; with `sample_weight` [R, N] (R weightings of the rows, e.g. bootstrap counts)
+    every metric is an array [R] (counts stay the unweighted integers)."""
     results, aurocs = {}, []
+    w = sample_weight
     for t in tasks:
         p, y, known = preds[t.name], labels[t.name], masks[t.name]
         if t.kind == "regression":
-            results[t.name] = {"mae": metrics.mae(y[known], p[known]), "rmse": metrics.rmse(y[known], p[known]),
+            wk = None if w is None else w[..., known]
+            results[t.name] = {"mae": metrics.mae(y[known], p[known], wk), "rmse": metrics.rmse(y[known], p[known], wk),
                                "count": int(known.sum())}
         elif t.kind == "binary":
-            results[t.name] = _binary(y, p, known)
+            results[t.name] = _binary(y, p, known, w)
             aurocs.append(results[t.name]["auroc"])
         elif t.kind == "multiclass":
-            results[t.name] = {**metrics.multiclass(y[known], p[known]), "classes": list(t.label_names)}
+            results[t.name] = {**metrics.multiclass(y[known], p[known], None if w is None else w[..., known]),
+                               "classes": list(t.label_names)}
             aurocs.append(results[t.name]["macro_auroc"])
         else:
-            per = {name: _binary(y[:, k], p[:, k], known[:, k]) for k, name in enumerate(t.label_names)}
-            macro = {m: float(np.nanmean([r[m] for r in per.values()])) for m in ("auroc", "auprc", "f1", "accuracy")}
+            per = {name: _binary(y[:, k], p[:, k], known[:, k], w) for k, name in enumerate(t.label_names)}
+            macro = {m: _mean([r[m] for r in per.values()]) for m in ("auroc", "auprc", "f1", "accuracy")}
             results[t.name] = {"labels": per, **{f"macro_{m}": v for m, v in macro.items()}}
             aurocs += [r["auroc"] for r in per.values()]
-    results["macro_auroc"] = float(np.nanmean(aurocs)) if aurocs else float("nan")
+    results["macro_auroc"] = _mean(aurocs)
     return results
 
 

@@ -1,6 +1,17 @@
-"""Evaluation metrics on host numpy arrays, exact (no binning), checked against scikit-learn."""
+"""Evaluation metrics on host numpy arrays, exact (no binning), checked against scikit-learn; each
+takes an optional `sample_weight` ([N], or [R, N] for R weightings at once)."""
 
-from mmjax.metrics.classification import accuracy, average_precision, confusion_matrix, f1_score, multiclass, roc_auc
+from mmjax.metrics.classification import (
+                                          accuracy,
+                                          average_precision,
+                                          confusion_matrix,
+                                          f1_score,
+                                          midranks,
+                                          multiclass,
+                                          nanmean,
+                                          roc_auc,
+)
 from mmjax.metrics.regression import mae, rmse
 
-__all__ = ["accuracy", "average_precision", "confusion_matrix", "f1_score", "multiclass", "roc_auc", "mae", "rmse"]
+__all__ = ["accuracy", "average_precision", "confusion_matrix", "f1_score", "midranks", "multiclass", "nanmean",
+           "roc_auc", "mae", "rmse"]

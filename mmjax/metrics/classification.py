@@ -24,6 +24,16 @@ def _check(y_true, y_score):
     return y_true, y_score
 
 
+def midranks(x) -> np.ndarray:
+    """Ranks 1..n with ties given the mean of their ranks."""
+    x = np.asarray(x)
+    order, starts = _tie_groups(x)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
+    return ranks
+
+
 def _weights(sample_weight, n: int) -> np.ndarray:
     """[R, n] float64 weights (R = 1 without weights or with [n] weights)."""
     w = np.ones((1, n)) if sample_weight is None else np.asarray(sample_weight, np.float64)
