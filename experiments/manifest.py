@@ -44,6 +44,7 @@ def smoke(c):
     c.train.update(batch_size=16, num_steps=4, log_every=2, eval_every=2, checkpoint_every=2)
     c.optimizer.warmup_steps = 1
     c.eval_batch_size = 16
+    c.eval.bootstrap_resamples = 50
     return c
 
 

@@ -83,6 +83,8 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         # validation, the usual model selection; the last one when there is no validation split) or 'last'
         final_checkpoint="best"))
     c.eval_batch_size = 256
+    # the end-of-training and `--mode=evaluate` intervals: patient-level bootstrap (0 resamples: none)
+    c.eval = ml_collections.ConfigDict(dict(bootstrap_resamples=1000, bootstrap_seed=0, level=0.95))
     c.parallel = "mesh"  # or "pmap"
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
     c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from
@@ -105,4 +107,5 @@ def get_config(arg=None):
         c.train.update(batch_size=16, num_steps=6, log_every=2, eval_every=3, checkpoint_every=3)
         c.optimizer.warmup_steps = 2
         c.eval_batch_size = 48
+        c.eval.bootstrap_resamples = 50
     return c

@@ -320,3 +320,32 @@ def test_launch_end_to_end(tiny_builder, tmp_path):
 def test_launch_rejects_an_unknown_config_key(tiny_builder, tmp_path):
     out = _launch(tiny_builder, tmp_path, "--config.model.widht=8")
     assert out.returncode != 0 and "widht" in out.stderr
+
+
+def test_training_writes_intervals_and_evaluate_mode_reproduces_them(uninterrupted, tmp_path):
+    """eval/<split>.json at the end of training: the results' metrics with bootstrap intervals;
+    `launch.py --mode=evaluate` on a copy of the workdir (moved: nothing refers to its old path)
+    rebuilds the run from config.json and dataset_spec.json and gives the same numbers."""
+    import shutil
+
+    _, src, full = uninterrupted
+    rec = json.load(open(os.path.join(src, "eval", "test.json")))
+    assert rec["step"] == full["run"]["evaluated_step"] == 7
+    assert rec["metrics"]["macro_auroc"] == pytest.approx(full["test"]["macro_auroc"], abs=1e-12)
+    ci = rec["ci"]["macro_auroc"]
+    assert ci["low"] < rec["metrics"]["macro_auroc"] < ci["high"] and ci["high"] - ci["low"] > 0.01
+    assert rec["bootstrap"]["resamples"] == 50 and rec["bootstrap"]["unit"] == "patient"
+    assert set(rec["ci"]["diagnosis"]["labels"]) == set(rec["metrics"]["diagnosis"]["labels"])
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    os.remove(moved / "eval" / "test.json")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--workdir={moved}", "--mode=evaluate"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint step 7" in out.stdout and "95% CI" in out.stdout
+    again = json.load(open(moved / "eval" / "test.json"))
+    assert again["metrics"] == json.loads(json.dumps(rec["metrics"]))
+    assert again["ci"] == rec["ci"]  # the same resamples (seeded)
+    z = np.load(moved / "eval" / "test_predictions.npz")
+    assert len(z["patient_id"]) == full["test"]["diagnosis"]["labels"]["pneumonia"]["count"]

@@ -36,6 +36,14 @@ def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec
     return cat(preds), cat(labels), cat(masks)
 
 
+def id_codes(ids) -> np.ndarray:
+    """Stable signed 64-bit codes of string ids (the same on every process and run)."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True)
+                     for i in np.asarray(ids).ravel()], np.int64)
+
+
 def _binary(y, p, known, w) -> dict:
     y, p, w = y[known], p[known], None if w is None else w[..., known]
     hard = (p >= 0.5).astype(np.float64)

@@ -82,6 +82,7 @@ def _accepted(cls, kw: dict, defaults: dict, what: str) -> dict:
     """The settings `cls` declares; a setting it does not declare but that differs from its default
     (so somebody set it) is ignored with a warning, never silently."""
     names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # a config read from JSON has lists
     ignored = sorted(k for k, v in kw.items() if k not in names and k in defaults and v != defaults[k])
     if ignored:
         warnings.warn(f"{what}: {cls.__name__} has no settings {ignored}; they are ignored", stacklevel=3)

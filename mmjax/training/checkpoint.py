@@ -41,6 +41,20 @@ def make_manager(directory: str, every: int, keep: int, metric: str = "macro_aur
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 
 
+def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> int:
+    """The step of the best checkpoint by the validation `metric` stored with it, else (no metrics
+    stored, e.g. a run without validation) the latest."""
+    directory = checkpoint_directory(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m[metric],
+                                           best_mode="min" if lower_is_better else "max")
+    with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
+        step = manager.best_step()
+        step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    return int(step)
+
+
 def save(manager, step: int, state: TrainState, data_state: dict | None, metrics: dict | None = None,
          force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))

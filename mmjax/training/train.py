@@ -18,6 +18,7 @@ from mmjax import losses
 from mmjax.data import pipeline
 from mmjax.data.spec import parse_mapping, truncation
 from mmjax.evaluation import evaluate
+from mmjax.evaluation import run as evaluation_run
 from mmjax.models import MultimodalModel
 from mmjax.models import build_model as _build_model
 from mmjax.training import checkpoint, parallel
@@ -252,13 +253,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), out)
 
     # ---- Evaluation --------------------------------------------------------------------------------
+    collected = {}  # split -> (preds, labels, masks, patient ids) of its last evaluation
+
     def run_eval(split):
         params = state.params
-        preds, labels, masks = evaluate.collect(lambda b: predict(params, b), eval_iter(split), tasks)
+        preds, labels, masks, ids = evaluate.collect(lambda b: predict(params, b), eval_iter(split), tasks,
+                                                     with_ids=True)
         if n_proc > 1:
             from jax.experimental import multihost_utils
 
-            preds, labels, masks = multihost_utils.process_allgather((preds, labels, masks), tiled=True)
+            ids = evaluate.id_codes(ids)  # strings do not gather; stable 64-bit codes do
+            preds, labels, masks, ids = multihost_utils.process_allgather((preds, labels, masks, ids), tiled=True)
+        collected[split] = (preds, labels, masks, ids)
         return evaluate.compute_metrics(preds, labels, masks, tasks)
 
     # ---- Loop --------------------------------------------------------------------------------------
@@ -354,6 +360,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({**results, "run": run_info}, f, indent=2)
         print(evaluate.format_table(results, tasks), flush=True)
+        for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
+            rec = evaluation_run.write(workdir, split, collected[split], tasks, evaluated_step, config)
+        if "test" in results:
+            print(evaluation_run.format_intervals(rec, tasks), flush=True)
     writer.close()
     manager.close()
     return {**results, "run": run_info}

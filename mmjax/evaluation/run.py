@@ -1,0 +1,200 @@
+"""Evaluation of a trained workdir: metrics with patient-level bootstrap intervals, written to
+`W/eval/<split>.json`, and the predictions behind them in `W/eval/<split>_predictions.npz` (what
+`python -m mmjax.evaluation.compare` pairs).
+
+    python launch.py --workdir=W --mode=evaluate [--split=test] [--step=N]
+
+The run is rebuilt from `W/config.json` and `W/dataset_spec.json` (vocabularies, statistics, tasks:
+saved at training time), with the best checkpoint by validation `best_metric` (or `--step`). The
+rows come from the split of the dataset that `config.data` names. Training writes the same files
+for validation and test at its end (`write`).
+
+`config.eval`: `bootstrap_resamples` (default 1000; 0: no intervals), `bootstrap_seed`, `level`
+(0.95).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax.data import pipeline
+from mmjax.data.spec import DatasetSpec
+from mmjax.evaluation import bootstrap, evaluate
+from mmjax.training import checkpoint, parallel
+from mmjax.training.step import make_eval_step
+
+
+def eval_settings(config) -> dict:
+    e = config.get("eval", None) or {}
+    return {"resamples": int(e.get("bootstrap_resamples", bootstrap.DEFAULT_RESAMPLES)),
+            "seed": int(e.get("bootstrap_seed", 0)), "level": float(e.get("level", 0.95))}
+
+
+def record(collected, tasks, step: int, resamples: int = bootstrap.DEFAULT_RESAMPLES, seed: int = 0,
+           level: float = 0.95) -> dict:
+    """{'step', 'metrics', 'ci', 'bootstrap'}: point metrics and their percentile intervals from
+    `resamples` patient-level resamples (the rows' patient ids are the resampling unit)."""
+    preds, labels, masks, ids = collected
+    point = evaluate.compute_metrics(preds, labels, masks, tasks)
+    out = {"step": int(step), "metrics": point}
+    if resamples > 0 and len(ids):
+        boot = bootstrap.resample(lambda w: evaluate.compute_metrics(preds, labels, masks, tasks, sample_weight=w),
+                                  ids, resamples, seed)
+        out["ci"] = bootstrap.intervals(boot, level)
+        out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": level, "unit": "patient",
+                            "patients": int(len(np.unique(ids))), "rows": int(len(ids)),
+                            "method": "percentile"}
+    return out
+
+
+def write(workdir: str, split: str, collected, tasks, step: int, config) -> dict:
+    """Writes `eval/<split>.json` (metrics and intervals) and `eval/<split>_predictions.npz`."""
+    rec = record(collected, tasks, step, **eval_settings(config))
+    folder = os.path.join(workdir, "eval")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{split}.json"), "w") as f:
+        json.dump(rec, f, indent=2, default=_json_default)
+    preds, labels, masks, ids = collected
+    np.savez_compressed(os.path.join(folder, f"{split}_predictions.npz"), patient_id=np.asarray(ids, str),
+                        **{f"pred/{k}": v for k, v in preds.items()}, **{f"label/{k}": v for k, v in labels.items()},
+                        **{f"mask/{k}": v for k, v in masks.items()})
+    return rec
+
+
+def load_predictions(workdir: str, split: str, tasks) -> tuple:
+    """(preds, labels, masks, ids) as `write` saved them."""
+    path = os.path.join(workdir, "eval", f"{split}_predictions.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python launch.py --workdir={workdir} --mode=evaluate "
+                                f"--split={split}` first")
+    z = np.load(path)
+    get = lambda kind: {t.name: z[f"{kind}/{t.name}"] for t in tasks}
+    return get("pred"), get("label"), get("mask"), z["patient_id"]
+
+
+def _json_default(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serializable: {type(x)}")
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A workdir's model and parameters, rebuilt without its training loop."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    spec: DatasetSpec
+    tasks: tuple
+    modalities: tuple
+    model: object
+    params: object
+    step: int
+
+    @classmethod
+    def load(cls, workdir: str, step: int | None = None) -> TrainedRun:
+        from mmjax.training.train import build_model, lower_is_better, parse_list
+
+        workdir = os.path.abspath(workdir)
+        for name in ("config.json", "dataset_spec.json"):
+            if not os.path.exists(os.path.join(workdir, name)):
+                raise FileNotFoundError(f"{workdir} has no {name}: not a training workdir")
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        spec = DatasetSpec.load(os.path.join(workdir, "dataset_spec.json"))
+        tasks = spec.select_tasks(parse_list(config.tasks))
+        modalities = tuple(m.name for m in spec.select_modalities(parse_list(config.modalities)))
+        model = build_model(config, spec, tasks)
+        if step is None:
+            step = checkpoint.best_step(workdir, config.best_metric, lower_is_better(config.best_metric))
+        batch = _template_batch(config, spec, tasks, modalities)
+        template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False)["params"])
+        params, step = checkpoint.restore_params(workdir, template, step=step)
+        return cls(workdir, config, spec, tasks, modalities, model, params, int(step))
+
+    def data_kwargs(self) -> dict:
+        d = self.config.data
+        return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
+                    spectrogram=d.spectrogram)
+
+    def collect(self, batches, batch_size: int):
+        """(preds, labels, masks, ids) over host batches, the model jitted once and sharded over devices."""
+        windows = int(self.config.data.get("signal_eval_windows", 0))
+        windowed = tuple(m.name for m in self.spec.select_modalities(self.modalities) if m.kind == "signal") \
+            if windows else ()
+        mesh = parallel.make_mesh()
+        data_sharding = parallel.batch_sharding(mesh)
+        if batch_size % jax.device_count():
+            raise ValueError(f"batch size {batch_size} must be divisible by the {jax.device_count()} devices")
+        step = jax.jit(make_eval_step(self.model, self.tasks, windowed),
+                       in_shardings=(parallel.replicated(mesh), data_sharding))
+        params = jax.device_put(self.params, parallel.replicated(mesh))
+        predict = lambda b: jax.tree.map(np.asarray, step(params, parallel.global_batch(b, data_sharding)))
+        return evaluate.collect(predict, batches, self.tasks, with_ids=True)
+
+    def evaluate(self, split: str = "test") -> dict:
+        builder = pipeline.builder_from_config(self.config.data)
+        if split not in builder.info.splits:
+            raise ValueError(f"split {split!r} not in the dataset; it has {sorted(builder.info.splits)}")
+        size = self.config.eval_batch_size
+        windows = int(self.config.data.get("signal_eval_windows", 0))
+        batches = pipeline.eval_batches(builder, self.spec, split, size, signal_windows=windows, **self.data_kwargs())
+        collected = self.collect(batches, size)
+        return write(self.workdir, split, collected, self.tasks, self.step, self.config)
+
+
+def _template_batch(config, spec, tasks, modalities) -> dict:
+    """A one-row batch of the model's input shapes (random values) to trace its parameter shapes."""
+    from mmjax.batch import fake_batch
+    from mmjax.data.transforms import Spectrogram
+
+    mods = spec.select_modalities(modalities)
+    batch = fake_batch(mods, tasks, 1, text_length=config.data.text_max_length)
+    if config.data.spectrogram:
+        for m in mods:
+            if m.kind == "signal":
+                ex = Spectrogram(m.name).map({f"out/{m.name}": {k: v[0] for k, v in batch[m.name].items()}})
+                batch[m.name] = {k: np.asarray(v)[None] for k, v in ex[f"out/{m.name}"].items()}
+    return parallel.device_batch(batch)
+
+
+def format_intervals(rec: dict, tasks) -> str:
+    """The metrics table with each value's interval: 'value [low, high]'."""
+    point, ci = rec["metrics"], rec.get("ci", {})
+    rows = []
+
+    def add(name, path):
+        value, c = point, ci
+        for key in path:
+            value, c = value[key], (c or {}).get(key)
+        cell = f"{value:.4f}"
+        if c:
+            cell += f"  [{c['low']:.4f}, {c['high']:.4f}]"
+        rows.append((name, cell))
+
+    add("macro_auroc (all binary outputs)", ["macro_auroc"])
+    for t in tasks:
+        if t.kind == "multilabel":
+            add(f"{t.name} macro_auroc", [t.name, "macro_auroc"])
+            for label in t.label_names:
+                add(f"  {label} auroc", [t.name, "labels", label, "auroc"])
+        elif t.kind == "binary":
+            for m in ("auroc", "auprc"):
+                add(f"{t.name} {m}", [t.name, m])
+        elif t.kind == "multiclass":
+            for m in ("accuracy", "macro_auroc"):
+                add(f"{t.name} {m}", [t.name, m])
+        else:
+            add(f"{t.name} mae", [t.name, "mae"])
+    width = max(len(r[0]) for r in rows)
+    level = rec.get("bootstrap", {}).get("level", 0.95)
+    head = f"{'metric':<{width}}  value  [{level:.0%} CI, patient bootstrap]"
+    return "\n".join([head] + [f"{n:<{width}}  {c}" for n, c in rows])
