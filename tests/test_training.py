@@ -349,3 +349,36 @@ def test_training_writes_intervals_and_evaluate_mode_reproduces_them(uninterrupt
     assert again["ci"] == rec["ci"]  # the same resamples (seeded)
     z = np.load(moved / "eval" / "test_predictions.npz")
     assert len(z["patient_id"]) == full["test"]["diagnosis"]["labels"]["pneumonia"]["count"]
+
+
+def test_compare_two_runs_pairs_the_rows(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from mmjax.evaluation import compare, delong
+
+    _, src, full = uninterrupted
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(src, a)
+    shutil.copytree(src, b)
+    path = b / "eval" / "test_predictions.npz"
+    z = dict(np.load(path))
+    rng = np.random.default_rng(0)
+    z["pred/diagnosis"] = np.clip(z["pred/diagnosis"] + rng.normal(0, 0.2, z["pred/diagnosis"].shape), 0, 1)
+    np.savez(path, **z)
+    same = compare.compare(str(a), str(a), resamples=100)["metrics"]["macro_auroc"]
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    result = compare.main([str(a), str(b), "--resamples=200", f"--out={tmp_path / 'c.json'}"])
+    assert "p (DeLong)" in capsys.readouterr().out and json.load(open(tmp_path / "c.json"))["rows"] == result["rows"]
+    m = result["metrics"]["macro_auroc"]
+    assert m["a"] == pytest.approx(full["test"]["macro_auroc"], abs=1e-12)
+    assert m["difference"] == pytest.approx(m["a"] - m["b"], abs=1e-12) and m["low"] < m["high"]
+    assert result["metrics"]["severity.mae"]["difference"] == 0  # untouched task: identical on every resample
+    y, known = z["label/diagnosis"][:, 0], z["mask/diagnosis"][:, 0]
+    pa = np.load(a / "eval" / "test_predictions.npz")["pred/diagnosis"][:, 0]
+    expect = delong.delong_test(y[known], pa[known], z["pred/diagnosis"][:, 0][known])
+    name = json.load(open(a / "dataset_spec.json"))["tasks"][0]["label_names"][0]
+    assert result["delong"][f"diagnosis.labels.{name}.auroc"] == pytest.approx(expect)
+    z["patient_id"] = z["patient_id"][::-1]
+    np.savez(path, **z)
+    with pytest.raises(ValueError, match="different rows"):
+        compare.compare(str(a), str(b), resamples=10)
