@@ -84,7 +84,10 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         final_checkpoint="best"))
     c.eval_batch_size = 256
     # the end-of-training and `--mode=evaluate` intervals: patient-level bootstrap (0 resamples: none)
-    c.eval = ml_collections.ConfigDict(dict(bootstrap_resamples=1000, bootstrap_seed=0, level=0.95))
+    c.eval = ml_collections.ConfigDict(dict(
+        bootstrap_resamples=1000, bootstrap_seed=0, level=0.95,
+        calibration_bins=10,  # equal-width bins of the ECE and the reliability diagram
+        operating_point="youden", target_sensitivity=0.9))  # threshold chosen on validation: youden | sensitivity
     c.parallel = "mesh"  # or "pmap"
     c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
     c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from

@@ -10,7 +10,9 @@ rows come from the split of the dataset that `config.data` names. Training write
 for validation and test at its end (`write`).
 
 `config.eval`: `bootstrap_resamples` (default 1000; 0: no intervals), `bootstrap_seed`, `level`
-(0.95).
+(0.95), `calibration_bins` (10), `operating_point` ('youden' or 'sensitivity', with
+`target_sensitivity`): see `mmjax/evaluation/calibration.py`. When the split is not validation,
+temperatures and thresholds are fitted on validation and applied to it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from mmjax.data import pipeline
 from mmjax.data.spec import DatasetSpec
-from mmjax.evaluation import bootstrap, evaluate
+from mmjax.evaluation import bootstrap, calibration, evaluate
 from mmjax.training import checkpoint, parallel
 from mmjax.training.step import make_eval_step
 
@@ -33,16 +35,21 @@ from mmjax.training.step import make_eval_step
 def eval_settings(config) -> dict:
     e = config.get("eval", None) or {}
     return {"resamples": int(e.get("bootstrap_resamples", bootstrap.DEFAULT_RESAMPLES)),
-            "seed": int(e.get("bootstrap_seed", 0)), "level": float(e.get("level", 0.95))}
+            "seed": int(e.get("bootstrap_seed", 0)), "level": float(e.get("level", 0.95)),
+            "bins": int(e.get("calibration_bins", 10)), "rule": str(e.get("operating_point", "youden")),
+            "target_sensitivity": float(e.get("target_sensitivity", 0.9))}
 
 
-def record(collected, tasks, step: int, resamples: int = bootstrap.DEFAULT_RESAMPLES, seed: int = 0,
-           level: float = 0.95) -> dict:
-    """{'step', 'metrics', 'ci', 'bootstrap'}: point metrics and their percentile intervals from
-    `resamples` patient-level resamples (the rows' patient ids are the resampling unit)."""
+def record(collected, tasks, step: int, reference=None, resamples: int = bootstrap.DEFAULT_RESAMPLES, seed: int = 0,
+           level: float = 0.95, bins: int = 10, rule: str = "youden", target_sensitivity: float = 0.9) -> dict:
+    """{'step', 'metrics', 'ci', 'bootstrap', 'calibration', 'operating_points', ...}: point metrics, their
+    percentile intervals from `resamples` patient-level resamples (the rows' patient ids are the
+    resampling unit), calibration and operating points with temperatures and thresholds fitted on
+    `reference` (the validation split's collected predictions; None: on these rows)."""
     preds, labels, masks, ids = collected
     point = evaluate.compute_metrics(preds, labels, masks, tasks)
-    out = {"step": int(step), "metrics": point}
+    out = {"step": int(step), "metrics": point,
+           **calibration.summary(collected, tasks, reference, bins, rule, target_sensitivity)}
     if resamples > 0 and len(ids):
         boot = bootstrap.resample(lambda w: evaluate.compute_metrics(preds, labels, masks, tasks, sample_weight=w),
                                   ids, resamples, seed)
@@ -53,9 +60,11 @@ def record(collected, tasks, step: int, resamples: int = bootstrap.DEFAULT_RESAM
     return out
 
 
-def write(workdir: str, split: str, collected, tasks, step: int, config) -> dict:
-    """Writes `eval/<split>.json` (metrics and intervals) and `eval/<split>_predictions.npz`."""
-    rec = record(collected, tasks, step, **eval_settings(config))
+def write(workdir: str, split: str, collected, tasks, step: int, config, reference=None) -> dict:
+    """Writes `eval/<split>.json` (metrics, intervals, calibration, operating points; temperatures and
+    thresholds fitted on `reference`, the validation split's predictions) and `eval/<split>_predictions.npz`."""
+    rec = record(collected, tasks, step, reference, **eval_settings(config))
+    rec["split"] = split
     folder = os.path.join(workdir, "eval")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{split}.json"), "w") as f:
@@ -148,7 +157,12 @@ class TrainedRun:
         windows = int(self.config.data.get("signal_eval_windows", 0))
         batches = pipeline.eval_batches(builder, self.spec, split, size, signal_windows=windows, **self.data_kwargs())
         collected = self.collect(batches, size)
-        return write(self.workdir, split, collected, self.tasks, self.step, self.config)
+        reference = None
+        if split != "validation" and "validation" in builder.info.splits:  # thresholds and temperatures
+            batches = pipeline.eval_batches(builder, self.spec, "validation", size, signal_windows=windows,
+                                            **self.data_kwargs())
+            reference = self.collect(batches, size)
+        return write(self.workdir, split, collected, self.tasks, self.step, self.config, reference)
 
 
 def _template_batch(config, spec, tasks, modalities) -> dict:

@@ -361,7 +361,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             json.dump({**results, "run": run_info}, f, indent=2)
         print(evaluate.format_table(results, tasks), flush=True)
         for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
-            rec = evaluation_run.write(workdir, split, collected[split], tasks, evaluated_step, config)
+            rec = evaluation_run.write(workdir, split, collected[split], tasks, evaluated_step, config,
+                                       reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(evaluation_run.format_intervals(rec, tasks), flush=True)
     writer.close()

@@ -1,0 +1,147 @@
+"""Calibration and operating points of binary outputs (each binary task, each label of a multilabel
+task).
+
+- Expected calibration error: `sum_b n_b / N * |mean(p) - mean(y)|` over `bins` equal-width bins
+  of the predicted probability (Naeini et al., 2015; Guo et al., 2017), the Brier score
+  `mean((p - y)^2)` and the reliability-diagram data (per bin: count, mean predicted, observed).
+- Temperature scaling (Guo et al., 2017): one scalar T per output fitted on validation by
+  maximum likelihood, `p' = sigmoid(logit(p) / T)`; applied to test on request.
+- Operating points: a threshold chosen on validation, by Youden's J (max sensitivity +
+  specificity - 1) or as the highest threshold reaching a target sensitivity, and sensitivity,
+  specificity, PPV and NPV at it on another split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize
+
+_EPS = 1e-7
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(x) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, np.float64)))
+
+
+def reliability(y, p, bins: int = 10) -> dict:
+    """Per equal-width bin of p: count, mean predicted probability and observed positive fraction
+    (NaN for an empty bin); the last bin includes 1."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        mean_p = np.bincount(index, p, minlength=bins) / count
+        observed = np.bincount(index, y, minlength=bins) / count
+    return {"edges": np.linspace(0, 1, bins + 1).tolist(), "count": count.astype(int).tolist(),
+            "mean_predicted": mean_p.tolist(), "observed": observed.tolist()}
+
+
+def ece(y, p, bins: int = 10) -> float:
+    r = reliability(y, p, bins)
+    count = np.asarray(r["count"], np.float64)
+    gap = np.abs(np.nan_to_num(np.asarray(r["mean_predicted"]) - np.asarray(r["observed"])))
+    return float(np.sum(count * gap) / max(count.sum(), 1))
+
+
+def brier(y, p) -> float:
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    return float(np.mean((p - y) ** 2)) if len(y) else float("nan")
+
+
+def fit_temperature(y, p) -> float:
+    """T > 0 minimizing the binary cross-entropy of sigmoid(logit(p) / T) on (y, p)."""
+    z, y = logit(p), np.asarray(y, np.float64)
+
+    def nll(log_t):
+        q = np.clip(sigmoid(z / np.exp(log_t)), _EPS, 1 - _EPS)
+        return -np.mean(y * np.log(q) + (1 - y) * np.log1p(-q))
+
+    return float(np.exp(optimize.minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded",
+                                                 options={"xatol": 1e-6}).x))
+
+
+def scale(p, temperature: float) -> np.ndarray:
+    return sigmoid(logit(p) / temperature)
+
+
+def choose_threshold(y, p, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """A threshold on p (predict positive when p >= t) from (y, p): `youden` maximizes sensitivity +
+    specificity - 1; `sensitivity` is the highest t whose sensitivity is >= `target_sensitivity`."""
+    y, p = np.asarray(y, bool), np.asarray(p, np.float64)
+    if y.all() or not y.any():
+        raise ValueError("choosing a threshold needs positives and negatives")
+    candidates = np.unique(p)[::-1]  # descending: sensitivity grows along it
+    tp, fp = _counts_at(p[y], candidates), _counts_at(p[~y], candidates)
+    sens, spec = tp / y.sum(), 1 - fp / (~y).sum()
+    if rule == "youden":
+        return float(candidates[np.argmax(sens + spec - 1)])
+    if rule == "sensitivity":
+        return float(candidates[np.argmax(sens >= target_sensitivity)])
+    raise ValueError(f"operating point rule {rule!r}: use 'youden' or 'sensitivity'")
+
+
+def _counts_at(values, thresholds_desc) -> np.ndarray:
+    """How many `values` are >= each threshold (thresholds in descending order)."""
+    return len(values) - np.searchsorted(np.sort(values), thresholds_desc, side="left")
+
+
+def at_threshold(y, p, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV, NPV (NaN when undefined) and counts at `threshold`."""
+    y, hard = np.asarray(y, bool), np.asarray(p, np.float64) >= threshold
+    tp, fp = int(np.sum(hard & y)), int(np.sum(hard & ~y))
+    fn, tn = int(np.sum(~hard & y)), int(np.sum(~hard & ~y))
+    div = lambda a, b: a / b if b else float("nan")
+    return {"threshold": float(threshold), "sensitivity": div(tp, tp + fn), "specificity": div(tn, tn + fp),
+            "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def binary_outputs(preds: dict, labels: dict, masks: dict, tasks) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(output name, task name, y, p) over known rows of every binary output: a binary task ('task'),
+    each label of a multilabel task ('task.label')."""
+    out = []
+    for t in tasks:
+        if t.kind == "binary":
+            known = masks[t.name]
+            out.append((t.name, t.name, labels[t.name][known], preds[t.name][known]))
+        elif t.kind == "multilabel":
+            for k, name in enumerate(t.label_names):
+                known = masks[t.name][:, k]
+                out.append((f"{t.name}.{name}", t.name, labels[t.name][known, k], preds[t.name][known, k]))
+    return out
+
+
+def summary(collected, tasks, reference=None, bins: int = 10, rule: str = "youden",
+            target_sensitivity: float = 0.9) -> dict:
+    """{'calibration': {output: ...}, 'temperature': {task: T}, 'operating_points': {output: ...}} on
+    `collected` (preds, labels, masks, ...); temperatures and thresholds are fitted on `reference`
+    (the validation split's) when given, else on `collected` itself (said in 'fitted_on')."""
+    fit = reference if reference is not None else collected
+    fitted_on = "reference" if reference is not None else "self"
+    outputs = binary_outputs(*collected[:3], tasks)
+    fit_outputs = {name: (y, p) for name, _, y, p in binary_outputs(*fit[:3], tasks)}
+    temperatures = {}
+    for task in dict.fromkeys(task for _, task, _, _ in outputs):  # per task: all its labels' known entries
+        ys = np.concatenate([y for name, t, _, _ in outputs if t == task for y in [fit_outputs[name][0]]])
+        ps = np.concatenate([p for name, t, _, _ in outputs if t == task for p in [fit_outputs[name][1]]])
+        temperatures[task] = fit_temperature(ys, ps) if len(np.unique(ys)) == 2 else 1.0
+    calib, points = {}, {}
+    for name, task, y, p in outputs:
+        scaled = scale(p, temperatures[task])
+        calib[name] = {"ece": ece(y, p, bins), "brier": brier(y, p), "ece_scaled": ece(y, scaled, bins),
+                       "brier_scaled": brier(y, scaled), "reliability": reliability(y, p, bins),
+                       "reliability_scaled": reliability(y, scaled, bins)}
+        fy, fp = fit_outputs[name]
+        try:
+            threshold = choose_threshold(fy, fp, rule, target_sensitivity)
+        except ValueError as e:
+            points[name] = {"error": str(e)}
+            continue
+        points[name] = {"rule": rule, **({"target_sensitivity": target_sensitivity} if rule == "sensitivity" else {}),
+                        **at_threshold(y, p, threshold)}
+    return {"calibration": calib, "temperature": temperatures, "operating_points": points, "fitted_on": fitted_on,
+            "bins": bins}
