@@ -5,7 +5,9 @@ dataset. Running the same command on the same workdir resumes it.
 
 `--mode=evaluate` evaluates a trained workdir instead (its own `config.json`, the best checkpoint
 by validation or `--step`): metrics with patient-level bootstrap intervals in
-`DIR/eval/<split>.json` (`--split`, default test). See `mmjax/evaluation/run.py`.
+`DIR/eval/<split>.json` (`--split`, default test), calibration and operating points, robustness
+to missing and noisy modalities and Shapley values over modalities in `DIR/eval/<split>_robustness.json`.
+See `mmjax/evaluation/run.py`.
 """
 
 import os
@@ -26,13 +28,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MODE.value == "evaluate":
-        from mmjax.evaluation.run import TrainedRun, format_intervals
+        from mmjax.evaluation.run import TrainedRun, format_intervals, format_robustness
 
         run = TrainedRun.load(_WORKDIR.value, _STEP.value)
         rec = run.evaluate(_SPLIT.value)
         print(f"{_SPLIT.value} split, checkpoint step {run.step} of {run.workdir}")
         print(format_intervals(rec, run.tasks))
-        print(f"Written: {os.path.join(run.workdir, 'eval', _SPLIT.value + '.json')}")
+        print(format_robustness(run.analyze(_SPLIT.value)))
+        print(f"Written: {os.path.join(run.workdir, 'eval', _SPLIT.value)}.json, _predictions.npz, _robustness.json, "
+              "_shapley.npz")
         return
     from mmjax.training.train import train_and_evaluate
 

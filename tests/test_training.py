@@ -382,3 +382,32 @@ def test_compare_two_runs_pairs_the_rows(uninterrupted, tmp_path, capsys):
     np.savez(path, **z)
     with pytest.raises(ValueError, match="different rows"):
         compare.compare(str(a), str(b), resamples=10)
+
+
+def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
+    import shutil
+
+    from mmjax.evaluation.run import TrainedRun, format_robustness
+
+    _, src, full = uninterrupted
+    shutil.copytree(src, tmp_path / "w")
+    run = TrainedRun.load(str(tmp_path / "w"))
+    out = run.analyze("test", fractions=(0.0, 0.5, 1.0), sigmas=(0.5,))
+    names = tuple(out["modalities"])
+    assert len(names) == 4 and len(out["subsets"]) == 16
+    flat = {tuple(s["present"]): s["metrics"] for s in out["subsets"]}
+    assert flat[names]["macro_auroc"] == pytest.approx(full["test"]["macro_auroc"], abs=1e-9)
+    for m in names:  # 0% missing is the full model, 100% the model without m
+        curve = out["missing_fraction"][m]
+        assert curve[0]["metrics"] == pytest.approx(flat[names])
+        assert curve[-1]["metrics"] == pytest.approx(flat[tuple(n for n in names if n != m)])
+        assert out["leave_one_out"][m]["macro_auroc"] == pytest.approx(
+            flat[names]["macro_auroc"] - flat[tuple(n for n in names if n != m)]["macro_auroc"])
+    assert "text" not in out["noise"] and len(out["noise"]["image"]) == 1
+    # efficiency: per patient, the modalities' values sum to (all present) - (none present)
+    z = np.load(tmp_path / "w" / "eval" / "test_shapley.npz")
+    np.testing.assert_allclose(z["values"].sum(1), z["full"] - z["empty"], atol=1e-9)
+    assert z["values"].shape == (len(z["patient_id"]), 4, len(z["outputs"]))
+    shap = sum(v["macro_auroc"] for v in out["shapley_metrics"].values())
+    assert shap == pytest.approx(flat[names]["macro_auroc"] - flat[()]["macro_auroc"], abs=1e-12)
+    assert "left out" in format_robustness(out)

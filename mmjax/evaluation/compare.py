@@ -21,21 +21,6 @@ from mmjax.evaluation.delong import delong_test
 from mmjax.evaluation.run import load_predictions
 
 
-def _leaves(tree, prefix=()):
-    """(path, value) of every float metric (counts, class lists and confusion matrices left out)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, (*prefix, k))
-    elif isinstance(tree, (float, np.floating)) or (isinstance(tree, np.ndarray) and tree.ndim == 1):
-        yield prefix, tree
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _tasks(workdir: str, split: str):
     from mmjax.training.train import parse_list
 
@@ -67,11 +52,11 @@ def compare(workdir_a: str, workdir_b: str, split: str = "test", resamples: int 
                                          "b": evaluate.compute_metrics(pb, lb, mb, tasks, sample_weight=w)},
                               ids, resamples, seed)
     out = {}
-    for path, value_a in _leaves(point_a):
-        value_b = _get(point_b, path)
-        diff = bootstrap.paired_difference(_get(boot["a"], path), _get(boot["b"], path), float(value_a - value_b),
-                                           level)
-        out[".".join(path)] = {"a": float(value_a), "b": float(value_b), **diff}
+    flat_b, boot_a, boot_b = (dict(evaluate.flat_metrics(t)) for t in (point_b, boot["a"], boot["b"]))
+    for path, value_a in evaluate.flat_metrics(point_a):
+        value_b = flat_b[path]
+        diff = bootstrap.paired_difference(boot_a[path], boot_b[path], float(value_a - value_b), level)
+        out[path] = {"a": float(value_a), "b": float(value_b), **diff}
     delong = {}
     for t in tasks:
         if t.kind == "binary":

@@ -36,6 +36,16 @@ def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec
     return cat(preds), cat(labels), cat(masks)
 
 
+def flat_metrics(tree, prefix: str = ""):
+    """(dotted path, value) of every float metric of a `compute_metrics` tree (counts, class lists and
+    confusion matrices left out); with [R]-weighted trees, the [R] arrays."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from flat_metrics(v, f"{prefix}{k}.")
+    elif isinstance(tree, (float, np.floating)) or (isinstance(tree, np.ndarray) and tree.ndim == 1):
+        yield prefix[:-1], tree
+
+
 def id_codes(ids) -> np.ndarray:
     """Stable signed 64-bit codes of string ids (the same on every process and run)."""
     import hashlib

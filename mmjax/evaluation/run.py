@@ -18,6 +18,7 @@ temperatures and thresholds are fitted on validation and applied to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from mmjax.data import pipeline
 from mmjax.data.spec import DatasetSpec
-from mmjax.evaluation import bootstrap, calibration, evaluate
+from mmjax.evaluation import bootstrap, calibration, evaluate, robustness
 from mmjax.training import checkpoint, parallel
 from mmjax.training.step import make_eval_step
 
@@ -134,35 +135,104 @@ class TrainedRun:
         return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
                     spectrogram=d.spectrogram)
 
-    def collect(self, batches, batch_size: int):
-        """(preds, labels, masks, ids) over host batches, the model jitted once and sharded over devices."""
+    @functools.cached_property
+    def _predict(self):
+        """predict(host batch) -> host predictions: the model jitted once, batches sharded over devices."""
         windows = int(self.config.data.get("signal_eval_windows", 0))
         windowed = tuple(m.name for m in self.spec.select_modalities(self.modalities) if m.kind == "signal") \
             if windows else ()
         mesh = parallel.make_mesh()
         data_sharding = parallel.batch_sharding(mesh)
-        if batch_size % jax.device_count():
-            raise ValueError(f"batch size {batch_size} must be divisible by the {jax.device_count()} devices")
         step = jax.jit(make_eval_step(self.model, self.tasks, windowed),
                        in_shardings=(parallel.replicated(mesh), data_sharding))
         params = jax.device_put(self.params, parallel.replicated(mesh))
-        predict = lambda b: jax.tree.map(np.asarray, step(params, parallel.global_batch(b, data_sharding)))
+        return lambda b: jax.tree.map(np.asarray, step(params, parallel.global_batch(b, data_sharding)))
+
+    def collect(self, batches, batch_size: int, transform=None):
+        """(preds, labels, masks, ids) over host batches (each through `transform` first, if given)."""
+        if batch_size % jax.device_count():
+            raise ValueError(f"batch size {batch_size} must be divisible by the {jax.device_count()} devices")
+        predict = self._predict if transform is None else (lambda b: self._predict(transform(b)))
         return evaluate.collect(predict, batches, self.tasks, with_ids=True)
 
-    def evaluate(self, split: str = "test") -> dict:
+    def batches(self, split: str):
         builder = pipeline.builder_from_config(self.config.data)
         if split not in builder.info.splits:
             raise ValueError(f"split {split!r} not in the dataset; it has {sorted(builder.info.splits)}")
-        size = self.config.eval_batch_size
         windows = int(self.config.data.get("signal_eval_windows", 0))
-        batches = pipeline.eval_batches(builder, self.spec, split, size, signal_windows=windows, **self.data_kwargs())
+        return pipeline.eval_batches(builder, self.spec, split, self.config.eval_batch_size, signal_windows=windows,
+                                     **self.data_kwargs()), builder
+
+    def evaluate(self, split: str = "test") -> dict:
+        batches, builder = self.batches(split)
+        size = self.config.eval_batch_size
         collected = self.collect(batches, size)
         reference = None
         if split != "validation" and "validation" in builder.info.splits:  # thresholds and temperatures
-            batches = pipeline.eval_batches(builder, self.spec, "validation", size, signal_windows=windows,
-                                            **self.data_kwargs())
-            reference = self.collect(batches, size)
+            reference = self.collect(self.batches("validation")[0], size)
         return write(self.workdir, split, collected, self.tasks, self.step, self.config, reference)
+
+    def analyze(self, split: str = "test", fractions=(0.0, 0.25, 0.5, 0.75, 1.0), sigmas=(0.1, 0.3, 1.0),
+                seed: int = 0) -> dict:
+        """Robustness (every subset of modalities, missing fractions, noise) and Shapley values over
+        modalities (`mmjax/evaluation/robustness.py`); writes `eval/<split>_robustness.json` and the
+        per-patient values to `eval/<split>_shapley.npz`."""
+        size, names = self.config.eval_batch_size, tuple(self.modalities)
+        cached = list(self.batches(split)[0])  # every pass below reuses these host batches
+        kinds = {m.name: m.kind for m in self.spec.select_modalities(names)}
+        metric = lambda c: evaluate.compute_metrics(*c[:3], self.tasks)
+        by_subset = {s: self.collect(cached, size, lambda b, s=s: robustness.hide(b, set(names) - set(s)))
+                     for s in robustness.subsets(names)}
+        ids = by_subset[names][3]
+        metrics = {s: metric(c) for s, c in by_subset.items()}
+        flat = {s: dict(evaluate.flat_metrics(m)) for s, m in metrics.items()}
+        out = {"split": split, "step": self.step, "modalities": list(names),
+               "subsets": [{"present": list(s), "metrics": flat[s]} for s in by_subset],
+               "leave_one_out": {m: {k: flat[names][k] - flat[tuple(n for n in names if n != m)][k]
+                                     for k in flat[names]} for m in names}}
+        keys = list(flat[names])
+        game = {s: np.array([flat[s][k] for k in keys]) for s in by_subset}
+        values = robustness.shapley(game, names) if len(names) <= robustness.MAX_SHAPLEY_MODALITIES else None
+        if values is not None:
+            out["shapley_metrics"] = {m: dict(zip(keys, v.tolist())) for m, v in values.items()}
+            outputs, columns = _output_columns(self.tasks)
+            game = {s: np.concatenate([_columns(c[0][t]) for t in outputs], 1) for s, c in by_subset.items()}
+            per_patient = robustness.shapley(game, names)  # {m: [N, C]}
+            phi = np.stack([per_patient[m] for m in names], 1)  # [N, M, C]
+            out["shapley"] = {"outputs": columns, "mean_abs": {m: dict(zip(columns, np.abs(per_patient[m]).mean(0)
+                                                                               .tolist())) for m in names},
+                              "mean": {m: dict(zip(columns, per_patient[m].mean(0).tolist())) for m in names}}
+            np.savez_compressed(os.path.join(self.workdir, "eval", f"{split}_shapley.npz"), patient_id=ids.astype(str),
+                                values=phi, modalities=np.array(names), outputs=np.array(columns),
+                                full=game[names], empty=game[()])
+        out["missing_fraction"] = {
+            m: [{"fraction": f, "metrics": dict(evaluate.flat_metrics(metric(self.collect(
+                cached, size, lambda b, m=m, f=f: robustness.hide(b, [m], robustness.patient_fraction(
+                    b["patient_id"], m) < f)))))} for f in fractions] for m in names}
+        out["noise"] = {
+            m: [{"sigma": sg, "metrics": dict(evaluate.flat_metrics(metric(self.collect(
+                cached, size, lambda b, m=m, sg=sg, i=i: robustness.add_noise(b, m, sg, seed + 1000 * i)))))}
+                for sg in sigmas] for i, m in enumerate(names) if kinds[m] != "text"}
+        os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
+        with open(os.path.join(self.workdir, "eval", f"{split}_robustness.json"), "w") as f:
+            json.dump(out, f, indent=2, default=_json_default)
+        return out
+
+
+def _output_columns(tasks) -> tuple[list[str], list[str]]:
+    """The tasks with per-patient outputs and a name per output column ('task' or 'task.label')."""
+    columns = []
+    for t in tasks:
+        if t.kind in ("binary", "regression"):
+            columns.append(t.name)
+        else:
+            columns += [f"{t.name}.{n}" for n in t.label_names]
+    return [t.name for t in tasks], columns
+
+
+def _columns(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x[:, None] if x.ndim == 1 else x
 
 
 def _template_batch(config, spec, tasks, modalities) -> dict:
@@ -212,3 +282,19 @@ def format_intervals(rec: dict, tasks) -> str:
     level = rec.get("bootstrap", {}).get("level", 0.95)
     head = f"{'metric':<{width}}  value  [{level:.0%} CI, patient bootstrap]"
     return "\n".join([head] + [f"{n:<{width}}  {c}" for n, c in rows])
+
+
+def format_robustness(out: dict, metric: str = "macro_auroc") -> str:
+    """`metric` with each modality alone, left out, and its Shapley share; noise and missing curves."""
+    names = out["modalities"]
+    flat = {tuple(s["present"]): s["metrics"] for s in out["subsets"]}
+    full = flat[tuple(names)][metric]
+    lines = [f"{metric}: all modalities {full:.4f}, none {flat[()][metric]:.4f}",
+             f"{'modality':<12} {'alone':>8} {'left out':>9} {'Shapley':>8}  missing 0..100%  /  noise sigma"]
+    for m in names:
+        shap = out.get("shapley_metrics", {}).get(m, {}).get(metric, float("nan"))
+        miss = " ".join(f"{x['metrics'][metric]:.3f}" for x in out["missing_fraction"][m])
+        noise = " ".join(f"{x['sigma']:g}:{x['metrics'][metric]:.3f}" for x in out.get("noise", {}).get(m, []))
+        left = flat[tuple(n for n in names if n != m)][metric]
+        lines.append(f"{m:<12} {flat[(m,)][metric]:>8.4f} {left:>9.4f} {shap:>8.4f}  {miss}  /  {noise or '-'}")
+    return "\n".join(lines)
