@@ -27,6 +27,9 @@ _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mmjax.training.console import log_to_workdir
+
+    log_to_workdir(_WORKDIR.value)  # Orbax/TFDS INFO to DIR/mmjax.INFO; --verbosity=0 keeps it on the console
     if _MODE.value == "evaluate":
         from mmjax.evaluation.run import TrainedRun, format_intervals, format_robustness
 

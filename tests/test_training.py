@@ -315,6 +315,9 @@ def test_launch_end_to_end(tiny_builder, tmp_path):
     events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {"train", "validation", "test", "run"} <= {e["event"] for e in events}
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    # Orbax's INFO chatter is in the workdir's log, not on the console
+    assert "CheckpointManager" not in out.stderr + out.stdout
+    assert "CheckpointManager" in open(tmp_path / "mmjax.INFO").read()
 
 
 def test_launch_rejects_an_unknown_config_key(tiny_builder, tmp_path):

@@ -171,6 +171,9 @@ def main():
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from mmjax.training.console import log_to_workdir
+
+        log_to_workdir(workdir.value)
         sweep(config.value, workdir.value)
 
     app.run(run)
