@@ -22,6 +22,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                           "train (resumes a started workdir) or evaluate a trained one.")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: this checkpoint step instead of the best by validation.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
+_ROBUSTNESS = flags.DEFINE_bool("robustness", True, "evaluate: also the robustness passes and Shapley values.")
 
 
 def main(argv):
@@ -29,17 +30,23 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mmjax.training.console import log_to_workdir
 
+    if _MODE.value != "train" and not os.path.isdir(_WORKDIR.value):
+        raise app.UsageError(f"--mode={_MODE.value}: workdir {_WORKDIR.value} does not exist")
     log_to_workdir(_WORKDIR.value)  # Orbax/TFDS INFO to DIR/mmjax.INFO; --verbosity=0 keeps it on the console
     if _MODE.value == "evaluate":
         from mmjax.evaluation.run import TrainedRun, format_intervals, format_robustness
 
         run = TrainedRun.load(_WORKDIR.value, _STEP.value)
         rec = run.evaluate(_SPLIT.value)
-        print(f"{_SPLIT.value} split, checkpoint step {run.step} of {run.workdir}")
+        print(f"{_SPLIT.value} split, checkpoint step {run.step} ({run.chosen}) of {run.workdir}")
         print(format_intervals(rec, run.tasks))
-        print(format_robustness(run.analyze(_SPLIT.value)))
-        print(f"Written: {os.path.join(run.workdir, 'eval', _SPLIT.value)}.json, _predictions.npz, _robustness.json, "
-              "_shapley.npz")
+        written = [f"{_SPLIT.value}.json", f"{_SPLIT.value}_predictions.npz"]
+        if _ROBUSTNESS.value:
+            out = run.analyze(_SPLIT.value)
+            print(format_robustness(out))
+            written.append(f"{_SPLIT.value}_robustness.json")
+            written += [f"{_SPLIT.value}_shapley.npz"] if "shapley" in out else []
+        print(f"Written to {os.path.join(run.workdir, 'eval')}: {', '.join(written)}")
         return
     from mmjax.training.train import train_and_evaluate
 

@@ -24,6 +24,10 @@ def test_shapley_efficiency_and_symmetry_on_a_random_game(m):
     phi = robustness.shapley(game, names)
     np.testing.assert_allclose(sum(phi.values()), game[names] - game[()], atol=1e-12)
     assert len(robustness.subsets(names)) == 2**m
+    # symmetry: a and b interchangeable in the game -> equal values; c a dummy (adds nothing) -> 0
+    sym = {s: float(len({"a", "b"} & set(s)) ** 2) for s in robustness.subsets(("a", "b", "c"))}
+    phi = robustness.shapley(sym, ("a", "b", "c"))
+    assert float(phi["a"]) == pytest.approx(float(phi["b"])) == pytest.approx(2.0) and float(phi["c"]) == 0.0
     with pytest.raises(ValueError, match="at most 6"):
         robustness.shapley({}, tuple("abcdefg"))
 

@@ -155,6 +155,9 @@ def test_best_checkpoint_is_kept_with_the_latest(tiny_builder, tmp_path, paralle
     # the final evaluation uses the best checkpoint (train.final_checkpoint='best')
     assert results["run"]["evaluated_step"] == best
     assert results["validation"]["macro_auroc"] == pytest.approx(aurocs[best], abs=1e-9)
+    again = train_and_evaluate(config, str(tmp_path))  # relaunching the finished run: evaluation only
+    assert again["run"]["steps_run"] == 0 and again["run"]["evaluated_step"] == best
+    assert again["test"]["macro_auroc"] == pytest.approx(results["test"]["macro_auroc"], abs=1e-12)
 
 
 @pytest.mark.parametrize("lower", [False, True])
@@ -346,7 +349,7 @@ def test_training_writes_intervals_and_evaluate_mode_reproduces_them(uninterrupt
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--workdir={moved}", "--mode=evaluate"],
                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "checkpoint step 7" in out.stdout and "95% CI" in out.stdout
+    assert "checkpoint step 7 (best by validation macro_auroc)" in out.stdout and "95% CI" in out.stdout
     again = json.load(open(moved / "eval" / "test.json"))
     assert again["metrics"] == json.loads(json.dumps(rec["metrics"]))
     assert again["ci"] == rec["ci"]  # the same resamples (seeded)

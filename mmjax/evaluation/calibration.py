@@ -4,8 +4,11 @@ task).
 - Expected calibration error: `sum_b n_b / N * |mean(p) - mean(y)|` over `bins` equal-width bins
   of the predicted probability (Naeini et al., 2015; Guo et al., 2017), the Brier score
   `mean((p - y)^2)` and the reliability-diagram data (per bin: count, mean predicted, observed).
-- Temperature scaling (Guo et al., 2017): one scalar T per output fitted on validation by
-  maximum likelihood, `p' = sigmoid(logit(p) / T)`; applied to test on request.
+- Temperature scaling (Guo et al., 2017): one scalar T per task (over all its labels' known
+  entries) fitted on validation by maximum likelihood, `p' = sigmoid(logit(p) / T)`, T searched in
+  [e^-4, e^4] (a value at a bound is flagged); the logits are recovered from the stored float
+  probabilities (clipped at 1e-7), which is exact away from saturation. Multiclass tasks are not
+  covered yet.
 - Operating points: a threshold chosen on validation, by Youden's J (max sensitivity +
   specificity - 1) or as the highest threshold reaching a target sensitivity, and sensitivity,
   specificity, PPV and NPV at it on another split.
@@ -128,10 +131,11 @@ def summary(collected, tasks, reference=None, bins: int = 10, rule: str = "youde
     for task in dict.fromkeys(task for _, task, _, _ in outputs):  # per task: all its labels' known entries
         ys = np.concatenate([y for name, t, _, _ in outputs if t == task for y in [fit_outputs[name][0]]])
         ps = np.concatenate([p for name, t, _, _ in outputs if t == task for p in [fit_outputs[name][1]]])
-        temperatures[task] = fit_temperature(ys, ps) if len(np.unique(ys)) == 2 else 1.0
+        temperatures[task] = fit_temperature(ys, ps) if len(np.unique(ys)) == 2 else float("nan")
     calib, points = {}, {}
+    at_bound = sorted(t for t, v in temperatures.items() if v == v and abs(np.log(v)) > 3.99)
     for name, task, y, p in outputs:
-        scaled = scale(p, temperatures[task])
+        scaled = scale(p, temperatures[task]) if temperatures[task] == temperatures[task] else p
         calib[name] = {"ece": ece(y, p, bins), "brier": brier(y, p), "ece_scaled": ece(y, scaled, bins),
                        "brier_scaled": brier(y, scaled), "reliability": reliability(y, p, bins),
                        "reliability_scaled": reliability(y, scaled, bins)}
@@ -143,5 +147,5 @@ def summary(collected, tasks, reference=None, bins: int = 10, rule: str = "youde
             continue
         points[name] = {"rule": rule, **({"target_sensitivity": target_sensitivity} if rule == "sensitivity" else {}),
                         **at_threshold(y, p, threshold)}
-    return {"calibration": calib, "temperature": temperatures, "operating_points": points, "fitted_on": fitted_on,
-            "bins": bins}
+    return {"calibration": calib, "temperature": temperatures, "temperature_at_bound": at_bound,
+            "operating_points": points, "fitted_on": fitted_on, "bins": bins}

@@ -87,8 +87,11 @@ def format_comparison(result: dict) -> str:
                      f"{d['p_value']:.3f}" if "p_value" in d else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    note = ("\nNote: patients have several rows; DeLong's test treats rows as independent (its p-values run "
+            "low), the bootstrap resamples patients" if result["patients"] < result["rows"] else "")
     return (f"A = {result['a']}\nB = {result['b']}\n{result['split']} split: {result['rows']} rows, "
-            f"{result['patients']} patients, {result['bootstrap']['resamples']} paired resamples\n" + "\n".join(lines))
+            f"{result['patients']} patients, {result['bootstrap']['resamples']} paired resamples\n" + "\n".join(lines)
+            + note)
 
 
 def main(argv=None):

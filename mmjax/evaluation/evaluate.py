@@ -62,18 +62,23 @@ def _binary(y, p, known, w) -> dict:
             "positives": int(y.sum()), "count": int(len(y))}
 
 
-def _mean(values: list):
-    """Mean ignoring NaN of floats, or elementwise of [R] arrays."""
+def _mean(values: list, defined: list | None = None):
+    """Mean of the metrics of several outputs: of floats, ignoring NaN; of [R] arrays (resamples), over
+    the outputs `defined` on the full data, a resample where one of them is undefined (e.g. no positive
+    drawn) giving NaN, so every resample averages the same outputs as the point estimate."""
     if not values:
         return float("nan")
-    mean = metrics.nanmean(np.stack([np.asarray(v, np.float64) for v in values], -1))
-    return float(mean) if np.ndim(mean) == 0 else mean
+    stacked = np.stack([np.asarray(v, np.float64) for v in values], -1)
+    if stacked.ndim == 1:
+        return float(metrics.nanmean(stacked))
+    keep = np.asarray(defined if defined is not None else [True] * len(values), bool)
+    return stacked[:, keep].mean(-1) if keep.any() else np.full(len(stacked), np.nan)
 
 
 def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[TaskSpec], sample_weight=None) -> dict:
     """Every task's metrics; with `sample_weight` [R, N] (R weightings of the rows, e.g. bootstrap counts)
     every metric is an array [R] (counts stay the unweighted integers)."""
-    results, aurocs = {}, []
+    results, aurocs, defined = {}, [], []
     w = sample_weight
     for t in tasks:
         p, y, known = preds[t.name], labels[t.name], masks[t.name]
@@ -84,17 +89,26 @@ def compute_metrics(preds: dict, labels: dict, masks: dict, tasks: Sequence[Task
         elif t.kind == "binary":
             results[t.name] = _binary(y, p, known, w)
             aurocs.append(results[t.name]["auroc"])
+            defined.append(_two_classes(results[t.name]))
         elif t.kind == "multiclass":
             results[t.name] = {**metrics.multiclass(y[known], p[known], None if w is None else w[..., known]),
                                "classes": list(t.label_names)}
             aurocs.append(results[t.name]["macro_auroc"])
+            defined.append(len(np.unique(y[known])) > 1)
         else:
             per = {name: _binary(y[:, k], p[:, k], known[:, k], w) for k, name in enumerate(t.label_names)}
-            macro = {m: _mean([r[m] for r in per.values()]) for m in ("auroc", "auprc", "f1", "accuracy")}
+            ok = [_two_classes(r) for r in per.values()]
+            macro = {m: _mean([r[m] for r in per.values()], ok) for m in ("auroc", "auprc", "f1", "accuracy")}
             results[t.name] = {"labels": per, **{f"macro_{m}": v for m, v in macro.items()}}
             aurocs += [r["auroc"] for r in per.values()]
-    results["macro_auroc"] = _mean(aurocs)
+            defined += ok
+    results["macro_auroc"] = _mean(aurocs, defined)
     return results
+
+
+def _two_classes(r: dict) -> bool:
+    """Whether a binary output's known labels hold both classes (its AUROC is defined)."""
+    return 0 < r["positives"] < r["count"]
 
 
 def format_table(results: dict, tasks: Sequence[TaskSpec]) -> str:

@@ -7,12 +7,13 @@ All of it comes from running the trained model on altered copies of the evaluati
 - missing fraction: one modality removed for a fraction f of the patients (0 to 100%; the same
   patients at every f that contains them, chosen by a hash of the patient id and modality).
 - noise: Gaussian noise of standard deviation sigma added to one modality's real input values, in
-  the model's input units (images in [0, 1] scaled by the dataset's normalization, tabular
-  standardized, signals normalized); not for text (token ids).
+  the model's input units (images standardized per channel, tabular standardized, signals
+  normalized, or their log-spectrogram with `data.spectrogram`); not for text (token ids).
 - Shapley values (Shapley, 1953), exact over the 2^M subsets, M <= 6: per patient and output, the
   value of a coalition S is the model's prediction with only S present, so the values of a patient
   sum to (all present) - (none present) (efficiency); and on the metrics, the value of S is the
-  metric with only S present. Leave-one-modality-out deltas beside them.
+  metric with only S present. Leave-one-modality-out deltas beside them. With more than 6
+  modalities only each modality alone and each left out are run (no Shapley values).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import zlib
 
 import numpy as np
 
@@ -41,11 +43,13 @@ def hide(batch: dict, absent, rows=None) -> dict:
     return out
 
 
-def add_noise(batch: dict, modality: str, sigma: float, seed: int) -> dict:
-    """A copy of `batch` with N(0, sigma^2) added to `modality`'s values where they are real."""
+def add_noise(batch: dict, modality: str, sigma: float, seed) -> dict:
+    """A copy of `batch` with N(0, sigma^2) added to `modality`'s values where they are real; the draw
+    depends on `seed` and the batch's patient ids (so every batch gets its own noise, reproducibly)."""
     entry = batch[modality]
     values = np.asarray(entry["values"], np.float32)
-    rng = np.random.default_rng(seed)
+    key = zlib.crc32("\x00".join(map(str, np.asarray(batch["patient_id"]).ravel())).encode())
+    rng = np.random.default_rng([*np.ravel(seed), key])
     noise = rng.normal(0.0, sigma, values.shape).astype(np.float32)
     if "mask" in entry:  # [B, T] or [B, F]: per position
         mask = np.asarray(entry["mask"], bool)

@@ -68,8 +68,7 @@ def write(workdir: str, split: str, collected, tasks, step: int, config, referen
     rec["split"] = split
     folder = os.path.join(workdir, "eval")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{split}.json"), "w") as f:
-        json.dump(rec, f, indent=2, default=_json_default)
+    dump_json(rec, os.path.join(folder, f"{split}.json"))
     preds, labels, masks, ids = collected
     np.savez_compressed(os.path.join(folder, f"{split}_predictions.npz"), patient_id=np.asarray(ids, str),
                         **{f"pred/{k}": v for k, v in preds.items()}, **{f"label/{k}": v for k, v in labels.items()},
@@ -88,12 +87,24 @@ def load_predictions(workdir: str, split: str, tasks) -> tuple:
     return get("pred"), get("label"), get("mask"), z["patient_id"]
 
 
-def _json_default(x):
+def _plain(x):
+    """JSON-ready: arrays as lists, NaN and infinities as null (strict JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _plain(x.tolist())
     if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serializable: {type(x)}")
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(_plain(obj), f, indent=2, allow_nan=False)
 
 
 @dataclasses.dataclass
@@ -108,12 +119,16 @@ class TrainedRun:
     model: object
     params: object
     step: int
+    chosen: str = ""  # how the step was chosen
 
     @classmethod
     def load(cls, workdir: str, step: int | None = None) -> TrainedRun:
         from mmjax.training.train import build_model, lower_is_better, parse_list
 
         workdir = os.path.abspath(workdir)
+        if jax.process_count() > 1:
+            raise NotImplementedError("evaluating a workdir runs in one process (on all its local devices); "
+                                      f"this is process {jax.process_index()} of {jax.process_count()}")
         for name in ("config.json", "dataset_spec.json"):
             if not os.path.exists(os.path.join(workdir, name)):
                 raise FileNotFoundError(f"{workdir} has no {name}: not a training workdir")
@@ -123,12 +138,13 @@ class TrainedRun:
         tasks = spec.select_tasks(parse_list(config.tasks))
         modalities = tuple(m.name for m in spec.select_modalities(parse_list(config.modalities)))
         model = build_model(config, spec, tasks)
+        chosen = "--step"
         if step is None:
-            step = checkpoint.best_step(workdir, config.best_metric, lower_is_better(config.best_metric))
+            step, chosen = checkpoint.best_step(workdir, config.best_metric, lower_is_better(config.best_metric))
         batch = _template_batch(config, spec, tasks, modalities)
         template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False)["params"])
         params, step = checkpoint.restore_params(workdir, template, step=step)
-        return cls(workdir, config, spec, tasks, modalities, model, params, int(step))
+        return cls(workdir, config, spec, tasks, modalities, model, params, int(step), chosen)
 
     def data_kwargs(self) -> dict:
         d = self.config.data
@@ -178,11 +194,15 @@ class TrainedRun:
         modalities (`mmjax/evaluation/robustness.py`); writes `eval/<split>_robustness.json` and the
         per-patient values to `eval/<split>_shapley.npz`."""
         size, names = self.config.eval_batch_size, tuple(self.modalities)
+        os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
         cached = list(self.batches(split)[0])  # every pass below reuses these host batches
         kinds = {m.name: m.kind for m in self.spec.select_modalities(names)}
         metric = lambda c: evaluate.compute_metrics(*c[:3], self.tasks)
+        exact = len(names) <= robustness.MAX_SHAPLEY_MODALITIES
+        chosen = robustness.subsets(names) if exact else [()] + [(m,) for m in names] + [
+            tuple(n for n in names if n != m) for m in names] + [names]  # > 6: alone and left out only
         by_subset = {s: self.collect(cached, size, lambda b, s=s: robustness.hide(b, set(names) - set(s)))
-                     for s in robustness.subsets(names)}
+                     for s in dict.fromkeys(chosen)}
         ids = by_subset[names][3]
         metrics = {s: metric(c) for s, c in by_subset.items()}
         flat = {s: dict(evaluate.flat_metrics(m)) for s, m in metrics.items()}
@@ -192,8 +212,8 @@ class TrainedRun:
                                      for k in flat[names]} for m in names}}
         keys = list(flat[names])
         game = {s: np.array([flat[s][k] for k in keys]) for s in by_subset}
-        values = robustness.shapley(game, names) if len(names) <= robustness.MAX_SHAPLEY_MODALITIES else None
-        if values is not None:
+        if exact:
+            values = robustness.shapley(game, names)
             out["shapley_metrics"] = {m: dict(zip(keys, v.tolist())) for m, v in values.items()}
             outputs, columns = _output_columns(self.tasks)
             game = {s: np.concatenate([_columns(c[0][t]) for t in outputs], 1) for s, c in by_subset.items()}
@@ -205,17 +225,16 @@ class TrainedRun:
             np.savez_compressed(os.path.join(self.workdir, "eval", f"{split}_shapley.npz"), patient_id=ids.astype(str),
                                 values=phi, modalities=np.array(names), outputs=np.array(columns),
                                 full=game[names], empty=game[()])
-        out["missing_fraction"] = {
-            m: [{"fraction": f, "metrics": dict(evaluate.flat_metrics(metric(self.collect(
-                cached, size, lambda b, m=m, f=f: robustness.hide(b, [m], robustness.patient_fraction(
-                    b["patient_id"], m) < f)))))} for f in fractions] for m in names}
-        out["noise"] = {
-            m: [{"sigma": sg, "metrics": dict(evaluate.flat_metrics(metric(self.collect(
-                cached, size, lambda b, m=m, sg=sg, i=i: robustness.add_noise(b, m, sg, seed + 1000 * i)))))}
-                for sg in sigmas] for i, m in enumerate(names) if kinds[m] != "text"}
-        os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
-        with open(os.path.join(self.workdir, "eval", f"{split}_robustness.json"), "w") as f:
-            json.dump(out, f, indent=2, default=_json_default)
+        def score(transform) -> dict:
+            return dict(evaluate.flat_metrics(metric(self.collect(cached, size, transform))))
+
+        out["missing_fraction"] = {m: [{"fraction": f, "metrics": score(
+            lambda b, m=m, f=f: robustness.hide(b, [m], robustness.patient_fraction(b["patient_id"], m) < f))}
+            for f in fractions] for m in names}
+        out["noise"] = {m: [{"sigma": sg, "metrics": score(
+            lambda b, m=m, sg=sg, i=i: robustness.add_noise(b, m, sg, (seed, i)))} for sg in sigmas]
+            for i, m in enumerate(names) if kinds[m] != "text"}
+        dump_json(out, os.path.join(self.workdir, "eval", f"{split}_robustness.json"))
         return out
 
 
@@ -280,7 +299,7 @@ def format_intervals(rec: dict, tasks) -> str:
             add(f"{t.name} mae", [t.name, "mae"])
     width = max(len(r[0]) for r in rows)
     level = rec.get("bootstrap", {}).get("level", 0.95)
-    head = f"{'metric':<{width}}  value  [{level:.0%} CI, patient bootstrap]"
+    head = f"{'metric':<{width}}  value" + (f"  [{level:.0%} CI, patient bootstrap]" if ci else "")
     return "\n".join([head] + [f"{n:<{width}}  {c}" for n, c in rows])
 
 

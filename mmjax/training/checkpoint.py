@@ -26,33 +26,43 @@ import orbax.checkpoint as ocp
 from mmjax.training.state import TrainState
 
 
+def _best_fn(metric: str, lower_is_better: bool):
+    """The value orbax ranks checkpoints by (higher is better): the metric, negated for errors; NaN worst."""
+    sign = -1.0 if lower_is_better else 1.0
+
+    def value(m):
+        v = float(m[metric])
+        return sign * v if v == v else -float("inf")
+
+    return value
+
+
 def make_manager(directory: str, every: int, keep: int, metric: str = "macro_auroc",
                  lower_is_better: bool = False) -> ocp.CheckpointManager:
-    sign = -1.0 if lower_is_better else 1.0  # BestN keeps the highest value
+    rank = _best_fn(metric, lower_is_better)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: sign * m[metric], n=1,
-                                      keep_checkpoints_without_metrics=False),
+        ocp.checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False),
     ])
     # best_fn makes the manager store each save's metrics, without which BestN sees none and keeps nothing
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, preservation_policy=policy,
-                                           best_fn=lambda m: m[metric], best_mode="min" if lower_is_better else "max",
+                                           best_fn=rank, best_mode="max",
                                            enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 
 
-def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> int:
-    """The step of the best checkpoint by the validation `metric` stored with it, else (no metrics
-    stored, e.g. a run without validation) the latest."""
+def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> tuple[int, str]:
+    """(step, how it was chosen): the best checkpoint by the validation `metric` stored with it, else
+    (no metric stored: a run without validation, or saved before metrics were stored) the latest."""
     directory = checkpoint_directory(directory)
-    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m[metric],
-                                           best_mode="min" if lower_is_better else "max")
+    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=_best_fn(metric, lower_is_better), best_mode="max")
     with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
-        step = manager.best_step()
-        step = manager.latest_step() if step is None else step
+        step, how = manager.best_step(), f"best by validation {metric}"
+        if step is None or manager.metrics(step) is None:
+            step, how = manager.latest_step(), "latest: no validation metric stored with the checkpoints"
     if step is None:
         raise FileNotFoundError(f"{directory}: no checkpoint found")
-    return int(step)
+    return int(step), how
 
 
 def save(manager, step: int, state: TrainState, data_state: dict | None, metrics: dict | None = None,

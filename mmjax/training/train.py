@@ -189,6 +189,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                                 config.eval_batch_size // n_proc, **data_kw)))
     splits = set(builder.info.splits)
     validate = "validation" in splits
+    if validate and config.train.checkpoint_every % config.train.eval_every:
+        print(f"Warning: train.checkpoint_every={config.train.checkpoint_every} is not a multiple of "
+              f"train.eval_every={config.train.eval_every}: the best checkpoint is chosen only among the "
+              "checkpoints that fall on an evaluation", flush=True)
     if not validate:
         print("Note: the dataset has no validation split: no validation during training, the last "
               "checkpoint is kept as the best", flush=True)
@@ -243,8 +247,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def restore_step(s):
         """The train state of checkpoint `s`, placed as the loop's state is."""
-        restored, _ = checkpoint.restore(manager, abstract_state(host_state(state)), s)
-        return parallel.replicate(jax.device_get(restored)) if config.parallel == "pmap" else restored
+        if config.parallel == "pmap":  # the state is host arrays here when a finished run is relaunched
+            template = jax.device_put(jax.device_get(host_state(state)), jax.devices()[0])
+            restored, _ = checkpoint.restore(manager, abstract_state(template), s)
+            return parallel.replicate(jax.device_get(restored))
+        return checkpoint.restore(manager, abstract_state(state), s)[0]
 
     def predict(params, batch):
         out = eval_step(params, put(batch))
@@ -262,8 +269,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if n_proc > 1:
             from jax.experimental import multihost_utils
 
-            ids = evaluate.id_codes(ids)  # strings do not gather; stable 64-bit codes do
-            preds, labels, masks, ids = multihost_utils.process_allgather((preds, labels, masks, ids), tiled=True)
+            # strings do not gather; stable 64-bit codes do, as 8 bytes each (int64 would be cut to int32 without x64)
+            codes = evaluate.id_codes(ids).view(np.uint8).reshape(-1, 8)
+            preds, labels, masks, codes = multihost_utils.process_allgather((preds, labels, masks, codes), tiled=True)
+            ids = np.ascontiguousarray(np.asarray(codes, np.uint8)).view(np.int64).ravel()
         collected[split] = (preds, labels, masks, ids)
         return evaluate.compute_metrics(preds, labels, masks, tasks)
 

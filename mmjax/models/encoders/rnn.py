@@ -103,10 +103,13 @@ class RNNEncoder(EncoderBase):
         if self.cell not in GATES:
             raise ValueError(f"rnn cell={self.cell!r}; use one of {sorted(GATES)}")
         order = jnp.argsort(~mask, axis=1, stable=True)  # valid tokens first, in order
-        ids, valid = (jnp.take_along_axis(a, order, axis=1) for a in (ids, mask))
+        valid = jnp.take_along_axis(mask, order, axis=1)
         lengths = jnp.sum(valid, axis=1)
         emb = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embedding")
-        x = jnp.where(valid[..., None], emb(ids).astype(self.dtype), 0)
+        # embedded in the input's order, then reordered: the embedding output lines up with the tokens
+        # (what integrated gradients on text intercept)
+        x = jnp.take_along_axis(emb(ids).astype(self.dtype), order[..., None], axis=1)
+        x = jnp.where(valid[..., None], x, 0)
         for i in range(self.layers):
             if i:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
