@@ -12,6 +12,7 @@ See `mmjax/evaluation/run.py`.
 
 import os
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,6 +24,10 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
 _STEP = flags.DEFINE_integer("step", None, "evaluate: this checkpoint step instead of the best by validation.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
 _ROBUSTNESS = flags.DEFINE_bool("robustness", True, "evaluate: also the robustness passes and Shapley values.")
+_EXPLAIN = flags.DEFINE_integer("explain", 4, "evaluate: integrated gradients (and attention maps) for this many "
+                                "patients of the split (0: none).")
+_OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explained, 'task' or 'task.label' "
+                              "(default: the first classification output).")
 
 
 def main(argv):
@@ -46,6 +51,12 @@ def main(argv):
             print(format_robustness(out))
             written.append(f"{_SPLIT.value}_robustness.json")
             written += [f"{_SPLIT.value}_shapley.npz"] if "shapley" in out else []
+        if _EXPLAIN.value:
+            ex = run.explain(_SPLIT.value, _EXPLAIN.value, _OUTPUT.value)
+            gap = float(np.max(np.abs(ex["completeness_gap"])))
+            print(f"Integrated gradients of {ex['output']} for {len(ex['patient_id'])} patients (completeness "
+                  f"gap at most {gap:.2e})")
+            written.append(f"{_SPLIT.value}_attributions.npz")
         print(f"Written to {os.path.join(run.workdir, 'eval')}: {', '.join(written)}")
         return
     from mmjax.training.train import train_and_evaluate

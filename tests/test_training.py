@@ -417,3 +417,10 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
     shap = sum(v["macro_auroc"] for v in out["shapley_metrics"].values())
     assert shap == pytest.approx(flat[names]["macro_auroc"] - flat[()]["macro_auroc"], abs=1e-12)
     assert "left out" in format_robustness(out)
+    ex = run.explain("test", count=3)
+    assert list(ex["patient_id"]) == list(z["patient_id"][:3])
+    assert ex["attribution/image"].shape[:1] == (3,) and ex["tokens/text"].shape == ex["attribution/text"].shape
+    change = np.abs(ex["f_input"] - ex["f_baseline"])
+    np.testing.assert_allclose(ex["completeness_gap"], 0, atol=0.02 * change.max() + 1e-4)
+    assert ex["attention"].shape[:2] == (3, 1) and ex["token_modality"].shape == ex["attention"].shape[-1:]
+    assert np.load(tmp_path / "w" / "eval" / "test_attributions.npz")["output"] == ex["output"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from mmjax.data import pipeline
 from mmjax.data.spec import DatasetSpec
-from mmjax.evaluation import bootstrap, calibration, evaluate, robustness
+from mmjax.evaluation import attribution, bootstrap, calibration, evaluate, robustness
 from mmjax.training import checkpoint, parallel
 from mmjax.training.step import make_eval_step
 
@@ -236,6 +236,59 @@ class TrainedRun:
             for i, m in enumerate(names) if kinds[m] != "text"}
         dump_json(out, os.path.join(self.workdir, "eval", f"{split}_robustness.json"))
         return out
+
+
+    def explain(self, split: str = "test", count: int = 4, output: str = "", steps: int = 64) -> dict:
+        """Integrated gradients of one output (`task` or `task.label`; default: the first classification
+        task's first label) for the first `count` patients of `split`, every modality's input at once
+        (`mmjax/evaluation/attribution.py`), and the fusion's attention maps when it has them; written to
+        `eval/<split>_attributions.npz`."""
+        task, index, name = self._output(output)
+        rows = None
+        for batch in self.batches(split)[0]:
+            rows = np.flatnonzero(np.asarray(batch["example_mask"]))[:count]
+            break
+        if rows is None or not len(rows):
+            raise ValueError(f"split {split!r} has no rows to explain")
+        batch = jax.tree.map(lambda x: np.asarray(x)[rows], batch)
+        kinds = {m.name: m.kind for m in self.spec.select_modalities(self.modalities)}
+        device = parallel.device_batch(batch)
+        f = attribution.output_fn(self.model, self.tasks, task, index)
+        a = attribution.integrated_gradients(self.model, self.params, device, f, kinds, steps)
+        out = {"patient_id": np.asarray(batch["patient_id"]).astype(str), "output": np.array(name),
+               "f_input": a["_f_input"], "f_baseline": a["_f_baseline"], "completeness_gap":
+               attribution.completeness_gap(a), "modalities": np.array(list(kinds)),
+               "kinds": np.array([kinds[m] for m in kinds])}
+        for m, kind in kinds.items():
+            out[f"attribution/{m}"] = attribution.heatmap(a[m], kind)
+            out[f"present/{m}"] = np.asarray(batch[m]["present"])
+            if kind == "text":
+                vocab = np.array(self.spec.modality(m).vocab)
+                out[f"tokens/{m}"] = np.where(np.asarray(batch[m]["mask"]), vocab[np.asarray(batch[m]["values"])], "")
+            else:
+                out[f"input/{m}"] = np.asarray(batch[m]["values"])
+        _, aux = self.model.apply({"params": self.params}, device, train=False)
+        if "attention" in aux:  # [layers] of [B, heads, T, T] -> [B, layers, T, T], mean over heads
+            out["attention"] = np.stack([np.asarray(w).mean(1) for w in aux["attention"]], 1)
+            out["token_modality"] = np.asarray(aux["token_modality"])
+        np.savez_compressed(os.path.join(self.workdir, "eval", f"{split}_attributions.npz"), **out)
+        return out
+
+    def _output(self, output: str) -> tuple[str, int | None, str]:
+        """(task, index, name) of 'task' or 'task.label' (default: the first classification output)."""
+        tasks = {t.name: t for t in self.tasks}
+        if not output:
+            t = next((t for t in self.tasks if t.kind != "regression"), self.tasks[0])
+            output = t.name if t.kind in ("binary", "regression") else f"{t.name}.{t.label_names[0]}"
+        task, _, label = output.partition(".")
+        if task not in tasks:
+            raise ValueError(f"explain output {output!r}: no task {task!r}; tasks are {sorted(tasks)}")
+        t = tasks[task]
+        if t.kind in ("binary", "regression"):
+            return task, None, task
+        if label not in t.label_names:
+            raise ValueError(f"explain output {output!r}: task {task!r} has labels {list(t.label_names)}")
+        return task, list(t.label_names).index(label), output
 
 
 def _output_columns(tasks) -> tuple[list[str], list[str]]:
