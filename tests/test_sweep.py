@@ -67,6 +67,11 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
     (run / "results.json").write_text(json.dumps({"test": {"dx": {"accuracy": 1.0}}, "run": {"wall_seconds": 1}}))
     with pytest.raises(ValueError, match="another config.*model.width"):
         sweep.sweep(c, str(tmp_path))
+    # the sweep block only chooses runs: a run made by a wider sweep is read back by a narrower one
+    del stale["model"]["width"]
+    stale["sweep"]["fusions"] = "concat,late,mean"
+    (run / "config.json").write_text(json.dumps(stale))
+    sweep._check_same_config(c, str(run))
 
 
 def test_sweep_rejects_an_unknown_fusion(tmp_path):

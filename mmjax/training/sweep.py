@@ -63,7 +63,9 @@ def _check_same_config(config, workdir: str) -> None:
     with open(path) as f:
         before = json.load(f)
     now = json.loads(config.to_json_best_effort())
-    differ = sorted(k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k))
+    # the sweep block says which runs to make, not how to make one: a narrower sweep reuses them
+    flat_before, flat_now = ({k: v for k, v in _flat(d).items() if not k.startswith("sweep.")} for d in (before, now))
+    differ = sorted(k for k in set(flat_before) | set(flat_now) if flat_before.get(k) != flat_now.get(k))
     if differ:
         raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "
                          f"use another sweep workdir or remove that run")
