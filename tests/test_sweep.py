@@ -69,6 +69,7 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
         sweep.sweep(c, str(tmp_path))
     # the sweep block only chooses runs: a run made by a wider sweep is read back by a narrower one
     del stale["model"]["width"]
+    stale["model"]["fusion"]["name"] = c.model.fusion.name  # as sweep() sets it for the run
     stale["sweep"]["fusions"] = "concat,late,mean"
     (run / "config.json").write_text(json.dumps(stale))
     sweep._check_same_config(c, str(run))
