@@ -7,16 +7,15 @@ r"""The fusion sweep: every registered fusion x 3 seeds, on `synthetic_patients`
 
 `dataset=synthetic_patients` (default) or `iu_xray` (the two text modalities of the Indiana reports)
 takes that experiment's config and shortens its schedule so that the whole sweep fits a 2-core
-machine: synthetic 400 steps of 64 (the default experiment trains 1,500), IU X-ray 300 steps of 64
+machine: synthetic 300 steps of 64 (the default experiment trains 1,500), IU X-ray 300 steps of 64
 with 64 text tokens (the experiment: 1,000 steps, 96 tokens). Width and depth come from the usual
-flags. `smoke` is a tiny sweep. Results and timings: README, "Fusion sweep".
+flags. `smoke` is a tiny sweep. Each run is tested at its best validation checkpoint.
 
-Results (2-core AMD EPYC CPU VM, 2026-11-28, synthetic, 400 steps, seeds 0-2), test macro-AUROC:
-cross_attention 0.848 +- 0.007 (161 s per run), concat 0.839 +- 0.008 (112 s), cross_attention
-before the skip/gate fix 0.828 +- 0.001 (132 s); bottleneck 0.837 (seed 0 only, 348 s with other
-jobs running). At 1,500 steps (`--config.train.num_steps=1500`, 3 seeds): cross_attention
-0.887 +- 0.007 (mean 0.8866), concat 0.887 +- 0.003 (mean 0.8874). The whole sweep (12 fusions
-x 3 seeds) was not run: at 2.5-6 minutes per run it needs 1.5-2.5 hours on this machine.
+Results (2-core AMD EPYC CPU VM, 2026-11-29, synthetic, 300 steps, seeds 0-2; README "Fusion
+sweep" has the table), test macro-AUROC: tensor 0.835, bottleneck 0.828, cross_attention 0.828,
+weighted_late 0.828, late 0.826, sum 0.824, concat 0.824, gated 0.822, perceiver 0.821, mean
+0.816, low_rank 0.800; pairwise_cross seed 0 only (0.826, 421 s a run). Sum of per-run train wall
+on an idle machine about 75 minutes.
 """
 
 import os
