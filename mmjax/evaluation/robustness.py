@@ -18,7 +18,6 @@ All of it comes from running the trained model on altered copies of the evaluati
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import zlib
@@ -59,8 +58,10 @@ def add_noise(batch: dict, modality: str, sigma: float, seed) -> dict:
 
 def patient_fraction(ids, modality: str) -> np.ndarray:
     """A number in [0, 1) per row from a hash of (patient id, modality): rows below f are the f-fraction."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{i}\x00{modality}".encode(), digest_size=8).digest(), "little")
-                     / 2.0**64 for i in np.asarray(ids).ravel()])
+    from mmjax.evaluation.evaluate import id_codes
+
+    codes = id_codes([f"{i}\x00{modality}" for i in np.asarray(ids).ravel()])
+    return codes.view(np.uint64) / 2.0**64
 
 
 def shapley_weights(m: int) -> np.ndarray:

@@ -146,6 +146,11 @@ class TrainedRun:
         params, step = checkpoint.restore_params(workdir, template, step=step)
         return cls(workdir, config, spec, tasks, modalities, model, params, int(step), chosen)
 
+    @property
+    def windows(self) -> int:
+        """Evaluation windows per long signal (`data.signal_eval_windows`; 0: the centre crop)."""
+        return int(self.config.data.get("signal_eval_windows", 0))
+
     def data_kwargs(self) -> dict:
         d = self.config.data
         return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
@@ -154,9 +159,8 @@ class TrainedRun:
     @functools.cached_property
     def _predict(self):
         """predict(host batch) -> host predictions: the model jitted once, batches sharded over devices."""
-        windows = int(self.config.data.get("signal_eval_windows", 0))
         windowed = tuple(m.name for m in self.spec.select_modalities(self.modalities) if m.kind == "signal") \
-            if windows else ()
+            if self.windows else ()
         mesh = parallel.make_mesh()
         data_sharding = parallel.batch_sharding(mesh)
         step = jax.jit(make_eval_step(self.model, self.tasks, windowed),
@@ -175,8 +179,8 @@ class TrainedRun:
         builder = pipeline.builder_from_config(self.config.data)
         if split not in builder.info.splits:
             raise ValueError(f"split {split!r} not in the dataset; it has {sorted(builder.info.splits)}")
-        windows = int(self.config.data.get("signal_eval_windows", 0))
-        return pipeline.eval_batches(builder, self.spec, split, self.config.eval_batch_size, signal_windows=windows,
+        size = self.config.eval_batch_size
+        return pipeline.eval_batches(builder, self.spec, split, size, signal_windows=self.windows,
                                      **self.data_kwargs()), builder
 
     def evaluate(self, split: str = "test") -> dict:
