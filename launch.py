@@ -8,6 +8,9 @@ by validation or `--step`): metrics with patient-level bootstrap intervals in
 `DIR/eval/<split>.json` (`--split`, default test), calibration and operating points, robustness
 to missing and noisy modalities and Shapley values over modalities in `DIR/eval/<split>_robustness.json`.
 See `mmjax/evaluation/run.py`.
+
+`--mode=predict --manifest=M` writes predictions for new patients (`mmjax/evaluation/predict.py`);
+`--mode=report` writes `DIR/report/index.html` (`mmjax/evaluation/report.py`).
 """
 
 import os
@@ -19,13 +22,19 @@ from ml_collections import config_flags
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic_patients.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where config, checkpoints and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
-                          "train (resumes a started workdir) or evaluate a trained one.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report"],
+                          "train (resumes a started workdir); evaluate, predict or report on a trained one.")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: this checkpoint step instead of the best by validation.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
 _ROBUSTNESS = flags.DEFINE_bool("robustness", True, "evaluate: also the robustness passes and Shapley values.")
 _EXPLAIN = flags.DEFINE_integer("explain", 4, "evaluate: integrated gradients (and attention maps) for this many "
                                 "patients of the split (0: none).")
+_MANIFEST = flags.DEFINE_string("manifest", None, "predict: new patients' manifest, in the run's schema.")
+_SCHEMA = flags.DEFINE_string("schema", None, "predict: the schema (default: the copy in the workdir).")
+_ON_ERROR = flags.DEFINE_enum("on_error", None, ["strict", "skip"], "predict: bad rows (default: the schema's).")
+_PREDICTIONS = flags.DEFINE_string("output", None, "predict: the CSV (default WORKDIR/predict/predictions.csv).")
+_CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scaled probabilities (fitted on "
+                                "validation).")
 _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explained, 'task' or 'task.label' "
                               "(default: the first classification output).")
 
@@ -58,6 +67,27 @@ def main(argv):
                   f"gap at most {gap:.2e})")
             written.append(f"{_SPLIT.value}_attributions.npz")
         print(f"Written to {os.path.join(run.workdir, 'eval')}: {', '.join(written)}")
+        return
+    if _MODE.value == "predict":
+        from mmjax.evaluation.predict import predict
+        from mmjax.evaluation.run import TrainedRun
+
+        if not _MANIFEST.value:
+            raise app.UsageError("--mode=predict needs --manifest")
+        run = TrainedRun.load(_WORKDIR.value, _STEP.value)
+        out = predict(run, _MANIFEST.value, _PREDICTIONS.value, schema=_SCHEMA.value, on_error=_ON_ERROR.value,
+                      calibrated=_CALIBRATED.value)
+        unseen = sum(n for cols in out["unseen_categories"].values() for n in cols.values())
+        print(f"Predicted {out['kept']} of {out['rows']} rows with checkpoint step {run.step} ({run.chosen}); "
+              f"{out['skipped_rows']} skipped, {unseen} unseen categor{'y' if unseen == 1 else 'ies'}\n"
+              f"Written to {out['predictions']} (summary: predictions.json beside it)")
+        return
+    if _MODE.value == "report":
+        from mmjax.evaluation.report import build_report
+
+        path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value or 4,
+                            output=_OUTPUT.value)
+        print(f"Report written to {path}")
         return
     from mmjax.training.train import train_and_evaluate
 

@@ -32,6 +32,27 @@ def test_temperature_scaling_recovers_the_temperature_that_miscalibrated_the_sco
     assert cal.ece(y, cal.scale(over, t)) < 0.3 * cal.ece(y, over)
 
 
+def test_multiclass_temperature_top_label_ece_and_brier():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, (20000, 4))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(4, p=row) for row in p])  # calibrated at T = 1
+    over = cal.scale_multiclass(p, 1 / 2.5)  # overconfident: logits x 2.5
+    t = cal.fit_temperature_multiclass(y, over)
+    assert t == pytest.approx(2.5, rel=0.05)
+    np.testing.assert_allclose(cal.scale_multiclass(over, t), p, atol=0.02)
+    raw, fixed = cal.multiclass_calibration(y, over), cal.multiclass_calibration(y, cal.scale_multiclass(over, t))
+    assert fixed["ece"] < 0.3 * raw["ece"]
+    # top-label ECE is the binary ECE of (argmax right, max p); Brier sums over classes
+    correct, conf = (over.argmax(1) == y).astype(float), over.max(1)
+    assert raw["ece"] == pytest.approx(cal.ece(correct, conf))
+    assert raw["brier"] == pytest.approx(np.mean(np.sum((over - np.eye(4)[y]) ** 2, 1)))
+    # a 3-row hand case: confidences 0.7 (right), 0.6 (wrong), 0.9 (right) in bins of width 0.5
+    hand = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.05, 0.05, 0.9]])
+    r = cal.multiclass_calibration(np.array([0, 1, 2]), hand, bins=2)
+    assert r["ece"] == pytest.approx(abs((0.7 + 0.6 + 0.9) / 3 - 2 / 3))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_thresholds_match_sklearn_roc_curve(seed):
     rng = np.random.default_rng(seed)

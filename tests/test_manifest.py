@@ -738,7 +738,7 @@ def test_smoke_training_run_on_the_manifest(ds, tmp_path):
     spec.loader.exec_module(exp)
     # Two of the five modalities (an RGB image and the mixed-format signal): compiling the model dominates this
     # test's time and grows with each encoder; every task kind is trained and evaluated.
-    c = exp.get_config("smoke,modalities=lateral+ecg")
+    c = exp.get_config("smoke,modalities=lateral+labs+ecg")
     c.data.update(manifest=ds.manifest, schema=ds.schema, data_dir=ds.data_dir)
     c.train.update(batch_size=16, num_steps=1, eval_every=1, checkpoint_every=1, log_every=1)
     c.eval_batch_size = 16
@@ -752,6 +752,68 @@ def test_smoke_training_run_on_the_manifest(ds, tmp_path):
                       r["macro_auroc"]):
             assert math.isfinite(value), (split, r)
     assert DatasetSpec.load(os.path.join(workdir, "dataset_spec.json")) == ds.spec
+    _check_predict(ds, workdir, tmp_path)
+
+
+def _check_predict(ds, workdir, tmp_path):
+    """--mode=predict from a moved workdir: the test rows as a new manifest get the probabilities the
+    evaluation got; without labels, with a missing modality, an unseen category and a bad row."""
+    from mmjax.evaluation.predict import predict
+    from mmjax.evaluation.run import TrainedRun, load_predictions
+
+    moved = str(tmp_path / "moved")
+    shutil.copytree(workdir, moved)
+    shutil.rmtree(workdir)  # the workdir's own copy of the schema is what predict reads
+    run = TrainedRun.load(moved)
+    test = [dict(r) for r in ds.rows if r["split"] == "test"]
+    same = _write_csv(ds.folder / "predict_same.csv", test)
+    out = predict(run, same, str(tmp_path / "same" / "predictions.csv"), log=lambda s: None)
+    got = pd.read_csv(out["predictions"], dtype={"id": str})
+    preds, _, _, ids = load_predictions(moved, "test", run.tasks)
+    order = {pid: k for k, pid in enumerate(ids)}
+    rows = [order[pid] for pid in got["id"]]
+    assert sorted(rows) == list(range(len(ids)))
+    np.testing.assert_allclose(got["died.probability"], preds["died"][rows], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["los.value"], preds["los"][rows], rtol=1e-4, atol=1e-5)
+    for k, label in enumerate(ds.spec.tasks[1].label_names):
+        np.testing.assert_allclose(got[f"dx.{label}.probability"], preds["dx"][rows, k], rtol=1e-4, atol=1e-6)
+    with open(os.path.join(moved, "eval", "test.json")) as f:
+        threshold = json.load(f)["operating_points"]["died"]["threshold"]
+    assert (got["died.prediction"] == (got["died.probability"] >= threshold)).all()
+    assert list(got["dx.label"].fillna("")) == [r["dx"] for r in test]
+    assert set(got["died.top_modality"]) <= {"lateral", "labs", "ecg"}
+    # --calibrated: each task's validation temperature; the decisions at the operating point stay
+    from mmjax.evaluation import calibration
+
+    out = predict(run, same, str(tmp_path / "cal" / "predictions.csv"), calibrated=True, log=lambda s: None)
+    cal = pd.read_csv(out["predictions"], dtype={"id": str})
+    temperature = out["temperature_scaled"]
+    assert set(temperature) == {"died", "dx", "findings"}
+    dx = got[[f"dx.{label}.probability" for label in ds.spec.tasks[1].label_names]].to_numpy()
+    np.testing.assert_allclose(cal[[f"dx.{label}.probability" for label in ds.spec.tasks[1].label_names]],
+                               calibration.scale_multiclass(dx, temperature["dx"]), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(cal["died.probability"], calibration.scale(got["died.probability"],
+                                                                          temperature["died"]), rtol=1e-3, atol=1e-5)
+    assert (cal["died.prediction"] == got["died.prediction"]).all()
+    assert (cal["dx.prediction"] == got["dx.prediction"]).all()
+
+    new = [{k: v for k, v in r.items() if k not in ("split", "died", "los", "findings")} for r in test]
+    new[0]["lateral"] = ""  # a missing modality: its Shapley value is exactly 0, never the top one
+    new[1]["site"] = "Z"  # unseen in training, as p011 and p023's 'D'
+    (ds.folder / "signals" / "broken.npy").write_bytes(b"\x93NUMPY garbage" * 8)
+    new[2]["ecg"] = "signals/broken.npy"
+    bad = _write_csv(ds.folder / "predict_new.csv", new)
+    with pytest.raises(DataError, match=rf"row 3 \(id '{new[2]['pid']}'\), column 'ecg'.*broken\.npy"):
+        predict(run, bad, str(tmp_path / "strict" / "p.csv"), log=lambda s: None)
+    out = predict(run, bad, str(tmp_path / "new" / "p.csv"), on_error="skip", log=lambda s: None)
+    got = pd.read_csv(out["predictions"], dtype={"id": str})
+    assert out["skipped_rows"] == 1 and list(got["row"]) == [1, 2] + list(range(4, len(new) + 1))
+    assert pd.read_csv(out["skipped_file"])["column"].tolist() == ["ecg"]
+    assert out["unseen_categories"]["labs"] == {"sex": 0, "site": 1 + sum(r["site"] == "D" for r in new)}
+    assert "died.label" not in got and "dx.label" in got
+    for task in ("died", "dx", "findings", "los"):
+        assert got[f"{task}.top_modality"][0] != "lateral"
+    assert np.isfinite(got[[c for c in got if c.endswith(".probability")]].to_numpy()).all()
 
 
 # ------------------------------------------------------------------------------ 9. no TensorFlow, no torch

@@ -152,3 +152,20 @@ def test_count_weights_equal_the_metrics_of_the_repeated_rows(seed):
         for name, value in sk.items():
             assert batched[name][r] == pytest.approx(value, abs=1e-12), name
         assert metrics.roc_auc(y, score, c) == pytest.approx(batched["roc_auc"][r], abs=1e-12)  # [N] weights: a float
+
+
+def test_roc_and_pr_curves_match_scikit_learn():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.normal(y * 0.8, 1.0), 1)  # ties
+    fpr, tpr, th = metrics.roc_curve(y, s)
+    sk_fpr, sk_tpr, sk_th = skm.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(th[1:], sk_th[1:])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(y, s), abs=1e-12)
+    precision, recall, th = metrics.precision_recall_curve(y, s)
+    sk_p, sk_r, sk_th = skm.precision_recall_curve(y, s)  # increasing thresholds, ending at (1, 0)
+    np.testing.assert_allclose(precision, sk_p[:-1][::-1])
+    np.testing.assert_allclose(recall, sk_r[:-1][::-1])
+    np.testing.assert_allclose(th, sk_th[::-1])

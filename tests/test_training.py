@@ -54,12 +54,15 @@ def test_learning_rate_warms_up_and_decays(tiny_builder):
 
 
 def _setup(tiny_builder, tiny_spec):
-    config = smoke_config(tiny_builder)
+    # Two modalities (cross-attention between them, every task): what is tested is the parallel paths, and
+    # compiling the 4-modality model three times took 179 s of the suite.
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular+text")
     config.model.modality_dropout = 0.0  # the paths then see identical computations
     tasks = tiny_spec.tasks
     model = build_model(config, tiny_spec, tasks)
     tx = make_optimizer(config.optimizer, 10)
     batch = next(iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, 0, shard_index=0, shard_count=1,
+                                            modalities=("tabular", "text"),
                                             text_max_length=config.data.text_max_length)))
     batch = parallel.device_batch(batch)
     state = create_state(model, tx, batch, jax.random.PRNGKey(0))
@@ -109,9 +112,11 @@ def _final_params(workdir):
     return r["state"]["params"], m.latest_step()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tiny_builder, tmp_path_factory):
-    """A 7-step smoke run, checkpoints every 2 steps, shared by the tests below."""
+    """A 7-step smoke run, checkpoints every 2 steps, shared by the tests below (session-scoped: not
+    torn down between them, and the xdist workers each make their own, the second from the persistent
+    compilation cache)."""
     config = smoke_config(tiny_builder)
     config.train.update(num_steps=7, checkpoint_every=2, eval_every=100, log_every=3)
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -424,3 +429,21 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
     np.testing.assert_allclose(ex["completeness_gap"], 0, atol=0.02 * change.max() + 1e-4)
     assert ex["attention"].shape[:2] == (3, 1) and ex["token_modality"].shape == ex["attention"].shape[-1:]
     assert np.load(tmp_path / "w" / "eval" / "test_attributions.npz")["output"] == ex["output"]
+    # the report: built from the files above (same step), every figure present and drawn
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from mmjax.evaluation.report import build_report
+
+    page = open(build_report(str(tmp_path / "w"), explain=3)).read()
+    figures = dict(re.findall(r'<figure id="(\w+)"><img alt="\w+" src="data:image/png;base64,([^"]+)"', page))
+    assert {"roc", "pr", "reliability", "robustness", "shapley", "patient0", "patient1", "patient2"} <= set(figures)
+    for name, data in figures.items():
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("L"), np.float64)
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 5, name  # not blank
+    assert page.count("<span title=") >= 2 * 3  # text attributions and attention, per patient
+    assert "macro_auroc (all binary outputs)" in page and "[" in page and "Operating points" in page
+    assert os.path.getsize(tmp_path / "w" / "report" / "roc.png") > 1000

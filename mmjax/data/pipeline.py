@@ -171,9 +171,12 @@ def eval_batches(builder, spec: DatasetSpec, split: str, batch_size: int, *,
 
     Every batch has `batch_size` rows; rows past the end are padding with `example_mask` False,
     so each example counts exactly once. All processes yield the same number of batches.
+
+    `builder` may instead be a list of examples in the builder's feature format (new patients'
+    rows from `mmjax.data.manifest.prepare.prepare_new`, `example`); `split` is then ignored.
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
-    source = _CheckedSource(builder, split)
+    source = builder if isinstance(builder, Sequence) else _CheckedSource(builder, split)
     ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram,
                          signal_windows=signal_windows)
     to_float = T.ImageToFloat(_image_specs(spec, modalities))  # per batch

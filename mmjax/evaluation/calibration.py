@@ -7,8 +7,9 @@ task).
 - Temperature scaling (Guo et al., 2017): one scalar T per task (over all its labels' known
   entries) fitted on validation by maximum likelihood, `p' = sigmoid(logit(p) / T)`, T searched in
   [e^-4, e^4] (a value at a bound is flagged); the logits are recovered from the stored float
-  probabilities (clipped at 1e-7), which is exact away from saturation. Multiclass tasks are not
-  covered yet.
+  probabilities (clipped at 1e-7), which is exact away from saturation. A multiclass task gets one T
+  on its softmax, `p' = softmax(log p / T)`, and its ECE and reliability are of the top-label
+  confidence (max p against whether the argmax is right); its Brier score sums over the classes.
 - Operating points: a threshold chosen on validation, by Youden's J (max sensitivity +
   specificity - 1) or as the highest threshold reaching a target sensitivity, and sensitivity,
   specificity, PPV and NPV at it on another split.
@@ -70,6 +71,36 @@ def fit_temperature(y, p) -> float:
 
 def scale(p, temperature: float) -> np.ndarray:
     return sigmoid(logit(p) / temperature)
+
+
+def scale_multiclass(p, temperature: float) -> np.ndarray:
+    """softmax(log p / T) over the last axis."""
+    z = np.log(np.clip(np.asarray(p, np.float64), _EPS, 1.0)) / temperature
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def fit_temperature_multiclass(y, p) -> float:
+    """T > 0 minimizing the cross-entropy of softmax(log p / T) for class indices y."""
+    y = np.asarray(y, np.int64)
+
+    def nll(log_t):
+        q = scale_multiclass(p, np.exp(log_t))
+        return -np.mean(np.log(np.clip(q[np.arange(len(y)), y], _EPS, 1.0)))
+
+    return float(np.exp(optimize.minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded",
+                                                 options={"xatol": 1e-6}).x))
+
+
+def multiclass_calibration(y, p, bins: int = 10) -> dict:
+    """Top-label ECE and reliability (confidence max p vs accuracy) and the multiclass Brier score
+    (sum over classes of (p_k - [y = k])^2, averaged over rows)."""
+    y, p = np.asarray(y, np.int64), np.asarray(p, np.float64)
+    correct = (p.argmax(1) == y).astype(np.float64)
+    confidence = p.max(1)
+    onehot = np.eye(p.shape[1])[y]
+    return {"ece": ece(correct, confidence, bins), "brier": float(np.mean(np.sum((p - onehot) ** 2, 1))),
+            "reliability": reliability(correct, confidence, bins)}
 
 
 def choose_threshold(y, p, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
@@ -147,5 +178,21 @@ def summary(collected, tasks, reference=None, bins: int = 10, rule: str = "youde
             continue
         points[name] = {"rule": rule, **({"target_sensitivity": target_sensitivity} if rule == "sensitivity" else {}),
                         **at_threshold(y, p, threshold)}
+    for t in tasks:  # multiclass: top-label calibration, one temperature on the softmax
+        if t.kind != "multiclass":
+            continue
+        known, fit_known = collected[2][t.name], fit[2][t.name]
+        y, p = collected[1][t.name][known].astype(np.int64), collected[0][t.name][known]
+        fy, fp = fit[1][t.name][fit_known].astype(np.int64), fit[0][t.name][fit_known]
+        if not len(y) or len(np.unique(fy)) < 2:
+            continue
+        temperature = fit_temperature_multiclass(fy, fp)
+        temperatures[t.name] = temperature
+        raw, scaled = multiclass_calibration(y, p, bins), multiclass_calibration(y, scale_multiclass(p, temperature),
+                                                                                 bins)
+        calib[t.name] = {**raw, "ece_scaled": scaled["ece"], "brier_scaled": scaled["brier"],
+                         "reliability_scaled": scaled["reliability"], "top_label": True}
+        if abs(np.log(temperature)) > 3.99:
+            at_bound.append(t.name)
     return {"calibration": calib, "temperature": temperatures, "temperature_at_bound": at_bound,
             "operating_points": points, "fitted_on": fitted_on, "bins": bins}

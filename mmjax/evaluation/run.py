@@ -205,8 +205,7 @@ class TrainedRun:
         exact = len(names) <= robustness.MAX_SHAPLEY_MODALITIES
         chosen = robustness.subsets(names) if exact else [()] + [(m,) for m in names] + [
             tuple(n for n in names if n != m) for m in names] + [names]  # > 6: alone and left out only
-        by_subset = {s: self.collect(cached, size, lambda b, s=s: robustness.hide(b, set(names) - set(s)))
-                     for s in dict.fromkeys(chosen)}
+        by_subset = self.by_subset(cached, chosen)
         ids = by_subset[names][3]
         metrics = {s: metric(c) for s, c in by_subset.items()}
         flat = {s: dict(evaluate.flat_metrics(m)) for s, m in metrics.items()}
@@ -219,10 +218,8 @@ class TrainedRun:
         if exact:
             values = robustness.shapley(game, names)
             out["shapley_metrics"] = {m: dict(zip(keys, v.tolist())) for m, v in values.items()}
-            outputs, columns = _output_columns(self.tasks)
-            game = {s: np.concatenate([_columns(c[0][t]) for t in outputs], 1) for s, c in by_subset.items()}
-            per_patient = robustness.shapley(game, names)  # {m: [N, C]}
-            phi = np.stack([per_patient[m] for m in names], 1)  # [N, M, C]
+            phi, columns, game = self.patient_shapley(by_subset)  # [N, M, C]
+            per_patient = {m: phi[:, j] for j, m in enumerate(names)}
             out["shapley"] = {"outputs": columns, "mean_abs": {m: dict(zip(columns, np.abs(per_patient[m]).mean(0)
                                                                                .tolist())) for m in names},
                               "mean": {m: dict(zip(columns, per_patient[m].mean(0).tolist())) for m in names}}
@@ -242,6 +239,20 @@ class TrainedRun:
         return out
 
 
+    def by_subset(self, batches, subsets) -> dict:
+        """{present modalities: collected predictions} with the other modalities hidden, per subset."""
+        names = set(self.modalities)
+        return {s: self.collect(batches, self.config.eval_batch_size,
+                                lambda b, s=s: robustness.hide(b, names - set(s))) for s in dict.fromkeys(subsets)}
+
+    def patient_shapley(self, by_subset) -> tuple[np.ndarray, list[str], dict]:
+        """(values [N, modalities, outputs], output names, game): exact Shapley values of every output
+        (probabilities; a regression's value) per patient, from `by_subset` over every subset."""
+        outputs, columns = _output_columns(self.tasks)
+        game = {s: np.concatenate([_columns(c[0][t]) for t in outputs], 1) for s, c in by_subset.items()}
+        values = robustness.shapley(game, tuple(self.modalities))  # {m: [N, C]}
+        return np.stack([values[m] for m in self.modalities], 1), columns, game
+
     def explain(self, split: str = "test", count: int = 4, output: str = "", steps: int = 64) -> dict:
         """Integrated gradients of one output (`task` or `task.label`; default: the first classification
         task's first label) for the first `count` patients of `split`, every modality's input at once
@@ -259,7 +270,7 @@ class TrainedRun:
         device = parallel.device_batch(batch)
         f = attribution.output_fn(self.model, self.tasks, task, index)
         a = attribution.integrated_gradients(self.model, self.params, device, f, kinds, steps)
-        out = {"patient_id": np.asarray(batch["patient_id"]).astype(str), "output": np.array(name),
+        out = {"patient_id": np.asarray(batch["patient_id"]).astype(str), "output": np.array(name), "step": self.step,
                "f_input": a["_f_input"], "f_baseline": a["_f_baseline"], "completeness_gap":
                attribution.completeness_gap(a), "modalities": np.array(list(kinds)),
                "kinds": np.array([kinds[m] for m in kinds])}
@@ -326,8 +337,8 @@ def _template_batch(config, spec, tasks, modalities) -> dict:
     return parallel.device_batch(batch)
 
 
-def format_intervals(rec: dict, tasks) -> str:
-    """The metrics table with each value's interval: 'value [low, high]'."""
+def interval_rows(rec: dict, tasks) -> list[tuple[str, float, float | None, float | None]]:
+    """(metric, value, interval low, high) of the main metrics of every task (None: no interval)."""
     point, ci = rec["metrics"], rec.get("ci", {})
     rows = []
 
@@ -335,10 +346,9 @@ def format_intervals(rec: dict, tasks) -> str:
         value, c = point, ci
         for key in path:
             value, c = value[key], (c or {}).get(key)
-        cell = f"{value:.4f}"
-        if c:
-            cell += f"  [{c['low']:.4f}, {c['high']:.4f}]"
-        rows.append((name, cell))
+        value = float("nan") if value is None else value
+        defined = c and c.get("low") is not None and c.get("high") is not None
+        rows.append((name, value, *((c["low"], c["high"]) if defined else (None, None))))
 
     add("macro_auroc (all binary outputs)", ["macro_auroc"])
     for t in tasks:
@@ -354,9 +364,16 @@ def format_intervals(rec: dict, tasks) -> str:
                 add(f"{t.name} {m}", [t.name, m])
         else:
             add(f"{t.name} mae", [t.name, "mae"])
+    return rows
+
+
+def format_intervals(rec: dict, tasks) -> str:
+    """The metrics table with each value's interval: 'value [low, high]'."""
+    rows = [(n, f"{v:.4f}" + (f"  [{lo:.4f}, {hi:.4f}]" if lo is not None else ""))
+            for n, v, lo, hi in interval_rows(rec, tasks)]
     width = max(len(r[0]) for r in rows)
     level = rec.get("bootstrap", {}).get("level", 0.95)
-    head = f"{'metric':<{width}}  value" + (f"  [{level:.0%} CI, patient bootstrap]" if ci else "")
+    head = f"{'metric':<{width}}  value" + (f"  [{level:.0%} CI, patient bootstrap]" if rec.get("ci") else "")
     return "\n".join([head] + [f"{n:<{width}}  {c}" for n, c in rows])
 
 

@@ -9,9 +9,11 @@ from mmjax.metrics.classification import (
                                           midranks,
                                           multiclass,
                                           nanmean,
+                                          precision_recall_curve,
                                           roc_auc,
+                                          roc_curve,
 )
 from mmjax.metrics.regression import mae, rmse
 
 __all__ = ["accuracy", "average_precision", "confusion_matrix", "f1_score", "midranks", "multiclass", "nanmean",
-           "roc_auc", "mae", "rmse"]
+           "precision_recall_curve", "roc_auc", "roc_curve", "mae", "rmse"]

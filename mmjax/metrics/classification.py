@@ -94,6 +94,30 @@ def average_precision(y_true, y_score, sample_weight=None):
     return _out(np.where(tp[:, -1] > 0, ap, np.nan) if tp.shape[1] else np.full(len(w), np.nan), sample_weight)
 
 
+def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds): one point per distinct score, from
+    (0, 0) at threshold +inf; a point is 'predict positive when score >= threshold'."""
+    tp, fp, thresholds = _cumulative_counts(y_true, y_score)
+    return _divide(fp, fp[-1]), _divide(tp, tp[-1]), thresholds
+
+
+def precision_recall_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) in decreasing threshold order, one point per distinct score
+    (precision of the highest-scored group first)."""
+    tp, fp, thresholds = _cumulative_counts(y_true, y_score)
+    return _divide(tp, tp + fp)[1:], _divide(tp, tp[-1])[1:], thresholds[1:]
+
+
+def _cumulative_counts(y_true, y_score):
+    """True and false positives at each distinct score in decreasing order, from 0 at +inf."""
+    y, s = _check(y_true, y_score)
+    order, starts = _tie_groups(s, descending=True)
+    w = np.ones((1, len(y)))
+    tp = np.r_[0.0, np.cumsum(_group_sums(w * y, order, starts)[0])]
+    fp = np.r_[0.0, np.cumsum(_group_sums(w * (1 - y), order, starts)[0])]
+    return tp, fp, np.r_[np.inf, s[order][starts]]
+
+
 def f1_score(y_true, y_pred, sample_weight=None):
     """F1 of hard 0/1 predictions; 0 when there are no positives and no predicted positives."""
     y, p = _check(y_true, y_pred)

@@ -43,6 +43,20 @@ class MetricWriter:
                 self._tb.add_scalar(f"{event}/{k}", v, int(step))
         self._tb.flush()
 
+    def images(self, step: int, pngs: dict, prefix: str = "report") -> None:
+        """PNG figures ({name: bytes}) to TensorBoard as images `prefix/name`."""
+        if not self.active or not pngs:
+            return
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        for name, data in pngs.items():
+            image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            self._tb.add_image(f"{prefix}/{name}", image, int(step), dataformats="HWC")
+        self._tb.flush()
+
     def progress(self, step: int, loss: float, compiled_fraction: float | None = None) -> dict:
         """Prints `step, loss, steps/s, examples/s, ETA`; returns the rates."""
         now = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -29,14 +30,20 @@ from mmjax.training.step import make_eval_step, make_train_step
 
 
 class _CompileCounter:
-    """Counts XLA backend compilations (a jitted function compiles once per input shape)."""
+    """Counts the executables XLA builds (a jitted function compiles once per input shape), or loads
+    from JAX's persistent compilation cache when one is set (`JAX_COMPILATION_CACHE_DIR`)."""
 
     def __init__(self):
         self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
 
-    def _on_event(self, name, duration, **kwargs):
+    def _on_duration(self, name, duration, **kwargs):
         if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def _on_event(self, name, **kwargs):
+        if name == "/jax/compilation_cache/cache_hits":
             self.count += 1
 
 
@@ -167,6 +174,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     loss_kw = dict(loss_settings(config), class_weights=class_weights)
     if is_main:
         spec.save(os.path.join(workdir, "dataset_spec.json"))  # what evaluation and prediction need
+        schema = getattr(getattr(builder, "builder_config", None), "schema", None)  # a manifest's: predict reads it
+        if schema is not None:
+            shutil.copyfile(schema.path, os.path.join(workdir, "schema.yaml"))
         report_truncation(spec, modalities, data.text_max_length)
     data_kw = dict(modalities=modalities, tasks=tasks, text_max_length=data.text_max_length,
                    spectrogram=data.spectrogram)
@@ -363,7 +373,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
     }
     if "test" in results:
-        writer.write("test", step, results["test"])
+        writer.write("test", evaluated_step, results["test"])
     writer.write("run", step, run_info)
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -374,6 +384,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(evaluation_run.format_intervals(rec, tasks), flush=True)
+            from mmjax.evaluation.report import main_figures
+
+            writer.images(evaluated_step, main_figures(collected["test"], rec, tasks))  # ROC, reliability
     writer.close()
     manager.close()
     return {**results, "run": run_info}

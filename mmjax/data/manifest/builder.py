@@ -220,7 +220,7 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
     rate = f" at {s['files_per_second']:.0f} files/s" if s.get("files_per_second") else ""
     log(f"Prepared {s['kept']} of {s['rows']} rows in {seconds:.1f} s ({s['rows'] / seconds:.0f} rows/s; "
         f"{s['files']} files decoded in {s['decode_seconds']:.1f} s{rate})")
-    _write_skipped(os.path.join(builder.data_dir, SKIPPED_FILE), prepared.skipped)
+    write_skipped(os.path.join(builder.data_dir, SKIPPED_FILE), prepared.skipped)
     if prepared.skipped:
         log(f"Skipped {s['skipped_rows']} row(s) ({len(prepared.skipped)} problem(s)); each with its reason in "
             f"{os.path.join(builder.data_dir, SKIPPED_FILE)}")
@@ -229,7 +229,7 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
     return builder
 
 
-def _write_skipped(path: str, skipped) -> None:
+def write_skipped(path: str, skipped) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "id", "column", "file", "reason"])

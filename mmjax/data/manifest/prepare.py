@@ -82,23 +82,29 @@ def _decode_all(jobs, workers: int, log) -> dict:
     return results
 
 
-def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, folds: int = 0, fold: int = 0,
-            workers: int | None = None, log=print) -> Prepared:
-    df = read_table(manifest)
-    check_columns(df, schema, manifest)
-    base = os.path.dirname(os.path.abspath(manifest))
+@dataclasses.dataclass
+class _Parsed:
+    """Every row's cells, parsed: what `prepare` fits on and `prepare_new` encodes with a saved spec."""
+
+    ids: list
+    present: dict  # modality -> [n] bool
+    texts: dict  # text modality -> [n] str
+    numeric: dict  # tabular modality -> [n, numeric columns] float64 (NaN: empty)
+    categorical: dict  # tabular modality -> one list of n raw cells per categorical column
+    paths: dict  # image/signal modality -> [n] resolved path ('' when empty)
+    labels: dict  # task -> (labels, known, classes)
+    keys: dict  # (modality, path) -> decoded .npy in the cache
+    decoded: dict  # (modality, path) -> (error or None, image channel sums or None)
+    files: int
+    seconds: float
+
+
+def _parse(df, schema: Schema, base: str, cache_dir: str, train_rows: np.ndarray, flag, workers, log,
+           classes: dict | None = None) -> _Parsed:
+    """Cells (text, tabular, labels) and files (decoded once each, in parallel) of every row; every
+    problem goes to `flag(row index, column, reason, file)`. `classes` ({task: classes}) fixes the
+    tasks' classes (a trained run's); tasks whose columns the table lacks get no known label."""
     n = len(df)
-    if n == 0:
-        raise DataError(f"manifest {manifest}: no rows")
-    ids = df[schema.id].tolist()
-    splits, bad = assign_splits(df, schema, fractions, folds, fold, manifest)
-    bad = list(bad)
-    train_rows = np.array([s == "train" for s in splits])
-
-    def flag(i, column, reason, file=""):
-        bad.append(BadCell(i + 1, ids[i], column, file, reason))
-
-    # ---- cells: text, tabular, labels -------------------------------------------------------
     present = {name: np.zeros(n, bool) for name in schema.modalities}
     texts, numeric, categorical, paths = {}, {}, {}, {}
     for name, m in schema.modalities.items():
@@ -135,12 +141,21 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
             present[name] = np.array([bool(p) for p in paths[name]])
     labels = {}
     for name, t in schema.tasks.items():
-        y, known, classes, task_bad = parse_labels(df, name, t, train_rows)
-        labels[name] = (y, known, classes)
+        if classes is not None:
+            columns = t["columns"] if "columns" in t else [t["column"]]
+            if any(c not in df.columns for c in columns):  # labels are optional for new patients
+                k = len(classes[name]) if t["kind"] == "multilabel" else 0
+                shape = (n, k) if k else (n,)
+                labels[name] = (np.zeros(shape, np.int64 if t["kind"] == "multiclass" else np.float32),
+                                np.zeros(shape, bool), list(classes[name]))
+                continue
+            if t["kind"] in ("multiclass", "multilabel") and "columns" not in t:
+                t = {**t, "classes": list(classes[name])}
+        y, known, task_classes, task_bad = parse_labels(df, name, t, train_rows)
+        labels[name] = (y, known, task_classes)
         for i, col, reason in task_bad:
             flag(i, col, reason)
 
-    # ---- files: decoded once each, in parallel ----------------------------------------------
     jobs, keys = [], {}
     for name, m in schema.modalities.items():
         if name not in paths:
@@ -160,14 +175,60 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
         for i, p in enumerate(paths.get(name, [])):
             if p and decoded[(name, p)][0]:
                 flag(i, m["column"], decoded[(name, p)][0], p)
+    return _Parsed(df[schema.id].tolist(), present, texts, numeric, categorical, paths, labels, keys, decoded,
+                   len(jobs), seconds)
 
-    # ---- bad rows ------------------------------------------------------------------------------
+
+def _row(parsed: _Parsed, i: int, split: str, categorical: dict) -> dict:
+    """Row `i` as `example` reads it (`categorical`: tabular modality -> [n, columns] codes)."""
+    return {"index": int(i), "id": parsed.ids[i], "split": split,
+            "present": {name: bool(v[i]) for name, v in parsed.present.items()},
+            "text": {name: v[i] for name, v in parsed.texts.items()},
+            "numeric": {name: v[i].astype(np.float32) for name, v in parsed.numeric.items()},
+            "categorical": {name: v[i].astype(np.int32) for name, v in categorical.items()},
+            "files": {name: parsed.keys[(name, p[i])] for name, p in parsed.paths.items() if p[i]},
+            "labels": {name: (v[0][i], v[1][i]) for name, v in parsed.labels.items()}}
+
+
+def category_codes(cells: list, vocab) -> np.ndarray:
+    """Codes of categorical cells: 0 empty, 1 unseen in training, k + 2 for vocab[k]."""
+    index = {c: k + 2 for k, c in enumerate(vocab)}
+    return np.array([0 if not c else index.get(c, 1) for c in cells], np.int32)
+
+
+def _strict_or_skip(bad: list, on_error: str, manifest: str, n: int) -> np.ndarray:
+    """The rows kept: with `strict` the first problem (in file order) is raised, naming the row."""
     bad.sort(key=lambda b: b.row)
-    if bad and schema.on_error == "strict":
+    if bad and on_error == "strict":
         more = f" ({len(bad) - 1} more problem(s); on_error: skip lists them all)" if len(bad) > 1 else ""
         raise DataError(bad[0].message(manifest) + more)
     drop = {b.row - 1 for b in bad}
-    keep = np.array([i not in drop for i in range(n)])
+    return np.array([i not in drop for i in range(n)])
+
+
+def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, folds: int = 0, fold: int = 0,
+            workers: int | None = None, log=print) -> Prepared:
+    df = read_table(manifest)
+    check_columns(df, schema, manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
+    n = len(df)
+    if n == 0:
+        raise DataError(f"manifest {manifest}: no rows")
+    ids = df[schema.id].tolist()
+    splits, bad = assign_splits(df, schema, fractions, folds, fold, manifest)
+    bad = list(bad)
+    train_rows = np.array([s == "train" for s in splits])
+
+    def flag(i, column, reason, file=""):
+        bad.append(BadCell(i + 1, ids[i], column, file, reason))
+
+    parsed = _parse(df, schema, base, cache_dir, train_rows, flag, workers, log)
+    present, texts, numeric, paths = parsed.present, parsed.texts, parsed.numeric, parsed.paths
+    categorical, labels, decoded = dict(parsed.categorical), parsed.labels, parsed.decoded
+
+    # ---- bad rows ------------------------------------------------------------------------------
+    keep = _strict_or_skip(bad, schema.on_error, manifest, n)
+    drop = set(np.flatnonzero(~keep).tolist())
     train = keep & train_rows
 
     # ---- fit on the kept training rows ---------------------------------------------------------
@@ -202,8 +263,7 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
             cats, codes = [], []
             for col, cells in zip(m["categorical"], categorical[name]):
                 vocab = sorted({cells[i] for i in np.flatnonzero(train) if cells[i]})
-                index = {c: k + 2 for k, c in enumerate(vocab)}
-                code = np.array([0 if not c else index.get(c, 1) for c in cells], np.int32)
+                code = category_codes(cells, vocab)
                 for split in ("validation", "test"):
                     rows = keep & (np.array(splits) == split)
                     unseen.setdefault(name, {}).setdefault(col, {})[split] = int((code[rows] == 1).sum())
@@ -239,21 +299,65 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
     sizes = collections.Counter(s for s, k in zip(splits, keep) if k)
     spec = DatasetSpec(schema.name, tuple(mods), tuple(tasks), {s: sizes.get(s, 0) for s in ("train", "validation",
                                                                                           "test")})
-    rows = []
-    for i in np.flatnonzero(keep):
-        rows.append({
-            "index": int(i), "id": ids[i], "split": splits[i],
-            "present": {name: bool(present[name][i]) for name in schema.modalities},
-            "text": {name: texts[name][i] for name in texts},
-            "numeric": {name: numeric[name][i].astype(np.float32) for name in numeric},
-            "categorical": {name: categorical[name][i].astype(np.int32) for name in categorical},
-            "files": {name: keys[(name, paths[name][i])] for name in paths if paths[name][i]},
-            "labels": {name: (labels[name][0][i], labels[name][1][i]) for name in labels},
-        })
-    summary = {"rows": n, "kept": int(keep.sum()), "skipped_rows": len(drop), "files": len(jobs),
+    rows = [_row(parsed, i, splits[i], categorical) for i in np.flatnonzero(keep)]
+    summary = {"rows": n, "kept": int(keep.sum()), "skipped_rows": len(drop), "files": parsed.files,
                "splits": _split_summary(spec, schema, rows),
-               "decode_seconds": round(seconds, 2), "files_per_second": round(len(jobs) / seconds, 1) if jobs else None,
+               "decode_seconds": round(parsed.seconds, 2),
+               "files_per_second": round(parsed.files / parsed.seconds, 1) if parsed.files else None,
                "unseen_categories": unseen}
+    return Prepared(spec, rows, bad, summary)
+
+
+def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str, *, modalities=None,
+                workers: int | None = None, log=print) -> Prepared:
+    """New patients' rows, encoded with a trained run's `spec` (its categories, classes and statistics
+    stay as fitted on its training split): the manifest needs the id and the columns of `modalities`
+    (the run's; default all), other modalities' missing columns read as empty; label columns are
+    optional (present ones are parsed; absent: no known label) and a split column is ignored. Bad rows
+    are handled as in `prepare` (`schema.on_error`); categories unseen in training are encoded as such
+    and counted in the summary. Every kept row gets split 'predict'."""
+    df = read_table(manifest)
+    columns = lambda m: [m["column"]] if "column" in m else m["numeric"] + m["categorical"]
+    used = set(modalities or schema.modalities)
+    needed = [schema.id] + [c for name, m in schema.modalities.items() if name in used for c in columns(m)]
+    missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
+    if missing:
+        raise DataError(f"manifest {manifest}: missing column(s) {missing} named in the schema {schema.path}; "
+                        f"it has {list(df.columns)}")
+    for m in schema.modalities.values():
+        for c in columns(m):
+            if c not in df.columns:  # a modality the run does not use
+                df[c] = ""
+    n = len(df)
+    if n == 0:
+        raise DataError(f"manifest {manifest}: no rows")
+    for name, m in schema.modalities.items():
+        if spec.modality(name).kind != m["kind"]:
+            raise DataError(f"schema {schema.path}: modality {name!r} is {m['kind']} but the run's is "
+                            f"{spec.modality(name).kind}")
+    ids = df[schema.id].tolist()
+    bad = [BadCell(i + 1, pid, schema.id, "", "empty id") for i, pid in enumerate(ids) if not pid]
+
+    def flag(i, column, reason, file=""):
+        bad.append(BadCell(i + 1, ids[i], column, file, reason))
+
+    classes = {t.name: list(t.label_names) for t in spec.tasks}
+    parsed = _parse(df, schema, os.path.dirname(os.path.abspath(manifest)), cache_dir, np.zeros(n, bool), flag,
+                    workers, log, classes=classes)
+    keep = _strict_or_skip(bad, schema.on_error, manifest, n)
+    codes, unseen = {}, {}
+    for name, m in schema.modalities.items():
+        if m["kind"] != "tabular":
+            continue
+        ms = spec.modality(name)
+        cols = [category_codes(cells, vocab) for cells, vocab in zip(parsed.categorical[name], ms.categories)]
+        codes[name] = np.stack(cols, 1) if cols else np.zeros((n, 0), np.int32)
+        unseen[name] = {col: int((c[keep] == 1).sum()) for col, c in zip(m["categorical"], cols)}
+    rows = [_row(parsed, i, "predict", codes) for i in np.flatnonzero(keep)]
+    labelled = {t: bool(v[1][keep].any()) for t, v in parsed.labels.items()}
+    summary = {"rows": n, "kept": int(keep.sum()), "skipped_rows": int((~keep).sum()), "files": parsed.files,
+               "decode_seconds": round(parsed.seconds, 2), "unseen_categories": unseen,
+               "present": {m: int(v[keep].sum()) for m, v in parsed.present.items()}, "labelled": labelled}
     return Prepared(spec, rows, bad, summary)
 
 

@@ -1,0 +1,187 @@
+"""Predictions for new patients from a trained workdir.
+
+    python launch.py --workdir=W --mode=predict --manifest=new.csv [--output=P.csv] [--calibrated]
+
+The manifest follows the schema the run was trained with (copied to `W/schema.yaml` at training
+time; `--schema` overrides it): the id and the modalities' columns are needed, label columns and a
+split column are not. Rows are parsed and checked as in preparation (`on_error` of the schema, or
+`--on_error`): with `strict` the first bad row is an error naming its row, column and file; with
+`skip` bad rows are left out and listed in `skipped_rows.csv` beside the predictions. Images,
+text, tabular values and signals are encoded with the run's own statistics, vocabularies and
+categories (`W/dataset_spec.json`); a category unseen in training is encoded as unseen and counted.
+
+`predictions.csv` has one row per kept manifest row:
+- `row` (1-based, in the manifest's order) and `id`;
+- per binary task `T.probability` and `T.prediction` (1 when the probability reaches the
+  operating-point threshold); per multilabel task the same per label (`T.label.probability`, ...);
+  per multiclass task `T.class.probability` for each class and `T.prediction` (the most probable
+  class); per regression task `T.value`;
+- per task `T.top_modality` and `T.top_shapley`: the modality with the largest absolute exact
+  Shapley value (over modalities, by masking: `mmjax/evaluation/robustness.py`) on the task's output
+  (a binary task's probability, a multiclass task's predicted-class probability, a regression's
+  value; for a multilabel task the sum of absolute values over its labels), and that value. An
+  absent modality's Shapley value is exactly 0. Left out with more than 6 modalities;
+- the labels the manifest gives, if any (`T.label`).
+
+Thresholds are the operating points chosen on validation at evaluation (`W/eval/test.json` or
+`validation.json`; evaluated first if neither exists). `--calibrated` divides each binary or
+multilabel task's logit, or a multiclass task's log-probabilities, by the task's validation
+temperature (`mmjax/evaluation/calibration.py`); thresholds move with it, so the predictions at the
+operating point (and the argmax) are the same. `W/.../predictions.json` says what was used and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from mmjax.data import pipeline
+from mmjax.data.manifest.builder import write_skipped
+from mmjax.data.manifest.prepare import example, prepare_new
+from mmjax.data.manifest.schema import load_schema
+from mmjax.data.spec import DataError
+from mmjax.evaluation import calibration, robustness
+from mmjax.evaluation.run import TrainedRun, dump_json
+
+SCHEMA_FILE = "schema.yaml"
+
+
+def operating_points(run: TrainedRun) -> tuple[dict, dict, str]:
+    """({output: threshold}, {task: temperature}, file): chosen on validation at evaluation."""
+    for split in ("test", "validation"):
+        path = os.path.join(run.workdir, "eval", f"{split}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rec = json.load(f)
+            if rec.get("step") == run.step:
+                break
+    else:
+        run.evaluate("validation")
+        path = os.path.join(run.workdir, "eval", "validation.json")
+        with open(path) as f:
+            rec = json.load(f)
+    thresholds = {k: v["threshold"] for k, v in rec.get("operating_points", {}).items() if "threshold" in v}
+    temperatures = {k: v for k, v in rec.get("temperature", {}).items() if v is not None}
+    return thresholds, temperatures, path
+
+
+def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema: str | None = None,
+            on_error: str | None = None, calibrated: bool = False, shapley: bool = True, log=print) -> dict:
+    """Writes `predictions.csv` (default `W/predict/predictions.csv`) for `manifest`'s rows; returns
+    the summary also written beside it as `predictions.json`."""
+    import pandas as pd
+
+    schema_path = schema or os.path.join(run.workdir, SCHEMA_FILE)
+    if not os.path.exists(schema_path):
+        raise DataError(f"{run.workdir} has no {SCHEMA_FILE}: predict reads new patients in the schema of a run "
+                        f"trained on a manifest dataset (experiments/manifest.py or a public one); pass --schema")
+    parsed_schema = load_schema(schema_path, manifest, on_error)
+    output = os.path.abspath(output or os.path.join(run.workdir, "predict", "predictions.csv"))
+    folder = os.path.dirname(output)
+    os.makedirs(folder, exist_ok=True)
+    cache = tempfile.mkdtemp(prefix=".decoded-", dir=folder)
+    try:
+        prepared = prepare_new(manifest, parsed_schema, run.spec, cache, modalities=run.modalities, log=log)
+        examples = [example(r, run.spec) for r in prepared.rows]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    skipped_file = os.path.join(folder, "skipped_rows.csv")
+    if prepared.skipped:
+        write_skipped(skipped_file, prepared.skipped)
+        log(f"Skipped {prepared.summary['skipped_rows']} row(s) ({len(prepared.skipped)} problem(s)); each with "
+            f"its reason in {skipped_file}")
+    if not examples:
+        raise DataError(f"manifest {manifest}: no row left to predict")
+    size = run.config.eval_batch_size
+    batches = list(pipeline.eval_batches(examples, run.spec, None, size, signal_windows=run.windows,
+                                         **run.data_kwargs()))
+    thresholds, temperatures, source = operating_points(run)
+    names = tuple(run.modalities)
+    exact = shapley and len(names) <= robustness.MAX_SHAPLEY_MODALITIES
+    if exact:
+        by_subset = run.by_subset(batches, robustness.subsets(names))
+        collected = by_subset[names]
+        phi, columns, _ = run.patient_shapley(by_subset)
+    else:
+        collected = run.collect(batches, size)
+    preds, labels, masks, ids = collected
+    table = {"row": [r["index"] + 1 for r in prepared.rows], "id": [str(i) for i in ids]}
+    scaled = {}
+    for t in run.tasks:
+        p = preds[t.name]
+        temperature = temperatures.get(t.name) if calibrated and t.kind != "regression" else None
+        if temperature:
+            p = calibration.scale_multiclass(p, temperature) if t.kind == "multiclass" else \
+                calibration.scale(p, temperature)
+            scaled[t.name] = temperature
+
+        threshold = functools.partial(_threshold, thresholds, temperature)
+        if t.kind == "binary":
+            table[f"{t.name}.probability"] = p
+            th = threshold(t.name)
+            if th is not None:
+                table[f"{t.name}.prediction"] = (p >= th).astype(int)
+        elif t.kind == "multilabel":
+            for k, label in enumerate(t.label_names):
+                table[f"{t.name}.{label}.probability"] = p[:, k]
+                th = threshold(f"{t.name}.{label}")
+                if th is not None:
+                    table[f"{t.name}.{label}.prediction"] = (p[:, k] >= th).astype(int)
+        elif t.kind == "multiclass":
+            for k, label in enumerate(t.label_names):
+                table[f"{t.name}.{label}.probability"] = p[:, k]
+            table[f"{t.name}.prediction"] = np.asarray(t.label_names)[p.argmax(1)]
+        else:
+            table[f"{t.name}.value"] = p
+        if exact:
+            top, value = _top_modality(phi, columns, t, p, names)
+            table[f"{t.name}.top_modality"], table[f"{t.name}.top_shapley"] = top, value
+        if prepared.summary["labelled"].get(t.name):
+            table[f"{t.name}.label"] = _label_column(t, labels[t.name], masks[t.name])
+    pd.DataFrame(table).to_csv(output, index=False, float_format="%.8g")
+    summary = {"manifest": os.path.abspath(manifest), "schema": os.path.abspath(schema_path), "workdir": run.workdir,
+               "step": run.step, "chosen": run.chosen, "predictions": output, "operating_points_from": source,
+               "thresholds": thresholds, "temperature_scaled": scaled, "shapley": bool(exact),
+               **prepared.summary, "skipped_file": skipped_file if prepared.skipped else None}
+    dump_json(summary, os.path.join(folder, "predictions.json"))
+    return summary
+
+
+def _threshold(thresholds: dict, temperature, name: str):
+    """The operating-point threshold of output `name` (None if it has none), on the scaled probability."""
+    th = thresholds.get(name)
+    if th is None or not temperature:
+        return th
+    return float(calibration.scale(th, temperature))
+
+
+def _top_modality(phi: np.ndarray, columns: list[str], task, p: np.ndarray, names: tuple) -> tuple:
+    """Per row: the modality with the largest |Shapley value| on the task's output, and that value."""
+    if task.kind in ("binary", "regression"):
+        values = phi[:, :, columns.index(task.name)]  # [N, M]
+    elif task.kind == "multiclass":
+        first = columns.index(f"{task.name}.{task.label_names[0]}")
+        picked = first + p.argmax(1)
+        values = phi[np.arange(len(p)), :, picked]
+    else:
+        cols = [columns.index(f"{task.name}.{label}") for label in task.label_names]
+        values = np.abs(phi[:, :, cols]).sum(-1)
+    best = np.abs(values).argmax(1)
+    return np.asarray(names)[best], values[np.arange(len(best)), best]
+
+
+def _label_column(task, y: np.ndarray, known: np.ndarray) -> list:
+    """The given labels as text ('' where unknown)."""
+    if task.kind == "multilabel":
+        return [";".join(n for n, v, k in zip(task.label_names, row, kr) if k and v) if kr.any() else ""
+                for row, kr in zip(y, known)]
+    if task.kind == "multiclass":
+        return [task.label_names[int(v)] if k else "" for v, k in zip(y, known)]
+    if task.kind == "binary":
+        return [str(int(v)) if k else "" for v, k in zip(y, known)]
+    return [repr(float(v)) if k else "" for v, k in zip(y, known)]
