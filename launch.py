@@ -40,6 +40,15 @@ _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explai
 
 
 def main(argv):
+    from mmjax.data.spec import DataError
+
+    try:
+        _main(argv)
+    except DataError as e:  # bad input: the message names the file, row and field; no traceback needed
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mmjax.training.console import log_to_workdir
@@ -85,7 +94,7 @@ def main(argv):
     if _MODE.value == "report":
         from mmjax.evaluation.report import build_report
 
-        path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value or 4,
+        path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
                             output=_OUTPUT.value)
         print(f"Report written to {path}")
         return

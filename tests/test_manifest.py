@@ -814,6 +814,13 @@ def _check_predict(ds, workdir, tmp_path):
     for task in ("died", "dx", "findings", "los"):
         assert got[f"{task}.top_modality"][0] != "lateral"
     assert np.isfinite(got[[c for c in got if c.endswith(".probability")]].to_numpy()).all()
+    # the same through the launcher
+    cli = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--workdir={moved}", "--mode=predict",
+                          f"--manifest={bad}", "--on_error=skip", f"--output={tmp_path / 'cli' / 'p.csv'}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert f"Predicted {len(new) - 1} of {len(new)} rows" in cli.stdout and "1 skipped" in cli.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli" / "p.csv", dtype={"id": str}), got)
 
 
 # ------------------------------------------------------------------------------ 9. no TensorFlow, no torch

@@ -322,7 +322,10 @@ def test_launch_end_to_end(tiny_builder, tmp_path):
         assert results[split]["severity"]["mae"] > 0
     events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {"train", "validation", "test", "run"} <= {e["event"] for e in events}
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    events_file = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
+    assert len(events_file) == 1
+    tb = open(tmp_path / "tensorboard" / events_file[0], "rb").read()
+    assert b"test/macro_auroc" in tb and b"report/roc" in tb and b"report/reliability" in tb  # figures as images
     # Orbax's INFO chatter is in the workdir's log, not on the console
     assert "CheckpointManager" not in out.stderr + out.stdout
     assert "CheckpointManager" in open(tmp_path / "mmjax.INFO").read()

@@ -11,7 +11,8 @@ text, tabular values and signals are encoded with the run's own statistics, voca
 categories (`W/dataset_spec.json`); a category unseen in training is encoded as unseen and counted.
 
 `predictions.csv` has one row per kept manifest row:
-- `row` (1-based, in the manifest's order) and `id`;
+- `row` (1-based, in the manifest's order), `id` and `present` (the run's modalities the row has,
+  ';'-separated: empty means a prediction from no input at all);
 - per binary task `T.probability` and `T.prediction` (1 when the probability reaches the
   operating-point threshold); per multilabel task the same per label (`T.label.probability`, ...);
   per multiclass task `T.class.probability` for each class and `T.prediction` (the most probable
@@ -20,7 +21,8 @@ categories (`W/dataset_spec.json`); a category unseen in training is encoded as 
   Shapley value (over modalities, by masking: `mmjax/evaluation/robustness.py`) on the task's output
   (a binary task's probability, a multiclass task's predicted-class probability, a regression's
   value; for a multilabel task the sum of absolute values over its labels), and that value. An
-  absent modality's Shapley value is exactly 0. Left out with more than 6 modalities;
+  absent modality's Shapley value is exactly 0 (empty when all are: no modality present). Left out
+  with more than 6 modalities;
 - the labels the manifest gives, if any (`T.label`).
 
 Thresholds are the operating points chosen on validation at evaluation (`W/eval/test.json` or
@@ -110,7 +112,8 @@ def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema
     else:
         collected = run.collect(batches, size)
     preds, labels, masks, ids = collected
-    table = {"row": [r["index"] + 1 for r in prepared.rows], "id": [str(i) for i in ids]}
+    table = {"row": [r["index"] + 1 for r in prepared.rows], "id": [str(i) for i in ids],
+             "present": [";".join(m for m in names if r["present"][m]) for r in prepared.rows]}
     scaled = {}
     for t in run.tasks:
         p = preds[t.name]
@@ -172,7 +175,8 @@ def _top_modality(phi: np.ndarray, columns: list[str], task, p: np.ndarray, name
         cols = [columns.index(f"{task.name}.{label}") for label in task.label_names]
         values = np.abs(phi[:, :, cols]).sum(-1)
     best = np.abs(values).argmax(1)
-    return np.asarray(names)[best], values[np.arange(len(best)), best]
+    value = values[np.arange(len(best)), best]
+    return np.where(value != 0, np.asarray(names)[best], ""), value  # '': no modality moved the output
 
 
 def _label_column(task, y: np.ndarray, known: np.ndarray) -> list:

@@ -43,6 +43,7 @@ def png(fig) -> bytes:
     """The figure as PNG bytes (and closed)."""
     plt = _plt()
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
@@ -116,25 +117,30 @@ def pr_figure(preds, labels, masks, tasks):
 
 
 def confusion_figure(rec: dict, tasks):
-    """Confusion matrices (rows: true class, normalized per row; counts printed) of multiclass tasks."""
+    """Confusion matrices (rows: true class, normalized per row) of multiclass tasks, over the classes
+    that occur in the labels or predictions; counts printed up to 12 classes."""
     multi = [t for t in tasks if t.kind == "multiclass"]
     if not multi:
         return None
-    fig, axes = _grid(len(multi), 3.8)
-    for ax, t in zip(axes, multi):
-        cm = np.asarray(rec["metrics"][t.name]["confusion_matrix"], np.float64)
+    matrices = [np.asarray(rec["metrics"][t.name]["confusion_matrix"], np.float64) for t in multi]
+    occurring = [np.flatnonzero(cm.sum(0) + cm.sum(1) > 0) for cm in matrices]
+    fig, axes = _grid(len(multi), max(3.8, 0.3 * max(map(len, occurring)) + 1.5))
+    for ax, t, cm, used in zip(axes, multi, matrices, occurring):
+        cm = cm[np.ix_(used, used)]
+        names = [t.label_names[k] for k in used]
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(cm)):
-            for j in range(len(cm)):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        ticks = range(len(t.label_names))
-        ax.set_xticks(ticks, t.label_names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(ticks, t.label_names, fontsize=7)
-        ax.set(title=f"{t.name} (accuracy {rec['metrics'][t.name]['accuracy']:.3f})", xlabel="predicted",
-               ylabel="true")
-    fig.tight_layout()
+        if len(used) <= 12:
+            for i in range(len(cm)):
+                for j in range(len(cm)):
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        ticks = range(len(names))
+        ax.set_xticks(ticks, names, rotation=90 if len(names) > 12 else 45, ha="center" if len(names) > 12
+                      else "right", fontsize=7)
+        ax.set_yticks(ticks, names, fontsize=7)
+        ax.set(title=f"{t.name} (accuracy {rec['metrics'][t.name]['accuracy']:.3f}; {len(used)} of "
+                     f"{len(t.label_names)} classes occur)", xlabel="predicted", ylabel="true")
     return fig
 
 
@@ -170,13 +176,14 @@ def robustness_figure(rob: dict, metric: str = "macro_auroc"):
     names = rob["modalities"]
     flat = {tuple(s["present"]): s["metrics"] for s in rob["subsets"]}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for m in names:
+    for j, m in enumerate(names):  # a modality keeps its colour across the panels
         curve = rob["missing_fraction"][m]
-        axes[0].plot([c["fraction"] for c in curve], [c["metrics"][metric] for c in curve], "o-", ms=3, label=m)
+        axes[0].plot([c["fraction"] for c in curve], [c["metrics"][metric] for c in curve], "o-", ms=3, label=m,
+                     color=f"C{j}")
         if m in rob.get("noise", {}):
             curve = rob["noise"][m]
             axes[1].plot([0] + [c["sigma"] for c in curve], [flat[tuple(names)][metric]] +
-                         [c["metrics"][metric] for c in curve], "o-", ms=3, label=m)
+                         [c["metrics"][metric] for c in curve], "o-", ms=3, label=m, color=f"C{j}")
     axes[0].set(title="patients missing the modality", xlabel="fraction of patients", ylabel=metric)
     axes[1].set(title="Gaussian noise on the inputs", xlabel="noise sigma (standardized units)", ylabel=metric)
     x = np.arange(len(names))
@@ -190,12 +197,12 @@ def robustness_figure(rob: dict, metric: str = "macro_auroc"):
     axes[2].set_xticks(x, names)
     axes[2].set(title="one modality alone / left out", ylabel=metric)
     for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return fig
 
 
-def shapley_figure(rob: dict, metric: str = "macro_auroc"):
+def shapley_figure(rob: dict, tasks, metric: str = "macro_auroc"):
     """Shapley values over modalities of `metric` (summing to all minus none), next to the
     leave-one-out deltas; and the mean |Shapley| of each output per modality."""
     plt = _plt()
@@ -203,7 +210,8 @@ def shapley_figure(rob: dict, metric: str = "macro_auroc"):
         return None
     names = rob["modalities"]
     shap = rob["shapley"]
-    outputs = shap["outputs"][:MAX_PANELS]
+    regression = {t.name for t in tasks if t.kind == "regression"}  # in target units: another scale
+    outputs = [o for o in shap["outputs"] if o not in regression][:MAX_PANELS]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
     x = np.arange(len(names))
     axes[0].bar(x - 0.2, [rob["shapley_metrics"][m][metric] for m in names], 0.4, label="Shapley")
@@ -217,7 +225,7 @@ def shapley_figure(rob: dict, metric: str = "macro_auroc"):
     for i, m in enumerate(names):
         axes[1].bar(np.arange(len(outputs)) + (i - (len(names) - 1) / 2) * width, values[i], width, label=m)
     axes[1].set_xticks(np.arange(len(outputs)), outputs, rotation=30, ha="right", fontsize=7)
-    axes[1].set(title="mean |Shapley value| per output (per patient)", ylabel="probability / value")
+    axes[1].set(title="mean |Shapley value| of each probability (per patient)", ylabel="probability")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -349,7 +357,7 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
     preds, labels, masks, _ = evaluation_run.load_predictions(run.workdir, split, run.tasks)
     figures = {"roc": roc_figure(preds, labels, masks, run.tasks), "pr": pr_figure(preds, labels, masks, run.tasks),
                "confusion": confusion_figure(rec, run.tasks), "reliability": reliability_figure(rec),
-               "robustness": robustness_figure(rob), "shapley": shapley_figure(rob)}
+               "robustness": robustness_figure(rob), "shapley": shapley_figure(rob, run.tasks)}
     out_dir = os.path.join(run.workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
     images = {}

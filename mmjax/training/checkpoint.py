@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax.training.console import quiet_absl
 from mmjax.training.state import TrainState
 
 
@@ -51,12 +52,21 @@ def make_manager(directory: str, every: int, keep: int, metric: str = "macro_aur
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 
 
+def _open_read_only(directory: str, options: dict, **kwargs) -> ocp.CheckpointManager:
+    """A read-only manager (`options`: more CheckpointManagerOptions). Orbax warns three times on opening
+    one (it sets save_interval_steps=0 and create=False, the directory is read-only): what was asked
+    for, so kept off the console."""
+    with quiet_absl():
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, **options),
+                                     **kwargs)
+
+
 def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> tuple[int, str]:
     """(step, how it was chosen): the best checkpoint by the validation `metric` stored with it, else
     (no metric stored: a run without validation, or saved before metrics were stored) the latest."""
     directory = checkpoint_directory(directory)
-    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=_best_fn(metric, lower_is_better), best_mode="max")
-    with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
+    options = dict(best_fn=_best_fn(metric, lower_is_better), best_mode="max")
+    with _open_read_only(directory, options, item_names=("state", "data")) as manager:
         step, how = manager.best_step(), f"best by validation {metric}"
         if step is None or manager.metrics(step) is None:
             step, how = manager.latest_step(), "latest: no validation metric stored with the checkpoints"
@@ -118,8 +128,7 @@ def restore_params(directory: str, params, step: int | None = None, subtrees: Ma
     `params` (arrays, or `jax.ShapeDtypeStruct`s when everything is loaded)."""
     directory = checkpoint_directory(directory)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers,
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with _open_read_only(directory, {}, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"init_from={directory}: no checkpoint found")

@@ -3,6 +3,8 @@ chatter of Orbax, TFDS and absl goes to a log file in the workdir."""
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
 
 from absl import flags, logging
@@ -22,3 +24,17 @@ def log_to_workdir(workdir: str, program: str = "mmjax") -> str | None:
     logging.get_absl_handler().use_absl_log_file(program, workdir)
     flags.FLAGS.stderrthreshold = "warning"
     return os.path.join(workdir, f"{program}.INFO")
+
+
+@contextlib.contextmanager
+def quiet_absl(level: int = std_logging.ERROR):
+    """Drops absl log records below `level` (console and log file) inside the block: for the notes a
+    library prints about what was asked of it (Orbax opening a read-only manager, TFDS using a
+    custom builder config)."""
+    logger = std_logging.getLogger("absl")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

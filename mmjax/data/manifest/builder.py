@@ -192,7 +192,7 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
                          fold=fold, workers=workers, log=log)
     data_dir = data_dir or DEFAULT_DATA_DIR
     tfds.disable_progress_bar()
-    builder = Manifest(config=cfg, data_dir=data_dir)
+    builder = _builder(cfg, data_dir)
     inputs = inputs_of(cfg)
     stamp = os.path.join(builder.data_dir, INPUTS_FILE)
     if os.path.exists(stamp):
@@ -202,10 +202,10 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
             return builder
         log(f"Rebuilding {builder.name}/{cfg.name} in {builder.data_dir}: " + "; ".join(why))
         shutil.rmtree(builder.data_dir)
-        builder = Manifest(config=cfg, data_dir=data_dir)
+        builder = _builder(cfg, data_dir)
     elif os.path.isdir(builder.data_dir):
         shutil.rmtree(builder.data_dir)  # an interrupted or foreign preparation: start over
-        builder = Manifest(config=cfg, data_dir=data_dir)
+        builder = _builder(cfg, data_dir)
     log(f"Preparing {builder.name}/{cfg.name} from {manifest} into {builder.data_dir}")
     start = time.perf_counter()
     try:
@@ -227,6 +227,13 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
     with open(stamp, "w") as f:
         json.dump(inputs, f)
     return builder
+
+
+def _builder(cfg: ManifestConfig, data_dir: str) -> Manifest:
+    from mmjax.training.console import quiet_absl
+
+    with quiet_absl():  # TFDS warns "Using custom data configuration": every manifest builder does
+        return Manifest(config=cfg, data_dir=data_dir)
 
 
 def write_skipped(path: str, skipped) -> None:

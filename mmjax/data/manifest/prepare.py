@@ -324,9 +324,9 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
     if missing:
         raise DataError(f"manifest {manifest}: missing column(s) {missing} named in the schema {schema.path}; "
                         f"it has {list(df.columns)}")
-    for m in schema.modalities.values():
-        for c in columns(m):
-            if c not in df.columns:  # a modality the run does not use
+    for name, m in schema.modalities.items():
+        if name not in used:  # a modality the run does not use: read as absent, its files never decoded
+            for c in columns(m):
                 df[c] = ""
     n = len(df)
     if n == 0:
