@@ -33,6 +33,7 @@ _MANIFEST = flags.DEFINE_string("manifest", None, "predict: new patients' manife
 _SCHEMA = flags.DEFINE_string("schema", None, "predict: the schema (default: the copy in the workdir).")
 _ON_ERROR = flags.DEFINE_enum("on_error", None, ["strict", "skip"], "predict: bad rows (default: the schema's).")
 _PREDICTIONS = flags.DEFINE_string("output", None, "predict: the CSV (default WORKDIR/predict/predictions.csv).")
+_SHAPLEY = flags.DEFINE_bool("shapley", True, "predict: the top modality by exact Shapley value (2^M passes).")
 _CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scaled probabilities (fitted on "
                                 "validation).")
 _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explained, 'task' or 'task.label' "
@@ -85,7 +86,7 @@ def _main(argv):
             raise app.UsageError("--mode=predict needs --manifest")
         run = TrainedRun.load(_WORKDIR.value, _STEP.value)
         out = predict(run, _MANIFEST.value, _PREDICTIONS.value, schema=_SCHEMA.value, on_error=_ON_ERROR.value,
-                      calibrated=_CALIBRATED.value)
+                      calibrated=_CALIBRATED.value, shapley=_SHAPLEY.value)
         unseen = sum(n for cols in out["unseen_categories"].values() for n in cols.values())
         print(f"Predicted {out['kept']} of {out['rows']} rows with checkpoint step {run.step} ({run.chosen}); "
               f"{out['skipped_rows']} skipped, {unseen} unseen categor{'y' if unseen == 1 else 'ies'}\n"

@@ -778,6 +778,19 @@ def _check_predict(ds, workdir, tmp_path):
     for k, label in enumerate(ds.spec.tasks[1].label_names):
         np.testing.assert_allclose(got[f"dx.{label}.probability"], preds["dx"][rows, k], rtol=1e-4, atol=1e-6)
     with open(os.path.join(moved, "eval", "test.json")) as f:
+        points = json.load(f)["operating_points"]
+    for k, label in enumerate(ds.spec.tasks[2].label_names):  # findings: multilabel
+        p = got[f"findings.{label}.probability"]
+        np.testing.assert_allclose(p, preds["findings"][rows, k], rtol=1e-4, atol=1e-6)
+        if "threshold" in points[f"findings.{label}"]:
+            assert (got[f"findings.{label}.prediction"] == (p >= points[f"findings.{label}"]["threshold"])).all()
+    by_id = {r["pid"]: r for r in test}
+    assert list(got["findings.label"].fillna("")) == [";".join(
+        c for c in ds.spec.tasks[2].label_names if c in by_id[pid]["findings"]) for pid in got["id"]]
+    cells = {"lateral": ("lateral",), "labs": ("age", "crp", "sex", "site"), "ecg": ("ecg",)}
+    assert list(got["present"].fillna("")) == [
+        ";".join(m for m, cols in cells.items() if any(by_id[pid][c] for c in cols)) for pid in got["id"]]
+    with open(os.path.join(moved, "eval", "test.json")) as f:
         threshold = json.load(f)["operating_points"]["died"]["threshold"]
     assert (got["died.prediction"] == (got["died.probability"] >= threshold)).all()
     assert list(got["dx.label"].fillna("")) == [r["dx"] for r in test]
@@ -808,6 +821,8 @@ def _check_predict(ds, workdir, tmp_path):
     out = predict(run, bad, str(tmp_path / "new" / "p.csv"), on_error="skip", log=lambda s: None)
     got = pd.read_csv(out["predictions"], dtype={"id": str})
     assert out["skipped_rows"] == 1 and list(got["row"]) == [1, 2] + list(range(4, len(new) + 1))
+    assert list(got["id"]) == [new[r - 1]["pid"] for r in got["row"]]
+    assert got["present"][0] == "labs;ecg"  # its image cell emptied
     assert pd.read_csv(out["skipped_file"])["column"].tolist() == ["ecg"]
     assert out["unseen_categories"]["labs"] == {"sex": 0, "site": 1 + sum(r["site"] == "D" for r in new)}
     assert "died.label" not in got and "dx.label" in got

@@ -163,7 +163,7 @@ def test_roc_and_pr_curves_match_scikit_learn():
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
     np.testing.assert_allclose(th[1:], sk_th[1:])
-    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(y, s), abs=1e-12)
+    assert skm.auc(fpr, tpr) == pytest.approx(metrics.roc_auc(y, s), abs=1e-12)
     precision, recall, th = metrics.precision_recall_curve(y, s)
     sk_p, sk_r, sk_th = skm.precision_recall_curve(y, s)  # increasing thresholds, ending at (1, 0)
     np.testing.assert_allclose(precision, sk_p[:-1][::-1])

@@ -134,9 +134,11 @@ def at_threshold(y, p, threshold: float) -> dict:
             "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def binary_outputs(preds: dict, labels: dict, masks: dict, tasks) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+def binary_outputs(preds: dict, labels: dict, masks: dict, tasks,
+                   one_vs_rest: bool = False) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """(output name, task name, y, p) over known rows of every binary output: a binary task ('task'),
-    each label of a multilabel task ('task.label')."""
+    each label of a multilabel task ('task.label'); with `one_vs_rest` also each class of a
+    multiclass task ('task.class': that class against the others)."""
     out = []
     for t in tasks:
         if t.kind == "binary":
@@ -146,6 +148,11 @@ def binary_outputs(preds: dict, labels: dict, masks: dict, tasks) -> list[tuple[
             for k, name in enumerate(t.label_names):
                 known = masks[t.name][:, k]
                 out.append((f"{t.name}.{name}", t.name, labels[t.name][known, k], preds[t.name][known, k]))
+        elif t.kind == "multiclass" and one_vs_rest:
+            known = masks[t.name]
+            for k, name in enumerate(t.label_names):
+                out.append((f"{t.name}.{name}", t.name, (labels[t.name][known] == k).astype(np.float64),
+                            preds[t.name][known, k]))
     return out
 
 

@@ -22,20 +22,21 @@ categories (`W/dataset_spec.json`); a category unseen in training is encoded as 
   (a binary task's probability, a multiclass task's predicted-class probability, a regression's
   value; for a multilabel task the sum of absolute values over its labels), and that value. An
   absent modality's Shapley value is exactly 0 (empty when all are: no modality present). Left out
-  with more than 6 modalities;
+  with more than 6 modalities, or with `shapley=False` (`--shapley=false`: one pass instead of 2^M);
 - the labels the manifest gives, if any (`T.label`).
 
 Thresholds are the operating points chosen on validation at evaluation (`W/eval/test.json` or
 `validation.json`; evaluated first if neither exists). `--calibrated` divides each binary or
 multilabel task's logit, or a multiclass task's log-probabilities, by the task's validation
-temperature (`mmjax/evaluation/calibration.py`); thresholds move with it, so the predictions at the
-operating point (and the argmax) are the same. `W/.../predictions.json` says what was used and counted.
+temperature (`mmjax/evaluation/calibration.py`); the decisions are taken on the unscaled
+probabilities at the unscaled thresholds (the ones in `predictions.json`), the same decisions as
+at the scaled threshold, and `T.top_shapley` stays on the unscaled probability. An output whose
+threshold could not be chosen on validation (one class only there) gets no `.prediction` column.
+`predictions.json` beside the CSV says what was used and counted.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import tempfile
@@ -48,28 +49,27 @@ from mmjax.data.manifest.prepare import example, prepare_new
 from mmjax.data.manifest.schema import load_schema
 from mmjax.data.spec import DataError
 from mmjax.evaluation import calibration, robustness
-from mmjax.evaluation.run import TrainedRun, dump_json
+from mmjax.evaluation.run import TrainedRun, dump_json, load_eval
 
 SCHEMA_FILE = "schema.yaml"
 
 
 def operating_points(run: TrainedRun) -> tuple[dict, dict, str]:
-    """({output: threshold}, {task: temperature}, file): chosen on validation at evaluation."""
-    for split in ("test", "validation"):
-        path = os.path.join(run.workdir, "eval", f"{split}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rec = json.load(f)
-            if rec.get("step") == run.step:
-                break
-    else:
-        run.evaluate("validation")
-        path = os.path.join(run.workdir, "eval", "validation.json")
-        with open(path) as f:
-            rec = json.load(f)
-    thresholds = {k: v["threshold"] for k, v in rec.get("operating_points", {}).items() if "threshold" in v}
-    temperatures = {k: v for k, v in rec.get("temperature", {}).items() if v is not None}
-    return thresholds, temperatures, path
+    """({output: threshold}, {task: temperature}, file): fitted on validation at evaluation, read from
+    `W/eval/test.json` (fitted on the validation reference) or `validation.json` of the same checkpoint;
+    if neither exists, the validation split is evaluated first (which needs the run's dataset)."""
+    rec, name = None, ""
+    for name in ("test.json", "validation.json"):
+        rec = load_eval(run.workdir, name, run.step)
+        if rec is not None and (rec.get("fitted_on") == "reference" or rec.get("split") == "validation"):
+            break
+        rec = None
+    if rec is None:
+        rec, name = run.evaluate("validation"), "validation.json"
+    finite = lambda v: v is not None and np.isfinite(v)
+    thresholds = {k: v["threshold"] for k, v in rec.get("operating_points", {}).items() if finite(v.get("threshold"))}
+    temperatures = {k: v for k, v in rec.get("temperature", {}).items() if finite(v)}
+    return thresholds, temperatures, os.path.join(run.workdir, "eval", name)
 
 
 def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema: str | None = None,
@@ -93,6 +93,8 @@ def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     skipped_file = os.path.join(folder, "skipped_rows.csv")
+    if os.path.exists(skipped_file):  # an earlier prediction's
+        os.remove(skipped_file)
     if prepared.skipped:
         write_skipped(skipped_file, prepared.skipped)
         log(f"Skipped {prepared.summary['skipped_rows']} row(s) ({len(prepared.skipped)} problem(s)); each with "
@@ -116,29 +118,26 @@ def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema
              "present": [";".join(m for m in names if r["present"][m]) for r in prepared.rows]}
     scaled = {}
     for t in run.tasks:
-        p = preds[t.name]
+        raw = p = preds[t.name]
         temperature = temperatures.get(t.name) if calibrated and t.kind != "regression" else None
         if temperature:
-            p = calibration.scale_multiclass(p, temperature) if t.kind == "multiclass" else \
-                calibration.scale(p, temperature)
+            p = calibration.scale_multiclass(raw, temperature) if t.kind == "multiclass" else \
+                calibration.scale(raw, temperature)
             scaled[t.name] = temperature
-
-        threshold = functools.partial(_threshold, thresholds, temperature)
+        # decisions on the raw probabilities, at the raw thresholds (scaling is monotone: the same decisions)
         if t.kind == "binary":
             table[f"{t.name}.probability"] = p
-            th = threshold(t.name)
-            if th is not None:
-                table[f"{t.name}.prediction"] = (p >= th).astype(int)
+            if t.name in thresholds:
+                table[f"{t.name}.prediction"] = (raw >= thresholds[t.name]).astype(int)
         elif t.kind == "multilabel":
             for k, label in enumerate(t.label_names):
                 table[f"{t.name}.{label}.probability"] = p[:, k]
-                th = threshold(f"{t.name}.{label}")
-                if th is not None:
-                    table[f"{t.name}.{label}.prediction"] = (p[:, k] >= th).astype(int)
+                if f"{t.name}.{label}" in thresholds:
+                    table[f"{t.name}.{label}.prediction"] = (raw[:, k] >= thresholds[f"{t.name}.{label}"]).astype(int)
         elif t.kind == "multiclass":
             for k, label in enumerate(t.label_names):
                 table[f"{t.name}.{label}.probability"] = p[:, k]
-            table[f"{t.name}.prediction"] = np.asarray(t.label_names)[p.argmax(1)]
+            table[f"{t.name}.prediction"] = np.asarray(t.label_names)[raw.argmax(1)]
         else:
             table[f"{t.name}.value"] = p
         if exact:
@@ -153,14 +152,6 @@ def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema
                **prepared.summary, "skipped_file": skipped_file if prepared.skipped else None}
     dump_json(summary, os.path.join(folder, "predictions.json"))
     return summary
-
-
-def _threshold(thresholds: dict, temperature, name: str):
-    """The operating-point threshold of output `name` (None if it has none), on the scaled probability."""
-    th = thresholds.get(name)
-    if th is None or not temperature:
-        return th
-    return float(calibration.scale(th, temperature))
 
 
 def _top_modality(phi: np.ndarray, columns: list[str], task, p: np.ndarray, names: tuple) -> tuple:

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from mmjax import metrics
+from mmjax.evaluation import calibration
 from mmjax.evaluation import run as evaluation_run
 
 MAX_PANELS = 12  # binary outputs drawn per figure (the first ones)
@@ -62,20 +63,8 @@ def _grid(n: int, size: float = 3.2):
 def _binary_curves(preds, labels, masks, tasks) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, y, p) of every binary output with both classes: binary tasks, multilabel labels and
     multiclass classes one-vs-rest."""
-    out = []
-    for t in tasks:
-        if t.kind == "binary":
-            k = masks[t.name]
-            out.append((t.name, labels[t.name][k], preds[t.name][k]))
-        elif t.kind == "multilabel":
-            for j, label in enumerate(t.label_names):
-                k = masks[t.name][:, j]
-                out.append((f"{t.name}.{label}", labels[t.name][k, j], preds[t.name][k, j]))
-        elif t.kind == "multiclass":
-            k = masks[t.name]
-            for j, label in enumerate(t.label_names):
-                out.append((f"{t.name}.{label}", (labels[t.name][k] == j).astype(float), preds[t.name][k, j]))
-    return [(n, y, p) for n, y, p in out if 0 < np.sum(y) < len(y)]
+    outputs = calibration.binary_outputs(preds, labels, masks, tasks, one_vs_rest=True)
+    return [(n, y, p) for n, _, y, p in outputs if 0 < np.sum(y) < len(y)]
 
 
 def roc_figure(preds, labels, masks, tasks):
@@ -155,9 +144,10 @@ def reliability_figure(rec: dict):
         c = calib[name]
         task = name.split(".")[0]
         temperature = rec.get("temperature", {}).get(task)
+        fitted = temperature is not None and np.isfinite(temperature)
         for key, label, style in (("reliability", f"raw ECE {c['ece']:.3f}", "o-"),
                                   ("reliability_scaled", f"T={temperature:.2f} ECE {c['ece_scaled']:.3f}"
-                                   if temperature else "scaled", "s--")):
+                                   if fitted else "no temperature fitted", "s--")):
             r = c[key]
             x = np.array(r["mean_predicted"], dtype=float)
             y = np.array(r["observed"], dtype=float)
@@ -231,13 +221,30 @@ def shapley_figure(rob: dict, tasks, metric: str = "macro_auroc"):
     return fig
 
 
-def _attention_received(att: dict, i: int, target: int, bounds: list) -> np.ndarray:
-    """Attention (last layer, mean over heads) the tokens of modality `target` received from the other
-    modalities' tokens, for patient i."""
-    w = att["attention"][i, -1]  # [T, T], query x key
-    seg = att["token_modality"]
-    lo, hi = bounds[target], bounds[target + 1]
-    return w[seg != target][:, lo:hi].sum(0)
+def attention_received(w: np.ndarray, seg: np.ndarray, target: int, queries: np.ndarray | None = None) -> np.ndarray:
+    """Attention the tokens of modality `target` received, from `w` [queries, tokens] (mean over heads):
+    with token-to-token attention (cross-attention fusion: queries are tokens, `seg` their modality)
+    from the valid `queries` of the other modalities; with latent queries (perceiver) from every latent."""
+    keys = seg == target
+    if w.shape[0] != len(seg):  # latent queries
+        return w[:, keys].sum(0)
+    rows = (seg != target) & (np.ones(len(seg), bool) if queries is None else queries)
+    return w[rows][:, keys].sum(0)
+
+
+def _valid_queries(ex: dict, i: int, names: list, seg: np.ndarray) -> np.ndarray:
+    """Tokens of patient i's present modalities (text: its real tokens): the queries that attend."""
+    valid = np.zeros(len(seg), bool)
+    for j, m in enumerate(names):
+        idx = np.flatnonzero(seg == j)
+        if not ex[f"present/{m}"][i]:
+            continue
+        tokens = ex.get(f"tokens/{m}")
+        if tokens is not None and len(tokens[i]) == len(idx):
+            valid[idx] = tokens[i] != ""
+        else:
+            valid[idx] = True
+    return valid
 
 
 def patient_figures(ex: dict, spec, tasks) -> list[tuple[str, bytes, str]]:
@@ -246,12 +253,12 @@ def patient_figures(ex: dict, spec, tasks) -> list[tuple[str, bytes, str]]:
     names = [str(m) for m in ex["modalities"]]
     kinds = dict(zip(names, [str(k) for k in ex["kinds"]]))
     has_att = "attention" in ex
-    bounds = None
-    if has_att:
-        seg = ex["token_modality"]
-        bounds = [int(np.searchsorted(seg, j)) for j in range(len(names))] + [len(seg)]
+    seg = np.asarray(ex["token_modality"]) if has_att else None
     out = []
     for i, pid in enumerate(ex["patient_id"]):
+        if has_att:
+            w, queries = ex["attention"][i, -1], _valid_queries(ex, i, names, seg)  # the last layer
+            received = lambda j: attention_received(w, seg, j, queries)  # noqa: B023 (used in this iteration)
         panels = [m for m in names if kinds[m] != "text" and ex[f"present/{m}"][i]]
         extra = [m for m in panels if kinds[m] == "image" and has_att]
         fig, axes = _grid(max(len(panels) + len(extra), 1), 3.4)
@@ -287,16 +294,15 @@ def patient_figures(ex: dict, spec, tasks) -> list[tuple[str, bytes, str]]:
                 ax2.set_yticks([])
                 ax.set(title=f"{m}: channel 0 and |saliency|", xlabel="sample")
         for m in extra:
-            j = names.index(m)
-            received = _attention_received(ex, i, j, bounds)
-            side = int(round(np.sqrt(len(received))))
+            att = received(names.index(m))
+            side = int(round(np.sqrt(len(att))))
             ax = axes[k]
             k += 1
-            if side * side == len(received):
-                ax.imshow(received.reshape(side, side), cmap="magma")
+            if side * side == len(att):
+                ax.imshow(att.reshape(side, side), cmap="magma")
                 ax.set(title=f"{m}: attention from other modalities", xticks=[], yticks=[])
             else:
-                ax.bar(np.arange(len(received)), received)
+                ax.bar(np.arange(len(att)), att)
                 ax.set(title=f"{m}: attention per token")
         texts = []
         for m in names:
@@ -306,9 +312,8 @@ def patient_figures(ex: dict, spec, tasks) -> list[tuple[str, bytes, str]]:
             texts.append(f"<p><b>{html.escape(m)}</b> (integrated gradients): "
                          f"{_highlight(tokens, ex[f'attribution/{m}'][i])}</p>")
             if has_att:
-                received = _attention_received(ex, i, names.index(m), bounds)
                 texts.append(f"<p><b>{html.escape(m)}</b> (attention from other modalities): "
-                             f"{_highlight(tokens, received[:len(tokens)], signed=False)}</p>")
+                             f"{_highlight(tokens, received(names.index(m))[:len(tokens)], signed=False)}</p>")
         caption = (f"patient {pid}: {ex['output']} = {float(ex['f_input'][i]):.3f} (baseline "
                    f"{float(ex['f_baseline'][i]):.3f}; completeness gap {float(ex['completeness_gap'][i]):.1e})")
         out.append((caption, png(fig) if panels else b"", "\n".join(texts)))
@@ -337,22 +342,12 @@ def main_figures(collected, rec: dict, tasks) -> dict:
     return {k: png(f) for k, f in figs.items() if f is not None}
 
 
-def _load(path: str, step: int) -> dict | None:
-    """A JSON file of `W/eval/` if it was written for checkpoint `step`."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rec = json.load(f)
-    return rec if rec.get("step") == step else None
-
-
 def build_report(workdir: str, split: str = "test", step: int | None = None, explain: int = 4,
                  output: str = "") -> str:
     """Writes `W/report/index.html` (and each figure as PNG beside it); returns its path."""
     run = evaluation_run.TrainedRun.load(workdir, step)
-    folder = os.path.join(run.workdir, "eval")
-    rec = _load(os.path.join(folder, f"{split}.json"), run.step) or run.evaluate(split)
-    rob = _load(os.path.join(folder, f"{split}_robustness.json"), run.step) or run.analyze(split)
+    rec = evaluation_run.load_eval(run.workdir, f"{split}.json", run.step) or run.evaluate(split)
+    rob = evaluation_run.load_eval(run.workdir, f"{split}_robustness.json", run.step) or run.analyze(split)
     ex = _explanation(run, split, explain, output)
     preds, labels, masks, _ = evaluation_run.load_predictions(run.workdir, split, run.tasks)
     figures = {"roc": roc_figure(preds, labels, masks, run.tasks), "pr": pr_figure(preds, labels, masks, run.tasks),

@@ -87,6 +87,17 @@ def load_predictions(workdir: str, split: str, tasks) -> tuple:
     return get("pred"), get("label"), get("mask"), z["patient_id"]
 
 
+def load_eval(workdir: str, name: str, step: int) -> dict | None:
+    """`W/eval/<name>` (a JSON file `write` or `analyze` wrote) if it exists and is of checkpoint
+    `step`, else None; null values (NaN when written) read back as NaN."""
+    path = os.path.join(workdir, "eval", name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f, object_pairs_hook=lambda pairs: {k: float("nan") if v is None else v for k, v in pairs})
+    return rec if rec.get("step") == step else None
+
+
 def _plain(x):
     """JSON-ready: arrays as lists, NaN and infinities as null (strict JSON has no NaN)."""
     if isinstance(x, dict):

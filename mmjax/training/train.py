@@ -379,14 +379,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({**results, "run": run_info}, f, indent=2)
         print(evaluate.format_table(results, tasks), flush=True)
+        recs = {}
         for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
-            rec = evaluation_run.write(workdir, split, collected[split], tasks, evaluated_step, config,
+            recs[split] = evaluation_run.write(workdir, split, collected[split], tasks, evaluated_step, config,
                                        reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
-            print(evaluation_run.format_intervals(rec, tasks), flush=True)
-            from mmjax.evaluation.report import main_figures
+            print(evaluation_run.format_intervals(recs["test"], tasks), flush=True)
+            if writer.active:
+                from mmjax.evaluation.report import main_figures
 
-            writer.images(evaluated_step, main_figures(collected["test"], rec, tasks))  # ROC, reliability
+                try:  # ROC curves, reliability diagrams, confusion matrices as TensorBoard images
+                    writer.images(evaluated_step, main_figures(collected["test"], recs["test"], tasks))
+                except Exception as e:  # noqa: BLE001  (a figure must not lose the run's results)
+                    logging.warning("TensorBoard figures not written: %s: %s", type(e).__name__, e)
     writer.close()
     manager.close()
     return {**results, "run": run_info}

@@ -24,7 +24,15 @@ import numpy as np
 from mmjax.batch import ModalitySpec, TaskSpec
 from mmjax.data.manifest import readers
 from mmjax.data.manifest.schema import Schema
-from mmjax.data.manifest.table import BadCell, assign_splits, check_columns, parse_labels, parse_number, read_table
+from mmjax.data.manifest.table import (
+    BadCell,
+    assign_splits,
+    check_columns,
+    empty_ids,
+    parse_labels,
+    parse_number,
+    read_table,
+)
 from mmjax.data.spec import DataError, DatasetSpec, length_histogram, std_with_floor
 from mmjax.data.tokenizer import WordPieceTokenizer
 
@@ -331,12 +339,9 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
     n = len(df)
     if n == 0:
         raise DataError(f"manifest {manifest}: no rows")
-    for name, m in schema.modalities.items():
-        if spec.modality(name).kind != m["kind"]:
-            raise DataError(f"schema {schema.path}: modality {name!r} is {m['kind']} but the run's is "
-                            f"{spec.modality(name).kind}")
+    _check_against_spec(schema, spec)
     ids = df[schema.id].tolist()
-    bad = [BadCell(i + 1, pid, schema.id, "", "empty id") for i, pid in enumerate(ids) if not pid]
+    bad = empty_ids(ids, schema.id)
 
     def flag(i, column, reason, file=""):
         bad.append(BadCell(i + 1, ids[i], column, file, reason))
@@ -359,6 +364,31 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
                "decode_seconds": round(parsed.seconds, 2), "unseen_categories": unseen,
                "present": {m: int(v[keep].sum()) for m, v in parsed.present.items()}, "labelled": labelled}
     return Prepared(spec, rows, bad, summary)
+
+
+def _check_against_spec(schema: Schema, spec: DatasetSpec) -> None:
+    """The schema describes the run's modalities as they were fitted: same kinds, columns and shapes."""
+    for name, m in schema.modalities.items():
+        if name not in spec.modality_names:
+            raise DataError(f"schema {schema.path}: modality {name!r} is not one of the run's "
+                            f"{list(spec.modality_names)}")
+        ms = spec.modality(name)
+        if m["kind"] == "image":
+            fitted, given = tuple(ms.shape), (m["size"], m["size"], m["channels"])
+        elif m["kind"] == "tabular":
+            fitted = (list(ms.numeric), list(ms.categorical), [c for c, lg in zip(ms.numeric, ms.log_scale) if lg])
+            given = (m["numeric"], m["categorical"], [c for c in m["numeric"] if c in m["log"]])
+        elif m["kind"] == "signal":
+            length = int(round(m["rate"] * m["seconds"]))
+            ch = m["channels"]
+            fitted = (tuple(ms.shape), float(ms.rate), tuple(ms.channel_names))
+            given = ((length, len(ch) if isinstance(ch, list) else int(ch)), float(m["rate"]),
+                     tuple(str(c) for c in ch) if isinstance(ch, list) else ())
+        else:
+            fitted = given = m["kind"]
+        if ms.kind != m["kind"] or fitted != given:
+            raise DataError(f"schema {schema.path}: modality {name!r} is {m['kind']} {given} but the run's was "
+                            f"fitted as {ms.kind} {fitted}")
 
 
 def example(row: dict, spec: DatasetSpec) -> dict:

@@ -89,6 +89,10 @@ def hash_unit(key: str) -> float:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:15], 16) / 16**15
 
 
+def empty_ids(ids: list, column: str) -> list[BadCell]:
+    return [BadCell(i + 1, pid, column, "", "empty id") for i, pid in enumerate(ids) if not pid]
+
+
 def assign_splits(df, schema: Schema, fractions: dict, folds: int, fold: int, manifest: str) -> tuple[list, list]:
     """(split per row, bad cells). With a split column, its values; else by a hash of the id with
     `fractions`. With `folds` > 1, patient-level k-fold: ids ranked by hash and dealt round-robin to
@@ -96,7 +100,7 @@ def assign_splits(df, schema: Schema, fractions: dict, folds: int, fold: int, ma
     a `fractions['validation']` share of the rest (by hash) is validation; with one, the column's test
     rows stay test and fold `fold` of the other ids is validation."""
     ids = df[schema.id].tolist()
-    bad = [BadCell(i + 1, pid, schema.id, "", "empty id") for i, pid in enumerate(ids) if not pid]
+    bad = empty_ids(ids, schema.id)
     if folds > 1 and not 0 <= fold < folds:
         raise DataError(f"fold={fold} is not in [0, {folds})")
     total = sum(fractions.values())
