@@ -60,25 +60,27 @@ def _grid(n: int, size: float = 3.2):
     return fig, axes.ravel()
 
 
-def _binary_curves(preds, labels, masks, tasks) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, y, p) of every binary output with both classes: binary tasks, multilabel labels and
-    multiclass classes one-vs-rest."""
+def _curve_panels(preds, labels, masks, tasks):
+    """(figure, [(axes, task, [(label, y, p)])]): one panel per task with binary outputs of both classes
+    (binary tasks, multilabel labels, multiclass classes one-vs-rest); None when there is none."""
     outputs = calibration.binary_outputs(preds, labels, masks, tasks, one_vs_rest=True)
-    return [(n, y, p) for n, _, y, p in outputs if 0 < np.sum(y) < len(y)]
+    by_task = {}
+    for name, task, y, p in outputs:
+        if 0 < np.sum(y) < len(y):
+            by_task.setdefault(task, []).append((name.partition(".")[2] or name, y, p))
+    if not by_task:
+        return None, []
+    fig, axes = _grid(len(by_task))
+    return fig, [(ax, task, members) for ax, (task, members) in zip(axes, by_task.items())]
 
 
 def roc_figure(preds, labels, masks, tasks):
     """ROC curves: one panel per task, a line per output, AUROC in the legend."""
-    curves = _binary_curves(preds, labels, masks, tasks)
-    groups = list(dict.fromkeys(n.split(".")[0] for n, _, _ in curves))
-    if not groups:
-        return None
-    fig, axes = _grid(len(groups))
-    for ax, task in zip(axes, groups):
-        for name, y, p in curves:
-            if name.split(".")[0] == task:
-                fpr, tpr, _ = metrics.roc_curve(y, p)
-                ax.plot(fpr, tpr, lw=1.4, label=f"{name.partition('.')[2] or name} {metrics.roc_auc(y, p):.3f}")
+    fig, panels = _curve_panels(preds, labels, masks, tasks)
+    for ax, task, members in panels:
+        for label, y, p in members:
+            fpr, tpr, _ = metrics.roc_curve(y, p)
+            ax.plot(fpr, tpr, lw=1.4, label=f"{label} {metrics.roc_auc(y, p):.3f}")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.set(title=f"{task}: ROC", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
                ylim=(0, 1.01))
@@ -88,18 +90,13 @@ def roc_figure(preds, labels, masks, tasks):
 
 def pr_figure(preds, labels, masks, tasks):
     """Precision-recall curves, average precision in the legend, prevalence dotted."""
-    curves = _binary_curves(preds, labels, masks, tasks)
-    groups = list(dict.fromkeys(n.split(".")[0] for n, _, _ in curves))
-    if not groups:
-        return None
-    fig, axes = _grid(len(groups))
-    for ax, task in zip(axes, groups):
-        for name, y, p in curves:
-            if name.split(".")[0] == task:
-                precision, recall, _ = metrics.precision_recall_curve(y, p)
-                line, = ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="pre", lw=1.4,
-                                label=f"{name.partition('.')[2] or name} {metrics.average_precision(y, p):.3f}")
-                ax.axhline(np.mean(y), color=line.get_color(), lw=0.6, ls=":")
+    fig, panels = _curve_panels(preds, labels, masks, tasks)
+    for ax, task, members in panels:
+        for label, y, p in members:
+            precision, recall, _ = metrics.precision_recall_curve(y, p)
+            line, = ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="pre", lw=1.4,
+                            label=f"{label} {metrics.average_precision(y, p):.3f}")
+            ax.axhline(np.mean(y), color=line.get_color(), lw=0.6, ls=":")
         ax.set(title=f"{task}: precision-recall", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(fontsize=7, loc="upper right", title="AP", title_fontsize=7)
     return fig
