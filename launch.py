@@ -36,6 +36,8 @@ _PREDICTIONS = flags.DEFINE_string("output", None, "predict: the CSV (default WO
 _SHAPLEY = flags.DEFINE_bool("shapley", True, "predict: the top modality by exact Shapley value (2^M passes).")
 _CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scaled probabilities (fitted on "
                                 "validation).")
+_PATIENTS = flags.DEFINE_list("patients", [], "evaluate/report: explain these patient ids of the split instead "
+                              "of the first --explain ones.")
 _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explained, 'task' or 'task.label' "
                               "(default: the first classification output).")
 
@@ -70,8 +72,8 @@ def _main(argv):
             print(format_robustness(out))
             written.append(f"{_SPLIT.value}_robustness.json")
             written += [f"{_SPLIT.value}_shapley.npz"] if "shapley" in out else []
-        if _EXPLAIN.value:
-            ex = run.explain(_SPLIT.value, _EXPLAIN.value, _OUTPUT.value)
+        if _EXPLAIN.value or _PATIENTS.value:
+            ex = run.explain(_SPLIT.value, _EXPLAIN.value, _OUTPUT.value, patients=_PATIENTS.value)
             gap = float(np.max(np.abs(ex["completeness_gap"])))
             print(f"Integrated gradients of {ex['output']} for {len(ex['patient_id'])} patients (completeness "
                   f"gap at most {gap:.2e})")
@@ -96,7 +98,7 @@ def _main(argv):
         from mmjax.evaluation.report import build_report
 
         path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
-                            output=_OUTPUT.value)
+                            output=_OUTPUT.value, patients=_PATIENTS.value)
         print(f"Report written to {path}")
         return
     from mmjax.training.train import train_and_evaluate

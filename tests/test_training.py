@@ -464,6 +464,26 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
                      page)
     assert page.count("(attention from other modalities)") == 3 and page.count("(integrated gradients)") == 3
     assert "Operating points" in page and os.path.getsize(tmp_path / "w" / "report" / "roc.png") > 1000
+    chosen = str(z["patient_id"][1])  # a chosen patient (--patients=ID): shown alone (its attributions reused)
+    page = open(build_report(str(tmp_path / "w"), patients=[chosen])).read()
+    assert page.count("<h3>patient ") == 1 and f"<h3>patient {chosen}:" in page
+    with pytest.raises(ValueError, match=r"no patient\(s\) \['nobody'\]"):
+        run.explain("test", patients=["nobody"])
+
+
+def test_pick_rows_for_explanations():
+    from mmjax.evaluation.run import pick_rows
+
+    def batch(ids, real):
+        return {"patient_id": np.array(ids), "example_mask": np.array(real), "x": {"v": np.arange(len(ids)) * 10}}
+
+    batches = [batch(["a", "b", "c"], [True] * 3), batch(["d", "b", ""], [True, True, False])]
+    first = pick_rows(iter(batches), 4)
+    assert list(first["patient_id"]) == ["a", "b", "c", "d"] and list(first["x"]["v"]) == [0, 10, 20, 0]
+    chosen = pick_rows(iter(batches), 0, ["b", "d"])  # every row of b (two batches) and d
+    assert list(chosen["patient_id"]) == ["b", "d", "b"] and list(chosen["x"]["v"]) == [10, 0, 10]
+    with pytest.raises(ValueError, match=r"no patient\(s\) \['z'\]"):
+        pick_rows(iter(batches), 0, ["a", "z"])
 
 
 def _coloured_fraction(png: bytes) -> float:

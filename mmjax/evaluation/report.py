@@ -340,12 +340,12 @@ def main_figures(collected, rec: dict, tasks) -> dict:
 
 
 def build_report(workdir: str, split: str = "test", step: int | None = None, explain: int = 4,
-                 output: str = "") -> str:
+                 output: str = "", patients=()) -> str:
     """Writes `W/report/index.html` (and each figure as PNG beside it); returns its path."""
     run = evaluation_run.TrainedRun.load(workdir, step)
     rec = evaluation_run.load_eval(run.workdir, f"{split}.json", run.step) or run.evaluate(split)
     rob = evaluation_run.load_eval(run.workdir, f"{split}_robustness.json", run.step) or run.analyze(split)
-    ex = _explanation(run, split, explain, output)
+    ex = _explanation(run, split, explain, output, tuple(str(p) for p in patients))
     preds, labels, masks, _ = evaluation_run.load_predictions(run.workdir, split, run.tasks)
     figures = {"roc": roc_figure(preds, labels, masks, run.tasks), "pr": pr_figure(preds, labels, masks, run.tasks),
                "confusion": confusion_figure(rec, run.tasks), "reliability": reliability_figure(rec),
@@ -369,18 +369,24 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
     return path
 
 
-def _explanation(run, split: str, count: int, output: str):
-    if count <= 0:
+def _explanation(run, split: str, count: int, output: str, patients: tuple):
+    """The attributions of `W/eval/<split>_attributions.npz` if they are of this checkpoint and cover
+    what is asked (`count` patients, or the ids `patients`), else computed."""
+    if count <= 0 and not patients:
         return None
     path = os.path.join(run.workdir, "eval", f"{split}_attributions.npz")
     if os.path.exists(path):
         z = dict(np.load(path))
-        if int(z.get("step", -1)) == run.step and len(z["patient_id"]) >= count and (
-                not output or str(z["output"]) == output):
-            return z
-    return run.explain(split, count, output)
+        ids = [str(i) for i in z["patient_id"]]
+        covers = set(patients) <= set(ids) if patients else len(ids) >= count
+        if int(z.get("step", -1)) == run.step and covers and (not output or str(z["output"]) == output):
+            keep = np.array([i in set(patients) for i in ids]) if patients else np.arange(len(ids)) < count
+            return {k: v[keep] if k in _PER_PATIENT or k.split("/")[0] in ("attribution", "present", "input",
+                                                                            "tokens") else v for k, v in z.items()}
+    return run.explain(split, count, output, patients=patients)
 
 
+_PER_PATIENT = ("patient_id", "f_input", "f_baseline", "completeness_gap", "attention")
 _FIGURES = [("roc", "ROC curves"), ("pr", "Precision-recall curves"), ("confusion", "Confusion matrices"),
             ("reliability", "Reliability diagrams (before and after temperature scaling, fitted on validation)"),
             ("robustness", "Robustness to missing and noisy modalities"), ("shapley", "Shapley values over modalities")]

@@ -264,19 +264,14 @@ class TrainedRun:
         values = robustness.shapley(game, tuple(self.modalities))  # {m: [N, C]}
         return np.stack([values[m] for m in self.modalities], 1), columns, game
 
-    def explain(self, split: str = "test", count: int = 4, output: str = "", steps: int = 64) -> dict:
+    def explain(self, split: str = "test", count: int = 4, output: str = "", steps: int = 64,
+                patients=()) -> dict:
         """Integrated gradients of one output (`task` or `task.label`; default: the first classification
-        task's first label) for the first `count` patients of `split`, every modality's input at once
-        (`mmjax/evaluation/attribution.py`), and the fusion's attention maps when it has them; written to
-        `eval/<split>_attributions.npz`."""
+        task's first label) for the first `count` patients of `split`, or for the rows of the patient ids
+        `patients`, every modality's input at once (`mmjax/evaluation/attribution.py`), and the fusion's
+        attention maps when it has them; written to `eval/<split>_attributions.npz`."""
         task, index, name = self._output(output)
-        rows = None
-        for batch in self.batches(split)[0]:
-            rows = np.flatnonzero(np.asarray(batch["example_mask"]))[:count]
-            break
-        if rows is None or not len(rows):
-            raise ValueError(f"split {split!r} has no rows to explain")
-        batch = jax.tree.map(lambda x: np.asarray(x)[rows], batch)
+        batch = pick_rows(self.batches(split)[0], count, patients, split)
         kinds = {m.name: m.kind for m in self.spec.select_modalities(self.modalities)}
         device = parallel.device_batch(batch)
         f = attribution.output_fn(self.model, self.tasks, task, index)
@@ -315,6 +310,28 @@ class TrainedRun:
         if label not in t.label_names:
             raise ValueError(f"explain output {output!r}: task {task!r} has labels {list(t.label_names)}")
         return task, list(t.label_names).index(label), output
+
+
+def pick_rows(batches, count: int, patients=(), split: str = "") -> dict:
+    """One batch of the first `count` real rows of `batches`, or of every row of the patient ids
+    `patients` (an error naming the ids not found)."""
+    wanted = {str(p) for p in patients}
+    picked, found, total = [], set(), 0
+    for batch in batches:
+        real = np.flatnonzero(np.asarray(batch["example_mask"], bool))
+        ids = np.asarray(batch["patient_id"]).astype(str)
+        rows = [r for r in real if ids[r] in wanted] if wanted else real[:count - total]
+        found.update(ids[rows])
+        if len(rows):
+            picked.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[rows], batch))
+            total += len(rows)
+        if (found == wanted) if wanted else total >= count:
+            break
+    if wanted and found != wanted:
+        raise ValueError(f"split {split!r} has no patient(s) {sorted(wanted - found)}")
+    if not picked:
+        raise ValueError(f"split {split!r} has no rows to explain")
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *picked)
 
 
 def _output_columns(tasks) -> tuple[list[str], list[str]]:
