@@ -49,9 +49,7 @@ from mmjax.data.manifest.prepare import example, prepare_new
 from mmjax.data.manifest.schema import load_schema
 from mmjax.data.spec import DataError
 from mmjax.evaluation import calibration, robustness
-from mmjax.evaluation.run import TrainedRun, dump_json, load_eval
-
-SCHEMA_FILE = "schema.yaml"
+from mmjax.evaluation.run import SCHEMA_FILE, TrainedRun, dump_json, load_eval
 
 
 def operating_points(run: TrainedRun) -> tuple[dict, dict, str]:

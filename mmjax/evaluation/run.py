@@ -87,6 +87,9 @@ def load_predictions(workdir: str, split: str, tasks) -> tuple:
     return get("pred"), get("label"), get("mask"), z["patient_id"]
 
 
+SCHEMA_FILE = "schema.yaml"  # a manifest run's schema, copied into the workdir at training time (predict reads it)
+
+
 def load_eval(workdir: str, name: str, step: int) -> dict | None:
     """`W/eval/<name>` (a JSON file `write` or `analyze` wrote) if it exists and is of checkpoint
     `step`, else None; null values (NaN when written) read back as NaN."""

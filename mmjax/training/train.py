@@ -176,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         spec.save(os.path.join(workdir, "dataset_spec.json"))  # what evaluation and prediction need
         schema = getattr(getattr(builder, "builder_config", None), "schema", None)  # a manifest's: predict reads it
         if schema is not None:
-            shutil.copyfile(schema.path, os.path.join(workdir, "schema.yaml"))
+            shutil.copyfile(schema.path, os.path.join(workdir, evaluation_run.SCHEMA_FILE))
         report_truncation(spec, modalities, data.text_max_length)
     data_kw = dict(modalities=modalities, tasks=tasks, text_max_length=data.text_max_length,
                    spectrogram=data.spectrogram)
