@@ -41,7 +41,7 @@ def smoke(c):
     """A few steps at small width: for tests."""
     c.model.update(width=32, num_heads=2)
     c.model.fusion.depth = 1
-    c.train.update(batch_size=16, num_steps=4, log_every=2, eval_every=2, checkpoint_every=2)
+    c.train.update(batch_size=16, num_steps=4, log_every=2, eval_every=2, checkpoint_every=2, figures=False)
     c.optimizer.warmup_steps = 1
     c.eval_batch_size = 16
     c.eval.bootstrap_resamples = 50

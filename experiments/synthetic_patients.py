@@ -81,7 +81,8 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         keep_checkpoints=2, stop_at_step=0,  # stop_at_step > 0 stops there, as a preemption would
         # the checkpoint the final validation and test evaluation use: 'best' (by best_metric on
         # validation, the usual model selection; the last one when there is no validation split) or 'last'
-        final_checkpoint="best"))
+        final_checkpoint="best",
+        figures=True))  # ROC, reliability and confusion figures in TensorBoard at the end (smoke: off, 4 s a run)
     c.eval_batch_size = 256
     # the end-of-training and `--mode=evaluate` intervals: patient-level bootstrap (0 resamples: none)
     c.eval = ml_collections.ConfigDict(dict(
@@ -107,7 +108,7 @@ def get_config(arg=None):
         c.data.text_max_length = 48
         c.model.update(width=32, num_heads=2)
         c.model.fusion.depth = 1
-        c.train.update(batch_size=16, num_steps=6, log_every=2, eval_every=3, checkpoint_every=3)
+        c.train.update(batch_size=16, num_steps=6, log_every=2, eval_every=3, checkpoint_every=3, figures=False)
         c.optimizer.warmup_steps = 2
         c.eval_batch_size = 48
         c.eval.bootstrap_resamples = 50

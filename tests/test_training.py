@@ -311,7 +311,8 @@ def _launch(tiny_builder, workdir, *flags):
 
 def test_launch_end_to_end(tiny_builder, tmp_path):
     out = _launch(tiny_builder, tmp_path, "--config.model.fusion.name=late", "--config.train.num_steps=4",
-                  "--config.modalities=tabular")  # the launcher is tested, not the model: the cheapest to compile
+                  "--config.modalities=tabular",  # the launcher is tested, not the model: the cheapest to compile
+                  "--config.train.figures=True")  # (smoke runs leave the figures out)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "macro_auroc" in out.stdout and "steps/s" in out.stdout
     config = json.load(open(tmp_path / "config.json"))

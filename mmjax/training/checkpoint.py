@@ -38,8 +38,19 @@ def _best_fn(metric: str, lower_is_better: bool):
     return value
 
 
+def _single_process_array_saving() -> None:
+    """In one process, each replicated array is written once, from its first device. Orbax's default on
+    CPU splits every replicated array across the replicas ("replica-parallel" saving, for multi-host
+    writes), slicing each on its device: one dispatched and compiled slice per parameter shape and
+    device, 18 s of 4 saves of the tabular smoke model on 8 CPU devices here."""
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                                override=True)
+
+
 def make_manager(directory: str, every: int, keep: int, metric: str = "macro_auroc",
                  lower_is_better: bool = False) -> ocp.CheckpointManager:
+    _single_process_array_saving()
     rank = _best_fn(metric, lower_is_better)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(keep),

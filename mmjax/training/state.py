@@ -22,6 +22,8 @@ class TrainState(struct.PyTreeNode):
 def create_state(model, tx, template_batch, rng, loss_state: dict | None = None) -> TrainState:
     """Fresh parameters (initialized on `template_batch`'s shapes), optimizer state, step 0."""
     k_params, k_dropout, k_run = jax.random.split(rng, 3)
-    params = model.init({"params": k_params, "dropout": k_dropout}, template_batch, train=False)["params"]
+    # jitted: flax's init run eagerly dispatches (and compiles) op by op, 61 s for the smoke model here
+    params = jax.jit(lambda b: model.init({"params": k_params, "dropout": k_dropout}, b, train=False))(
+        template_batch)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=k_run,
                       loss_state=loss_state or {})

@@ -385,7 +385,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(evaluation_run.format_intervals(recs["test"], tasks), flush=True)
-            if writer.active:
+            if writer.active and config.train.get("figures", True):
                 from mmjax.evaluation.report import main_figures
 
                 try:  # ROC curves, reliability diagrams, confusion matrices as TensorBoard images
