@@ -35,6 +35,10 @@ def get_config(arg=None):
         if not opts["smoke"]:
             c.train.update(num_steps=300, eval_every=150, checkpoint_every=150, log_every=100)
             c.optimizer.warmup_steps = 50
+            # The README's table was measured with the experiment's loss weights before 2026-11-29 (mortality
+            # 0.5; the experiment now has 0.1, for its 1,500 steps: mortality overfits after ~500 steps, so this
+            # 300-step schedule is not affected by it). Kept, so that the command reproduces the table.
+            c.loss.weights = "diagnosis=1.0,severity=0.67,mortality=0.5"
     elif opts["dataset"] == "iu_xray":
         c = iu_xray.get_config("smoke" if opts["smoke"] else None)
         if not opts["smoke"]:

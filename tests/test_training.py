@@ -265,7 +265,7 @@ def test_bad_config_values_are_rejected(tiny_builder, tmp_path):
 def test_loss_weights_default_to_one_skip_unselected_tasks_and_reject_unknown_names(tiny_builder, tiny_spec,
                                                                                    capsys):
     config = smoke_config(tiny_builder)
-    assert loss_weights(config, tiny_spec, tiny_spec.tasks) == {"diagnosis": 1.0, "severity": 0.67, "mortality": 0.5}
+    assert loss_weights(config, tiny_spec, tiny_spec.tasks) == {"diagnosis": 1.0, "severity": 0.67, "mortality": 0.1}
     assert capsys.readouterr().out == ""  # every weighted task is trained: no warning
     config.loss.weights = "severity=2"
     assert loss_weights(config, tiny_spec, tiny_spec.tasks) == {"diagnosis": 1.0, "severity": 2.0, "mortality": 1.0}
