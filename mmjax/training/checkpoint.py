@@ -15,6 +15,7 @@ Everything not named keeps its fresh initialization; the source's other subtrees
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -38,6 +39,7 @@ def _best_fn(metric: str, lower_is_better: bool):
     return value
 
 
+@functools.cache  # a process-wide registration: once
 def _single_process_array_saving() -> None:
     """In one process, each replicated array is written once, from its first device. Orbax's default on
     CPU splits every replicated array across the replicas ("replica-parallel" saving, for multi-host
