@@ -73,6 +73,14 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
     stale["sweep"]["fusions"] = "concat,late,mean"
     (run / "config.json").write_text(json.dumps(stale))
     sweep._check_same_config(c, str(run))
+    # a setting added since (`train.figures`, no result depends on it): a saved config without it stands
+    # for its default, so the run is read back; one that set it otherwise is still another config
+    c.train = ml_collections.ConfigDict(dict(figures=True))
+    sweep._check_same_config(c, str(run))
+    stale["train"] = {"figures": False}
+    (run / "config.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="another config.*train.figures"):
+        sweep._check_same_config(c, str(run))
 
 
 def test_sweep_rejects_an_unknown_fusion(tmp_path):
