@@ -13,7 +13,7 @@ flags. `smoke` is a tiny sweep. Each run is tested at its best validation checkp
 
 Results (2-core AMD EPYC CPU VM, 2026-11-29, synthetic, 300 steps, seeds 0-2; README "Fusion
 sweep" has the table), test macro-AUROC: tensor 0.835, bottleneck 0.828, cross_attention 0.828,
-weighted_late 0.828, late 0.826, sum 0.824, concat 0.824, gated 0.822, perceiver 0.821, mean
+weighted_late 0.828, late 0.826, sum 0.824, concat 0.824, gated 0.821, perceiver 0.821, mean
 0.816, low_rank 0.800; pairwise_cross 0.824 (421-435 s a run). About 100 minutes of wall for
 the other 11 (part of it beside the test suite), 24 more for pairwise_cross: over the hour.
 IU X-ray (same VM, 2026-11-29, alone, 56 min 42 s for all 36 runs): tensor 0.953, low_rank 0.927,

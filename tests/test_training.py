@@ -428,6 +428,12 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
     shap = sum(v["macro_auroc"] for v in out["shapley_metrics"].values())
     assert shap == pytest.approx(flat[names]["macro_auroc"] - flat[()]["macro_auroc"], abs=1e-12)
     assert "left out" in format_robustness(out)
+    from mmjax.data import pipeline  # presence counted over the split's patients, padding rows left out
+
+    source = pipeline.builder_from_config(run.config.data).as_data_source("test")
+    assert out["presence"]["patients"] == len(source) == len(z["patient_id"])
+    raw = {m: sum(bool(source[i]["present"][m]) for i in range(len(source))) for m in ("image", "signal")}
+    assert {m: out["presence"]["present"][m] for m in raw} == raw and 0 < raw["image"] < len(source)
     ex = run.explain("test", count=3)
     assert list(ex["patient_id"]) == list(z["patient_id"][:3])
     assert ex["attribution/image"].shape[:1] == (3,) and ex["tokens/text"].shape == ex["attribution/text"].shape
@@ -464,6 +470,8 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
     assert re.search(r"<td>macro_auroc \(all binary outputs\)</td><td>0\.\d{4}</td><td>\[0\.\d{4}, 0\.\d{4}\]</td>",
                      page)
     assert page.count("(attention from other modalities)") == 3 and page.count("(integrated gradients)") == 3
+    rate = out["presence"]["present"]["image"] / out["presence"]["patients"]
+    assert f"<td>image</td><td>image</td><td>{rate:.1%}</td>" in page
     assert "Operating points" in page and os.path.getsize(tmp_path / "w" / "report" / "roc.png") > 1000
     chosen = str(z["patient_id"][1])  # a chosen patient (--patients=ID): shown alone (its attributions reused)
     page = open(build_report(str(tmp_path / "w"), patients=[chosen])).read()

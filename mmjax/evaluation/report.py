@@ -407,7 +407,8 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list) -
         for n, p in rec.get("operating_points", {}).items() if "threshold" in p and None not in (
             p["sensitivity"], p["specificity"], p["ppv"], p["npv"]))
     spec = run.spec
-    data_rows = "".join(f"<tr><td>{esc(m.name)}</td><td>{m.kind}</td></tr>" for m in
+    rate = lambda m: f"{evaluation_run.presence_rate(rob, m):.1%}" if "presence" in rob else "?"
+    data_rows = "".join(f"<tr><td>{esc(m.name)}</td><td>{m.kind}</td><td>{rate(m.name)}</td></tr>" for m in
                         spec.select_modalities(run.modalities))
     task_rows = "".join(f"<tr><td>{esc(t.name)}</td><td>{t.kind}</td><td>{esc(', '.join(t.label_names))}</td></tr>"
                         for t in run.tasks)
@@ -422,7 +423,9 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list) -
         f"<h1>{esc(run.workdir)}</h1>",
         f"<p>{esc(split)} split, checkpoint step {run.step} ({esc(run.chosen)}); dataset {esc(spec.name)}, "
         f"split sizes {esc(json.dumps(spec.split_sizes))}; fusion {esc(str(run.config.model.fusion.name))}.</p>",
-        "<h2>Data</h2><table><tr><th>modality</th><th>kind</th></tr>" + data_rows + "</table>",
+        "<h2>Data</h2><table><tr><th>modality</th><th>kind</th>"
+        f"<th>present ({esc(split)}, {rob.get('presence', {}).get('patients', '?')} patients)</th></tr>"
+        + data_rows + "</table>",
         "<table><tr><th>task</th><th>kind</th><th>labels</th></tr>" + task_rows + "</table>",
         "<h2>Metrics</h2>",
         f"<p>{boot.get('level', 0.95):.0%} intervals from {boot.get('resamples', 0)} patient-level bootstrap "

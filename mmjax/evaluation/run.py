@@ -157,7 +157,7 @@ class TrainedRun:
             step, chosen = checkpoint.best_step(workdir, config.best_metric, lower_is_better(config.best_metric))
         batch = _template_batch(config, spec, tasks, modalities)
         template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False)["params"])
-        params, step = checkpoint.restore_params(workdir, template, step=step)
+        params, step = checkpoint.restore_params(workdir, template, step=step, label="evaluating the checkpoints of ")
         return cls(workdir, config, spec, tasks, modalities, model, params, int(step), chosen)
 
     @property
@@ -223,7 +223,10 @@ class TrainedRun:
         ids = by_subset[names][3]
         metrics = {s: metric(c) for s, c in by_subset.items()}
         flat = {s: dict(evaluate.flat_metrics(m)) for s, m in metrics.items()}
+        real = [np.asarray(b["example_mask"], bool) for b in cached]
+        count = {m: int(sum(np.asarray(b[m]["present"], bool)[r].sum() for b, r in zip(cached, real))) for m in names}
         out = {"split": split, "step": self.step, "modalities": list(names),
+               "presence": {"patients": int(sum(r.sum() for r in real)), "present": count},
                "subsets": [{"present": list(s), "metrics": flat[s]} for s in by_subset],
                "leave_one_out": {m: {k: flat[names][k] - flat[tuple(n for n in names if n != m)][k]
                                      for k in flat[names]} for m in names}}
@@ -408,17 +411,25 @@ def format_intervals(rec: dict, tasks) -> str:
     return "\n".join([head] + [f"{n:<{width}}  {c}" for n, c in rows])
 
 
+def presence_rate(out: dict, modality: str) -> float:
+    """The fraction of the split's patients with `modality` present (from `analyze`'s output)."""
+    return out["presence"]["present"][modality] / max(out["presence"]["patients"], 1)
+
+
 def format_robustness(out: dict, metric: str = "macro_auroc") -> str:
     """`metric` with each modality alone, left out, and its Shapley share; noise and missing curves."""
     names = out["modalities"]
     flat = {tuple(s["present"]): s["metrics"] for s in out["subsets"]}
     full = flat[tuple(names)][metric]
     lines = [f"{metric}: all modalities {full:.4f}, none {flat[()][metric]:.4f}",
-             f"{'modality':<12} {'alone':>8} {'left out':>9} {'Shapley':>8}  missing 0..100%  /  noise sigma"]
+             f"{'modality':<12} {'present':>8} {'alone':>8} {'left out':>9} {'Shapley':>8}  missing 0..100%  /  "
+             "noise sigma"]
     for m in names:
+        present = f"{presence_rate(out, m):>8.1%}" if "presence" in out else f"{'?':>8}"
         shap = out.get("shapley_metrics", {}).get(m, {}).get(metric, float("nan"))
         miss = " ".join(f"{x['metrics'][metric]:.3f}" for x in out["missing_fraction"][m])
         noise = " ".join(f"{x['sigma']:g}:{x['metrics'][metric]:.3f}" for x in out.get("noise", {}).get(m, []))
         left = flat[tuple(n for n in names if n != m)][metric]
-        lines.append(f"{m:<12} {flat[(m,)][metric]:>8.4f} {left:>9.4f} {shap:>8.4f}  {miss}  /  {noise or '-'}")
+        lines.append(f"{m:<12} {present} {flat[(m,)][metric]:>8.4f} {left:>9.4f} {shap:>8.4f}  {miss}  /  "
+                     f"{noise or '-'}")
     return "\n".join(lines)

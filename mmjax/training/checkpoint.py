@@ -129,7 +129,8 @@ def checkpoint_directory(directory: str) -> str:
     return nested if os.path.isdir(nested) else directory
 
 
-def restore_params(directory: str, params, step: int | None = None, subtrees: Mapping[str, str] | None = None):
+def restore_params(directory: str, params, step: int | None = None, subtrees: Mapping[str, str] | None = None,
+                   label: str = "init_from="):
     """(params, step): `params` with subtrees replaced by another run's (`init_from`), from its latest
     checkpoint or `step`.
 
@@ -138,14 +139,15 @@ def restore_params(directory: str, params, step: int | None = None, subtrees: Ma
     (Orbax partial restore); the rest of `params` is returned as given, and the source's other
     subtrees, optimizer state and data position are ignored, so the source may be another model on
     another dataset. Within a loaded subtree, names and shapes must match; values take the dtypes of
-    `params` (arrays, or `jax.ShapeDtypeStruct`s when everything is loaded)."""
+    `params` (arrays, or `jax.ShapeDtypeStruct`s when everything is loaded). Errors name the source
+    as `label` + directory (the setting a user gave it)."""
     directory = checkpoint_directory(directory)
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     with _open_read_only(directory, {}, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"init_from={directory}: no checkpoint found")
-        where = f"init_from={directory} step {step}"
+            raise FileNotFoundError(f"{label}{directory}: no checkpoint found")
+        where = f"{label}{directory} step {step}"
         saved = manager.item_metadata(step)["state"]  # names, shapes and dtypes; no array is read
         saved = getattr(saved, "tree", saved)["params"]
         pairs = dict(subtrees) if subtrees else {name: name for name in params}
