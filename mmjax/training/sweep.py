@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from mmjax.models import FUSIONS
 from mmjax.training import benchmark as step_benchmark
-from mmjax.training.train import lower_is_better, metric_value, parse_list, train_and_evaluate
+from mmjax.training.train import ADDED_LATER, lower_is_better, metric_value, parse_list, train_and_evaluate
 
 
 def forward_gflops(setup) -> float:
@@ -56,11 +56,6 @@ def measure_costs(config, steps: int) -> dict:
             "train_step_ms": bench["step_ms"], "compile_s": bench["compile_s"]}
 
 
-# Settings added after runs were made that change no result, with the value a saved config without
-# them stands for (the code reads them with that default): such a run still belongs to the sweep.
-_ADDED_LATER = {"train.figures": True}
-
-
 def _check_same_config(config, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -70,7 +65,7 @@ def _check_same_config(config, workdir: str) -> None:
     now = json.loads(config.to_json_best_effort())
     # the sweep block says which runs to make, not how to make one: a narrower sweep reuses them
     flat_before, flat_now = ({k: v for k, v in _flat(d).items() if not k.startswith("sweep.")} for d in (before, now))
-    flat_before = {**{k: v for k, v in _ADDED_LATER.items() if k in flat_now}, **flat_before}
+    flat_before = {**{k: v for k, v in ADDED_LATER.items() if k in flat_now}, **flat_before}
     differ = sorted(k for k in set(flat_before) | set(flat_now) if flat_before.get(k) != flat_now.get(k))
     if differ:
         raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "

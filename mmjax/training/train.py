@@ -50,6 +50,12 @@ class _CompileCounter:
 _COMPILES = _CompileCounter()
 
 
+# Settings added after runs were made, with the value a saved config without them stands for: read with
+# this default here, and a sweep (`sweep.py`) treats such an older run as one of its own (no result
+# depends on them).
+ADDED_LATER = {"train.figures": True}
+
+
 def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
     items = tuple(v for v in value.replace("+", ",").split(",") if v) if value else ()
     if known is not None:
@@ -385,7 +391,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(evaluation_run.format_intervals(recs["test"], tasks), flush=True)
-            if writer.active and config.train.get("figures", True):
+            if writer.active and config.train.get("figures", ADDED_LATER["train.figures"]):
                 from mmjax.evaluation.report import main_figures
 
                 try:  # ROC curves, reliability diagrams, confusion matrices as TensorBoard images
