@@ -73,13 +73,16 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
     stale["sweep"]["fusions"] = "concat,late,mean"
     (run / "config.json").write_text(json.dumps(stale))
     sweep._check_same_config(c, str(run))
-    # a setting added since (`train.figures`, no result depends on it): a saved config without it stands
-    # for its default, so the run is read back; one that set it otherwise is still another config
+    # a setting that changes no result (`train.figures`, added since): a saved config without it, or with
+    # another value, is still this config, so the run is read back
     c.train = ml_collections.ConfigDict(dict(figures=True))
     sweep._check_same_config(c, str(run))
     stale["train"] = {"figures": False}
     (run / "config.json").write_text(json.dumps(stale))
-    with pytest.raises(ValueError, match="another config.*train.figures"):
+    sweep._check_same_config(c, str(run))
+    stale["train"]["num_steps"] = 7  # beside it, one that does is still another config
+    (run / "config.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match=r"another config.*\['train.num_steps'\]"):
         sweep._check_same_config(c, str(run))
 
 
@@ -100,3 +103,37 @@ def test_forward_gflops_counts_a_matmul():
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     setup = types.SimpleNamespace(model=model, batch=batch, state=types.SimpleNamespace(params=params))
     assert abs(sweep.forward_gflops(setup) - 2 * 16 * 8 / 1e9) < 0.1 * 2 * 16 * 8 / 1e9
+
+
+def test_compile_time_is_timed_with_the_persistent_cache_off(tmp_path):
+    """The sweep turns JAX's persistent compilation cache on (later seeds read the first seed's
+    programs); the compile s it reports must still be a compilation, not a read of the cache."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from mmjax.training.benchmark import compilation_cache_off
+
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        sweep.use_compilation_cache(str(tmp_path))  # no cache set: the sweep's own, in its workdir
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        x = np.arange(7.0, dtype=np.float32)
+
+        def compile_once():  # a fresh jit each time: nothing from JAX's in-memory caches
+            n = len(hits)
+            jax.jit(lambda v: v * 3.0 + 1.0).lower(x).compile()
+            return len(hits) - n
+
+        compile_once()  # compiled and stored
+        assert compile_once() == 1  # read back from the cache
+        with compilation_cache_off():
+            assert compile_once() == 0  # compiled
+        assert compile_once() == 1  # the cache is on again after it
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()

@@ -7,6 +7,7 @@ loop's wall time spent inside the compiled step, and peak memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -72,12 +73,29 @@ def setup(config) -> StepSetup:
     return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
 
 
+@contextlib.contextmanager
+def compilation_cache_off():
+    """JAX's persistent compilation cache off inside (when one is set: `JAX_COMPILATION_CACHE_DIR`, the
+    sweep's, the tests'), so that a compilation timed here compiles rather than reads a stored executable."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is used; make it decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
 def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
     s = prepared or setup(config)
     state, batch, it, shard = s.state, s.batch, s.batches, s.shard
-    t = time.perf_counter()
-    compiled = s.step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t
+    with compilation_cache_off():
+        t = time.perf_counter()
+        compiled = s.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
     for _ in range(3):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)

@@ -50,9 +50,9 @@ class _CompileCounter:
 _COMPILES = _CompileCounter()
 
 
-# Settings added after runs were made, with the value a saved config without them stands for: read with
-# this default here, and a sweep (`sweep.py`) treats such an older run as one of its own (no result
-# depends on them).
+# Settings added after runs were made, with the value a saved config without them stands for (read with
+# this default here). No result depends on them, so a sweep (`sweep.py`) reads back a run whatever its
+# value of them.
 ADDED_LATER = {"train.figures": True}
 
 
