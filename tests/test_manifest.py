@@ -22,6 +22,7 @@ from PIL import Image
 
 from mmjax.batch import validate_batch
 from mmjax.data import pipeline
+from mmjax.data.local_info import LocalDatasetInfo
 from mmjax.data.manifest import builder as mb
 from mmjax.data.manifest import table
 from mmjax.data.manifest.schema import Schema
@@ -240,6 +241,7 @@ def test_prepared_with_parallel_decoding_and_split_sizes(ds):
     assert os.path.isfile(os.path.join(ds.builder.data_dir, mb.SKIPPED_FILE))
     with open(os.path.join(ds.builder.data_dir, mb.SKIPPED_FILE)) as f:
         assert list(csv.reader(f)) == [["row", "id", "column", "file", "reason"]]
+    assert isinstance(ds.builder.info, LocalDatasetInfo)  # no empty /tmp folder per builder (test_pipeline)
 
 
 def test_train_batches_follow_the_contract(ds):

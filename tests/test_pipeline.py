@@ -22,6 +22,18 @@ def _all_ids(builder, split):
     return sorted(str(int(src[i]["patient_id"])) for i in range(len(src)))  # batches carry ids as str
 
 
+def test_a_builder_before_its_data_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """TFDS looks up an unprepared dataset's metadata in its GCS bucket and leaves an empty
+    `tmp*tfds` folder in the temporary directory each time; mmjax's builders skip that lookup."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    builder = pipeline.load_builder("synthetic_patients/tiny", str(tmp_path / "data"), prepare=False)
+    assert builder.info.splits == {}  # nothing prepared, nothing read
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_train_batches_follow_the_contract(tiny_builder, tiny_spec):
     it = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, seed=0, shard_index=0, shard_count=1))
     batch = next(it)

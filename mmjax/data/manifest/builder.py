@@ -22,6 +22,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data.local_info import LocalDatasetInfo
 from mmjax.data.manifest import readers
 from mmjax.data.manifest.prepare import example, prepare
 from mmjax.data.manifest.schema import Schema, load_schema
@@ -87,7 +88,7 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
             else:
                 labels[name] = f.Scalar(dtype=np.int64 if t["kind"] == "multiclass" else np.float32)
                 known[name] = f.Scalar(dtype=np.bool_)
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self, description=self.builder_config.description,
             features=f.FeaturesDict({
                 "patient_id": f.Text(), "row": f.Scalar(dtype=np.int64),

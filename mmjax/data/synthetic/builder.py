@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.data.local_info import LocalDatasetInfo
 from mmjax.data.spec import DatasetSpec, length_histogram, std_with_floor
 from mmjax.data.synthetic.generate import (
     DEFAULT_MISSING_RATES,
@@ -91,7 +92,7 @@ class SyntheticPatients(tfds.core.GeneratorBasedBuilder):
         f = tfds.features
         # Arrays are stored as raw bytes: decoding is then one np.frombuffer, 3x faster than TFDS's
         # default float/int lists (and zlib gains nothing on noisy images and signals).
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=__doc__,
             features=f.FeaturesDict({
