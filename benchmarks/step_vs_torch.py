@@ -192,7 +192,7 @@ def torch_step_fn(s, net, names):
 
 def jax_step_fn(s, replace):
     """The compiled mmjax train step with `replace`d layers, on its own copy of the state."""
-    with _layers(**replace):
+    with _layers(**replace), step_benchmark.compilation_cache_off():
         # A new function object: jit caches traces by function, and this one must be traced anew
         # with the swapped layers.
         fn = jax.jit(lambda state, batch: s.train_step(state, batch), donate_argnums=0)

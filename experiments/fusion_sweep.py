@@ -45,7 +45,7 @@ def get_config(arg=None):
             c.train.update(num_steps=300, eval_every=150, checkpoint_every=150, log_every=50)
     else:
         raise ValueError(f"fusion_sweep: unknown dataset {opts['dataset']!r}; use synthetic_patients or iu_xray")
-    c.train.figures = False  # the sweep reads metrics; the TensorBoard figures cost ~7 s a run
+    c.train.figures = False  # the sweep reads metrics; the TensorBoard figures cost 4-7 s a run
     c.sweep = ml_collections.ConfigDict(dict(
         fusions="",  # comma-separated; empty: every registered fusion
         seeds="0,1" if opts["smoke"] else "0,1,2",

@@ -1,6 +1,7 @@
 """The fusion sweep's bookkeeping: finished runs are read back (resume), statistics and tables, and
 the GFLOPs figure against a hand count. (Training itself is tested in test_training.py.)"""
 
+import contextlib
 import csv
 import json
 import statistics
@@ -108,32 +109,71 @@ def test_forward_gflops_counts_a_matmul():
 def test_compile_time_is_timed_with_the_persistent_cache_off(tmp_path):
     """The sweep turns JAX's persistent compilation cache on (later seeds read the first seed's
     programs); the compile s it reports must still be a compilation, not a read of the cache."""
-    from jax.experimental.compilation_cache import compilation_cache
-
     from mmjax.training.benchmark import compilation_cache_off
 
     hits = []
-    jax.monitoring.register_event_listener(
-        lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+
+    def listen(name, **kw):
+        if name == "/jax/compilation_cache/cache_hits":
+            hits.append(name)
+
+    jax.monitoring.register_event_listener(listen)
     before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    x = np.arange(7.0, dtype=np.float32)
+
+    def compile_once():  # a fresh jit each time: nothing from JAX's in-memory caches
+        n = len(hits)
+        jax.jit(lambda v: v * 3.0 + 1.0).lower(x).compile()
+        return len(hits) - n
+
     try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        sweep.use_compilation_cache(str(tmp_path))  # no cache set: the sweep's own, in its workdir
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", None)  # as outside the tests: no cache set
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        x = np.arange(7.0, dtype=np.float32)
-
-        def compile_once():  # a fresh jit each time: nothing from JAX's in-memory caches
-            n = len(hits)
-            jax.jit(lambda v: v * 3.0 + 1.0).lower(x).compile()
-            return len(hits) - n
-
-        compile_once()  # compiled and stored
-        assert compile_once() == 1  # read back from the cache
-        with compilation_cache_off():
-            assert compile_once() == 0  # compiled
-        assert compile_once() == 1  # the cache is on again after it
+        with sweep.compilation_cache(str(tmp_path)):  # the sweep's own, in its workdir
+            assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+            compile_once()  # compiled and stored
+            assert compile_once() == 1  # read back from the cache
+            with compilation_cache_off():
+                assert compile_once() == 0  # compiled
+            assert compile_once() == 1  # the cache is on again after it
+            with pytest.raises(RuntimeError), compilation_cache_off():
+                raise RuntimeError("a failed compilation")
+            assert compile_once() == 1  # and after an error inside it
+        assert jax.config.jax_compilation_cache_dir is None  # the sweep leaves no cache set behind
+        assert compile_once() == 0
     finally:
+        jax.monitoring.unregister_event_listener(listen)
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        from jax.experimental.compilation_cache import compilation_cache
+
         compilation_cache.reset_cache()
+
+
+def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
+    from mmjax.training import benchmark as step_benchmark
+
+    inside, compiled_inside = [False], []
+
+    @contextlib.contextmanager
+    def off():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    class Lowered:
+        def compile(self):
+            compiled_inside.append(inside[0])
+            return lambda state, batch: (state, {"loss": np.float32(0.0)})
+
+    monkeypatch.setattr(step_benchmark, "compilation_cache_off", off)
+    monkeypatch.setattr(step_benchmark.parallel, "global_batch", lambda batch, shard: batch)
+    config = ml_collections.ConfigDict(dict(train=dict(batch_size=2),
+                                            model=dict(dtype="float32", fusion=dict(name="concat"))))
+    state = types.SimpleNamespace(params={"w": np.ones(3)})
+    setup = step_benchmark.StepSetup(
+        config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 8), host_batch={}, batch={},
+        state=state, train_step=None, step_fn=types.SimpleNamespace(lower=lambda state, batch: Lowered()),
+        shard=None)
+    out = step_benchmark.benchmark(config, 2, setup)
+    assert compiled_inside == [True] and out["parameters"] == 3

@@ -21,6 +21,7 @@ Markdown table, best first) and prints the table.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -34,7 +35,7 @@ from ml_collections import config_flags
 
 from mmjax.models import FUSIONS
 from mmjax.training import benchmark as step_benchmark
-from mmjax.training.train import ADDED_LATER, lower_is_better, metric_value, parse_list, train_and_evaluate
+from mmjax.training.train import NO_RESULT_DEPENDS, lower_is_better, metric_value, parse_list, train_and_evaluate
 
 
 def forward_gflops(setup) -> float:
@@ -63,10 +64,10 @@ def _check_same_config(config, workdir: str) -> None:
     with open(path) as f:
         before = json.load(f)
     now = json.loads(config.to_json_best_effort())
-    # the sweep block says which runs to make, not how to make one (a narrower sweep reuses them), and the
-    # settings of ADDED_LATER change no result (a run made before one existed, or with another value, counts)
-    flat_before, flat_now = ({k: v for k, v in _flat(d).items() if not k.startswith("sweep.") and k not in ADDED_LATER}
-                             for d in (before, now))
+    # the sweep block says which runs to make, not how to make one (a narrower sweep reuses them), and
+    # NO_RESULT_DEPENDS on the others (a run made before one existed, or with another value, counts)
+    flat_before, flat_now = ({k: v for k, v in _flat(d).items()
+                              if not k.startswith("sweep.") and k not in NO_RESULT_DEPENDS} for d in (before, now))
     differ = sorted(k for k in set(flat_before) | set(flat_now) if flat_before.get(k) != flat_now.get(k))
     if differ:
         raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "
@@ -119,16 +120,25 @@ def markdown(rows: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def use_compilation_cache(workdir: str) -> None:
+@contextlib.contextmanager
+def compilation_cache(workdir: str):
     """The seeds of a fusion compile the same programs (a seed changes values, not shapes): unless a
     persistent compilation cache is set already (`JAX_COMPILATION_CACHE_DIR`), JAX's goes to
-    `WORKDIR/jax_cache`, so that every seed after the first, and a resumed sweep, reads them back. The
-    compile s of the table is timed with the cache off (`benchmark.compilation_cache_off`)."""
-    if not jax.config.jax_compilation_cache_dir:
-        from jax.experimental.compilation_cache import compilation_cache
+    `WORKDIR/jax_cache` while inside, so that every seed after the first, and a resumed sweep, reads
+    them back (the results are bit-identical). The compile s of the table is timed with the cache off
+    (`benchmark.compilation_cache_off`)."""
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-        compilation_cache.reset_cache()  # JAX decides once whether the cache is used; make it decide again
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax_cache.reset_cache()  # JAX decides once whether the cache is used; make it decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax_cache.reset_cache()
 
 
 def sweep(config, workdir: str) -> list[dict]:
@@ -138,7 +148,12 @@ def sweep(config, workdir: str) -> list[dict]:
     if not seeds:
         raise ValueError("sweep.seeds is empty")
     os.makedirs(workdir, exist_ok=True)
-    use_compilation_cache(workdir)
+    with compilation_cache(workdir):
+        return _sweep(config, workdir, fusions, seeds)
+
+
+def _sweep(config, workdir: str, fusions, seeds) -> list[dict]:
+    s = config.sweep
     rows, start = [], time.perf_counter()
     for fusion in fusions:
         values, walls = [], []

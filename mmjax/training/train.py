@@ -51,9 +51,10 @@ _COMPILES = _CompileCounter()
 
 
 # Settings added after runs were made, with the value a saved config without them stands for (read with
-# this default here). No result depends on them, so a sweep (`sweep.py`) reads back a run whatever its
-# value of them.
+# this default here).
 ADDED_LATER = {"train.figures": True}
+# Settings no result depends on: a sweep (`sweep.py`) reads back a finished run whatever its value of them.
+NO_RESULT_DEPENDS = frozenset({"train.figures"})
 
 
 def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
