@@ -7,17 +7,15 @@ r"""The fusion sweep: every registered fusion x 3 seeds, on `synthetic_patients`
 
 `dataset=synthetic_patients` (default) or `iu_xray` (the two text modalities of the Indiana reports)
 takes that experiment's config and shortens its schedule so that the whole sweep fits a 2-core
-machine: synthetic 300 steps of 64 (the default experiment trains 1,500), IU X-ray 300 steps of 64
-with 64 text tokens (the experiment: 1,000 steps, 96 tokens). Width and depth come from the usual
-flags. `smoke` is a tiny sweep. Each run is tested at its best validation checkpoint.
+machine in about an hour: synthetic 200 steps of 64 (the default experiment trains 1,500), IU X-ray
+300 steps of 64 with 64 text tokens (the experiment: 1,000 steps, 96 tokens). Width and depth come
+from the usual flags. `smoke` is a tiny sweep. Each run is tested at its best validation checkpoint.
 
-Results (2-core AMD EPYC CPU VM, 2026-11-29, synthetic, 300 steps, seeds 0-2; README "Fusion
-sweep" has the table), test macro-AUROC: tensor 0.835, bottleneck 0.828, cross_attention 0.828,
-weighted_late 0.828, late 0.826, sum 0.824, concat 0.824, gated 0.821, perceiver 0.821, mean
-0.816, low_rank 0.800; pairwise_cross 0.824 (421-435 s a run). About 100 minutes of wall for
-the other 11 (part of it beside the test suite), 24 more for pairwise_cross: over the hour.
-IU X-ray (same VM, 2026-11-29, alone, 56 min 42 s for all 36 runs): tensor 0.953, low_rank 0.927,
-cross_attention 0.921, sum 0.919, perceiver 0.912, weighted_late 0.911, pairwise_cross 0.907,
+Results (2-core AMD EPYC CPU VM, 2026-11-29, seeds 0-2, alone; README "Fusion sweep" has the tables),
+test macro-AUROC. Synthetic, 200 steps, 67 min 23 s: tensor 0.820, bottleneck 0.818, perceiver
+0.818, pairwise_cross 0.817, gated 0.816, weighted_late 0.815, cross_attention 0.815, late 0.813,
+sum 0.813, concat 0.812, mean 0.812, low_rank 0.792. IU X-ray, 56 min 42 s: tensor 0.953, low_rank
+0.927, cross_attention 0.921, sum 0.919, perceiver 0.912, weighted_late 0.911, pairwise_cross 0.907,
 late 0.902, concat 0.894, mean 0.887, bottleneck 0.887, gated 0.846.
 """
 
