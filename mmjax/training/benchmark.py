@@ -74,19 +74,25 @@ def setup(config) -> StepSetup:
 
 
 @contextlib.contextmanager
-def compilation_cache_off():
-    """JAX's persistent compilation cache off inside (when one is set: `JAX_COMPILATION_CACHE_DIR`, the
-    sweep's, the tests'), so that a compilation timed here compiles rather than reads a stored executable."""
+def compilation_cache_setting(option: str, value):
+    """JAX's config `option` (one of the persistent compilation cache's) set to `value` inside. JAX
+    decides once whether the cache is used; it is made to decide again on the way in and out."""
     from jax.experimental.compilation_cache import compilation_cache
 
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # JAX decides once whether the cache is used; make it decide again
+    before = getattr(jax.config, option)
+    jax.config.update(option, value)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
-        jax.config.update("jax_enable_compilation_cache", before)
+        jax.config.update(option, before)
         compilation_cache.reset_cache()
+
+
+def compilation_cache_off():
+    """JAX's persistent compilation cache off inside (when one is set: `JAX_COMPILATION_CACHE_DIR`, the
+    sweep's, the tests'), so that a compilation timed here compiles rather than reads a stored executable."""
+    return compilation_cache_setting("jax_enable_compilation_cache", False)
 
 
 def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:

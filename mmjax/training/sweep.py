@@ -120,7 +120,6 @@ def markdown(rows: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
 def compilation_cache(workdir: str):
     """The seeds of a fusion compile the same programs (a seed changes values, not shapes): unless a
     persistent compilation cache is set already (`JAX_COMPILATION_CACHE_DIR`), JAX's goes to
@@ -128,17 +127,8 @@ def compilation_cache(workdir: str):
     them back (the results are bit-identical). The compile s of the table is timed with the cache off
     (`benchmark.compilation_cache_off`)."""
     if jax.config.jax_compilation_cache_dir:
-        yield
-        return
-    from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-    jax_cache.reset_cache()  # JAX decides once whether the cache is used; make it decide again
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax_cache.reset_cache()
+        return contextlib.nullcontext()
+    return step_benchmark.compilation_cache_setting("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
 
 
 def sweep(config, workdir: str) -> list[dict]:
