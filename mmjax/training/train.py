@@ -50,9 +50,6 @@ class _CompileCounter:
 _COMPILES = _CompileCounter()
 
 
-# Settings added after runs were made, with the value a saved config without them stands for (read with
-# this default here).
-ADDED_LATER = {"train.figures": True}
 # Settings no result depends on: a sweep (`sweep.py`) reads back a finished run whatever its value of them.
 NO_RESULT_DEPENDS = frozenset({"train.figures"})
 
@@ -392,7 +389,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(evaluation_run.format_intervals(recs["test"], tasks), flush=True)
-            if writer.active and config.train.get("figures", ADDED_LATER["train.figures"]):
+            if writer.active and config.train.get("figures", True):
                 from mmjax.evaluation.report import main_figures
 
                 try:  # ROC curves, reliability diagrams, confusion matrices as TensorBoard images
