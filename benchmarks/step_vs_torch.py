@@ -45,7 +45,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mmjax.models  # noqa: E402,F401  (imports every encoder and fusion module)
+import mmjax.models.build  # noqa: E402,F401  (imports every encoder and fusion module)
 from mmjax.models import layers  # noqa: E402
 from mmjax.training import benchmark as step_benchmark  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402

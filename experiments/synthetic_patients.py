@@ -6,7 +6,7 @@ r"""Default experiment: multimodal diagnosis on the embedded `synthetic_patients
     python launch.py --config=experiments/synthetic_patients.py:smoke --workdir=/tmp/smoke
 
 Arguments after the colon, comma-separated: `fusion=<name>` (any registered fusion:
-`mmjax.models.FUSIONS.names()`), `modalities=<image+text+tabular+signal>` (any subset of the
+`mmjax.models.fusion.FUSIONS.names()`), `modalities=<image+text+tabular+signal>` (any subset of the
 dataset's modalities, `+`-separated), `smoke` (a tiny run for tests). Any field can be
 overridden: `--config.train.num_steps=500`, `--config.model.dtype=bfloat16`.
 

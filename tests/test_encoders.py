@@ -19,9 +19,9 @@ except ImportError:
         return jax.enable_x64(True)
 
 from mmjax.batch import ModalitySpec, TaskSpec, fake_batch
-from mmjax.models import ENCODERS, build_model, layers
-from mmjax.models.build import encoder_config, fusion_config
-from mmjax.models.encoders import rnn
+from mmjax.models import layers
+from mmjax.models.build import build_model, encoder_config, fusion_config
+from mmjax.models.encoders import ENCODERS, rnn
 
 B = 5
 KEY = jax.random.PRNGKey(0)

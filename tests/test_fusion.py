@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models import FUSIONS
+from mmjax.models.fusion import FUSIONS
 from mmjax.models.fusion.tensor import TensorFusion
 
 WIDTH = 16

@@ -11,7 +11,7 @@ import pytest
 
 from mmjax import losses
 from mmjax.batch import ModalitySpec, TaskSpec, fake_batch
-from mmjax.models import MultimodalModel
+from mmjax.models.model import MultimodalModel
 from mmjax.training import checkpoint, parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import create_state

@@ -21,8 +21,12 @@ except ImportError:
         return jax.enable_x64(True)
 
 from mmjax.batch import ModalitySpec, TaskSpec, fake_batch, validate_batch
-from mmjax.models import ENCODERS, FUSIONS, MultimodalModel, build_model, drop_modalities, layers
+from mmjax.models import layers
+from mmjax.models.build import build_model
+from mmjax.models.encoders import ENCODERS
 from mmjax.models.encoders.signal import SignalEncoder
+from mmjax.models.fusion import FUSIONS
+from mmjax.models.model import MultimodalModel, drop_modalities
 from mmjax.models.registry import Registry
 from mmjax.training.step import make_eval_step, predictions
 

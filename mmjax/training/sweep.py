@@ -33,7 +33,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax.models import FUSIONS
+from mmjax.models.fusion import FUSIONS
 from mmjax.training import benchmark as step_benchmark
 from mmjax.training.train import NO_RESULT_DEPENDS, lower_is_better, metric_value, parse_list, train_and_evaluate
 

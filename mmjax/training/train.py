@@ -20,8 +20,8 @@ from mmjax.data import pipeline
 from mmjax.data.spec import parse_mapping, truncation
 from mmjax.evaluation import evaluate
 from mmjax.evaluation import run as evaluation_run
-from mmjax.models import MultimodalModel
-from mmjax.models import build_model as _build_model
+from mmjax.models.build import build_model as _build_model
+from mmjax.models.model import MultimodalModel
 from mmjax.training import checkpoint, parallel
 from mmjax.training.logging import MetricWriter
 from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
