@@ -9,11 +9,7 @@ smoke run of ECG + demographics fusion; its metrics mean nothing (4-7 test recor
 11 s (2026-11-28, 2-core CPU): 50 records prepared in 3.2 s, 40 steps, finite metrics.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import public_config, smoke  # noqa: E402
+from experiments.common import public_config, smoke
 
 
 def get_config(arg=None):

@@ -19,18 +19,14 @@ sum 0.813, concat 0.812, mean 0.812, low_rank 0.792. IU X-ray, 56 min 42 s: tens
 late 0.902, concat 0.894, mean 0.887, bottleneck 0.887, gated 0.846.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import iu_xray  # noqa: E402
-import synthetic_patients  # noqa: E402
+from experiments import iu_xray, synthetic_patients
+from experiments.common import parse_arg
 
 
 def get_config(arg=None):
-    opts = synthetic_patients.parse_arg(arg, {"dataset": "synthetic_patients"})
+    opts = parse_arg(arg, {"dataset": "synthetic_patients"})
     if opts["dataset"] == "synthetic_patients":
         c = synthetic_patients.get_config("smoke" if opts["smoke"] else None)
         if not opts["smoke"]:

@@ -14,11 +14,7 @@ macro-F1 0.666 over the 10 labels; findings alone 0.959 / 0.803 / 0.535 (7 min 4
 alone 0.515 / 0.140 / 0.092 (7 min 39 s).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import public_config, smoke  # noqa: E402
+from experiments.common import public_config, smoke
 
 
 def get_config(arg=None):

@@ -14,11 +14,7 @@ Results (2-core AMD EPYC CPU VM shared with other jobs, 2026-11-28, seed 0, 1,50
 0.875 at threshold 0.5 (validation AUROC 0.985).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import public_config, smoke  # noqa: E402
+from experiments.common import public_config, smoke
 
 
 def get_config(arg=None):

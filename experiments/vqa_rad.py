@@ -16,11 +16,7 @@ closed-question accuracy: image + question 63.6% (balanced 41.7%; 13 min 38 s wa
 encoder, trained from scratch on 300 images, adds nothing to the question.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manifest import public_config, smoke  # noqa: E402
+from experiments.common import public_config, smoke
 
 
 def get_config(arg=None):

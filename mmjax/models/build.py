@@ -12,7 +12,8 @@ names a registered encoder; default: the kind's own) with that kind's settings; 
 fusion, `config.model.<kind>` (from `encoder_config`) `encoder` and the settings of every encoder
 of that kind, with their defaults; so `--config.model.fusion.num_bottlenecks=8` works whichever
 fusion the config file chose, and the launcher never knows a name. The chosen class gets the
-settings it declares (plus the model-wide ones) and the rest are ignored.
+settings it declares (plus the model-wide ones) and the rest are ignored. Both come from
+`mmjax.models.settings`, which reads them from the source files so that a config loads without jax.
 """
 
 from __future__ import annotations
@@ -28,54 +29,20 @@ from mmjax.batch import ModalitySpec, TaskSpec
 from mmjax.models.encoders import ENCODERS
 from mmjax.models.fusion import FUSIONS
 from mmjax.models.model import MultimodalModel
-
-_SHARED = ("num_heads", "mlp_ratio", "dropout")  # model-wide settings every encoder and fusion takes
-_FROM_MODEL = ("width", "dtype", "parent", "name") + _SHARED  # set by the model, not per fusion or encoder
-_FROM_DATA = ("vocab_size", "category_sizes")  # set from the ModalitySpec
+from mmjax.models.settings import FROM_DATA, FROM_MODEL, SHARED, encoder_config, fusion_config
 
 
 def declared_settings(cls) -> dict:
     """{field: default} a fusion or encoder class declares, less what the model sets."""
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name in _FROM_MODEL + _FROM_DATA or not f.init:
+        if f.name in FROM_MODEL + FROM_DATA or not f.init:
             continue
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
-
-
-def _union(classes, first) -> dict:
-    settings = dict(declared_settings(first))
-    for cls in classes:
-        for k, v in declared_settings(cls).items():
-            settings.setdefault(k, v)
-    return settings
-
-
-def fusion_config(name: str = "cross_attention", **overrides) -> dict:
-    """The `config.model.fusion` block: `name` plus every registered fusion's settings (the chosen
-    fusion's defaults first), `overrides` on top."""
-    classes = [FUSIONS.get(n) for n in FUSIONS.names()]
-    settings = {"name": name, **_union(classes, FUSIONS.get(name))}
-    return _override(settings, overrides, "fusion")
-
-
-def encoder_config(kind: str, encoder: str | None = None, **overrides) -> dict:
-    """The `config.model.<kind>` block: `encoder` plus the settings of every encoder of that kind."""
-    encoder = encoder or kind
-    classes = [ENCODERS.get(n) for n in ENCODERS.names() if ENCODERS.get(n).kind == kind]
-    settings = {"encoder": encoder, **_union(classes, ENCODERS.get(encoder))}
-    return _override(settings, overrides, f"{kind} encoder")
-
-
-def _override(settings: dict, overrides: dict, what: str) -> dict:
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(settings)}")
-    return {**settings, **overrides}
 
 
 def _accepted(cls, kw: dict, defaults: dict, what: str) -> dict:
@@ -102,7 +69,7 @@ def _as_dict(value) -> dict:
 
 def encoder_settings(m, spec: ModalitySpec) -> dict:
     """kwargs (plus `name`) of the encoder of one modality."""
-    kw = {k: m[k] for k in _SHARED}
+    kw = {k: m[k] for k in SHARED}
     kw.update(dict(m[spec.kind]) if spec.kind in m else {})
     per = _as_dict(m.get("per_modality"))
     kw.update(per.get(spec.name, {}))
@@ -137,7 +104,7 @@ def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec]
     name = fusion.pop("name")
     if name not in FUSIONS:
         raise ValueError(f"unknown fusion {name!r}; registered: {FUSIONS.names()}")
-    fusion.update({k: m[k] for k in _SHARED})
+    fusion.update({k: m[k] for k in SHARED})
     fusion = _accepted(FUSIONS.get(name), fusion, fusion_config(name), "model.fusion")
     return MultimodalModel(
         modalities=tuple(s.name for s in modalities), tasks=tuple(tasks),

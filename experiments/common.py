@@ -1,0 +1,136 @@
+r"""What the experiment files share: every option with its default (`base_config`), the manifest data
+block (`manifest_config`, `public_config`), the `smoke` variant and the parser of the arguments after
+the colon (`experiments/x.py:fusion=concat,smoke`).
+
+How experiment files import each other: as the package `experiments`, with absolute imports,
+
+    from experiments.common import base_config, parse_arg, smoke
+    from experiments import synthetic_patients
+
+as big_vision's configs import `big_vision.configs.common`. No experiment file edits `sys.path`:
+the repository root is on it already wherever experiments are run from,
+  - `python launch.py ...` from any directory (Python puts the script's folder, the root, first);
+  - `python -m mmjax.training.sweep --config=experiments/fusion_sweep.py`,
+    `python -m mmjax.benchmarks.train_step` and `python -m pytest`, run from the root, as the
+    README's commands are (`python -m` puts the current directory first);
+and `config_flags` loading a file by path does not change that. (Bare `pytest`, or `python -m` from
+another directory with an absolute `--config`, lacks the root: run them from the root with
+`python -m`.) Loading a config imports no jax and no flax: the fusion and encoder settings come from
+`mmjax.models.settings`, which reads the model files' source (`tests/test_settings.py` checks both).
+"""
+
+import os
+
+import ml_collections
+
+from mmjax.models.settings import encoder_config, fusion_config
+
+# `../shared/data` beside the repository: where the public datasets' own files are
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
+
+
+def parse_arg(arg, defaults: dict, flags=("smoke",)) -> dict:
+    """'a=1,b=x,smoke' -> options; keys must be in `defaults` (valued) or `flags` (bare)."""
+    opts = {**defaults, **dict.fromkeys(flags, False)}
+    for item in (arg or "").split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key in flags and not value:
+            opts[key] = True
+        elif key in defaults and value:
+            opts[key] = value
+        else:
+            raise ValueError(f"unknown experiment argument {item!r}; use {', '.join(f'{k}=' for k in defaults)}"
+                             f"{', ' if flags else ''}{', '.join(flags)}")
+    return opts
+
+
+def smoke(c: ml_collections.ConfigDict, num_steps: int = 4, every: int = 2, warmup_steps: int = 1,
+          eval_batch_size: int = 16) -> ml_collections.ConfigDict:
+    """The `smoke` variant of any experiment: a few steps at small width, for tests. `every`: the
+    evaluation and checkpoint interval."""
+    c.model.update(width=32, num_heads=2)
+    c.model.fusion.depth = 1
+    c.train.update(batch_size=16, num_steps=num_steps, log_every=2, eval_every=every, checkpoint_every=every,
+                   figures=False)
+    c.optimizer.warmup_steps = warmup_steps
+    c.eval_batch_size = eval_batch_size
+    c.eval.bootstrap_resamples = 50
+    return c
+
+
+def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_collections.ConfigDict:
+    """Everything an experiment configures; the data block names the dataset (`manifest_config` for a
+    manifest dataset)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.modalities = modalities  # '+'-separated subset of the dataset's modality names; empty: all
+    c.tasks = ""  # comma-separated subset of the dataset's tasks; empty: all
+    c.data = ml_collections.ConfigDict(dict(
+        name="synthetic_patients", config="default", data_dir="", text_max_length=64,
+        spectrogram=False, augment=True, worker_count=0,
+        signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
+    c.model = ml_collections.ConfigDict(dict(
+        width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
+        # The fusion's and each kind's encoder settings: every registered fusion's (encoder's) fields
+        # with their defaults, so any of them can be set from the command line; `fusion.name` and
+        # `<kind>.encoder` choose the class (mmjax/models/build.py).
+        fusion=fusion_config(fusion, depth=2),
+        image=encoder_config("image", patch_size=16, depth=1), text=encoder_config("text", depth=1),
+        tabular=encoder_config("tabular", depth=1), signal=encoder_config("signal", patch_size=50, depth=1),
+        per_modality=""))  # JSON, settings for one modality by name: '{"lateral": {"patch_size": 8}}'
+    c.loss = ml_collections.ConfigDict(dict(
+        weights="",  # fixed task weights: 'task=w,...' (default 1 each)
+        # 'task=balanced' or 'task=1:2:0.5': class weights (multiclass, a weighted mean) or positive
+        # weights per label (multilabel, binary: BCEWithLogitsLoss(pos_weight=); balanced = n_neg / n_pos)
+        class_weights="",
+        focal_gamma=0.0, focal_alpha=-1.0,  # focal loss on classification tasks (gamma 0: off; alpha -1: off)
+        # fixed | uncertainty (Kendall 2018) | dwa (Liu 2019) | pcgrad (Yu 2020); fixed weights apply to dwa
+        # and pcgrad too. uncertainty_weighting=True is the older spelling of task_weighting='uncertainty'.
+        task_weighting="fixed", uncertainty_weighting=False,
+        dwa_window=50, dwa_temperature=2.0,  # DWA: steps per window (the paper's epoch), softmax temperature
+        modality_heads_weight=0.5))  # auxiliary per-encoder heads (0: off); see mmjax/models/model.py
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=100, end_lr_factor=0.02, weight_decay=0.05, b1=0.9, b2=0.999,
+        clip_norm=1.0))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64, num_steps=1500, log_every=50, eval_every=500, checkpoint_every=500,
+        keep_checkpoints=2, stop_at_step=0,  # stop_at_step > 0 stops there, as a preemption would
+        # the checkpoint the final validation and test evaluation use: 'best' (by best_metric on
+        # validation, the usual model selection; the last one when there is no validation split) or 'last'
+        final_checkpoint="best",
+        figures=True))  # ROC, reliability and confusion figures in TensorBoard at the end (smoke: off, 4 s a run)
+    c.eval_batch_size = 256
+    # the end-of-training and `--mode=evaluate` intervals: patient-level bootstrap (0 resamples: none)
+    c.eval = ml_collections.ConfigDict(dict(
+        bootstrap_resamples=1000, bootstrap_seed=0, level=0.95,
+        calibration_bins=10,  # equal-width bins of the ECE and the reliability diagram
+        operating_point="youden", target_sensitivity=0.9))  # threshold chosen on validation: youden | sensitivity
+    c.parallel = "mesh"  # or "pmap"
+    c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from
+    c.init_params = ""  # subtrees to take from init_from: 'image_encoder' or 'xray_encoder=image_encoder,...'; '': all
+    c.best_metric = "macro_auroc"  # validation metric that picks the kept best checkpoint ('task.metric' too)
+    return c
+
+
+def manifest_config(fusion="cross_attention", modalities="", manifest="", schema=""):
+    """`base_config` with a manifest data block: what every real-data experiment starts from."""
+    c = base_config(fusion, modalities)
+    c.data = dict(name="manifest", config="", manifest=manifest, schema=schema, data_dir="", public="",
+                  source_dir="", split_fractions="train=0.8,validation=0.1,test=0.1", folds=0, fold=0, on_error="",
+                  prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
+                  signal_eval_windows=0)
+    c.train.update(num_steps=1000, eval_every=250, checkpoint_every=250)
+    return c
+
+
+def public_config(public: str, folder: str, arg, **variants):
+    """A real-data experiment: the converter `mmjax.data.public.<public>` on `../shared/data/<folder>`
+    (or `--config.data.source_dir`), with `arg` parsed for fusion=, modalities= and smoke."""
+    opts = parse_arg(arg, {"fusion": "cross_attention", "modalities": "", **variants})
+    c = manifest_config(opts["fusion"], opts["modalities"])
+    c.data.public = public
+    c.data.source_dir = os.path.join(SHARED_DATA, folder)
+    return c, opts
