@@ -7,13 +7,14 @@ dataset. Running the same command on the same workdir resumes it.
 by validation or `--step`): metrics with patient-level bootstrap intervals in
 `DIR/eval/<split>.json` (`--split`, default test), calibration and operating points, robustness
 to missing and noisy modalities and Shapley values over modalities in `DIR/eval/<split>_robustness.json`.
-See `mmjax/evaluation/run.py`.
+See `mmjax/evaluation/evaluate.py`.
 
 `--mode=predict --manifest=M` writes predictions for new patients (`mmjax/evaluation/predict.py`);
 `--mode=report` writes `DIR/report/index.html` (`mmjax/evaluation/report.py`).
 """
 
 import os
+import shutil
 
 import numpy as np
 from absl import app, flags
@@ -43,50 +44,40 @@ _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explai
 
 
 def main(argv):
-    from mmjax.data.spec import DataError
-
-    try:
-        _main(argv)
-    except DataError as e:  # bad input: the message names the file, row and field; no traceback needed
-        raise SystemExit(f"error: {e}") from None
-
-
-def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mmjax.training.console import log_to_workdir
+    from mmjax.console import log_to_workdir
 
     if _MODE.value != "train" and not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--mode={_MODE.value}: workdir {_WORKDIR.value} does not exist")
+    new_workdir = not os.path.exists(_WORKDIR.value)
     log_to_workdir(_WORKDIR.value)  # Orbax/TFDS INFO to DIR/mmjax.INFO; --verbosity=0 keeps it on the console
     if _MODE.value == "evaluate":
-        from mmjax.evaluation.run import TrainedRun, format_intervals, format_robustness
+        from mmjax.evaluation.evaluate import evaluate
+        from mmjax.evaluation.format import format_intervals, format_robustness
+        from mmjax.evaluation.predictor import Predictor
 
-        run = TrainedRun.load(_WORKDIR.value, _STEP.value)
-        rec = run.evaluate(_SPLIT.value)
+        run = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
         print(f"{_SPLIT.value} split, checkpoint step {run.step} ({run.chosen}) of {run.workdir}")
-        print(format_intervals(rec, run.tasks))
-        written = [f"{_SPLIT.value}.json", f"{_SPLIT.value}_predictions.npz"]
-        if _ROBUSTNESS.value:
-            out = run.analyze(_SPLIT.value)
-            print(format_robustness(out))
-            written.append(f"{_SPLIT.value}_robustness.json")
-            written += [f"{_SPLIT.value}_shapley.npz"] if "shapley" in out else []
-        if _EXPLAIN.value or _PATIENTS.value:
-            ex = run.explain(_SPLIT.value, _EXPLAIN.value, _OUTPUT.value, patients=_PATIENTS.value)
+        done = evaluate(run, _SPLIT.value, analyze=_ROBUSTNESS.value, explain=_EXPLAIN.value, output=_OUTPUT.value,
+                        patients=_PATIENTS.value)
+        print(format_intervals(done["record"], run.tasks))
+        if done["robustness"] is not None:
+            print(format_robustness(done["robustness"]))
+        if done["explanation"] is not None:
+            ex = done["explanation"]
             gap = float(np.max(np.abs(ex["completeness_gap"])))
             print(f"Integrated gradients of {ex['output']} for {len(ex['patient_id'])} patients (completeness "
                   f"gap at most {gap:.2e})")
-            written.append(f"{_SPLIT.value}_attributions.npz")
-        print(f"Written to {os.path.join(run.workdir, 'eval')}: {', '.join(written)}")
+        print(f"Written to {os.path.join(run.workdir, 'eval')}: {', '.join(done['written'])}")
         return
     if _MODE.value == "predict":
         from mmjax.evaluation.predict import predict
-        from mmjax.evaluation.run import TrainedRun
+        from mmjax.evaluation.predictor import Predictor
 
         if not _MANIFEST.value:
             raise app.UsageError("--mode=predict needs --manifest")
-        run = TrainedRun.load(_WORKDIR.value, _STEP.value)
+        run = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
         out = predict(run, _MANIFEST.value, _PREDICTIONS.value, schema=_SCHEMA.value, on_error=_ON_ERROR.value,
                       calibrated=_CALIBRATED.value, shapley=_SHAPLEY.value)
         unseen = sum(n for cols in out["unseen_categories"].values() for n in cols.values())
@@ -103,8 +94,15 @@ def _main(argv):
         return
     from mmjax.training.train import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Exception:
+        if new_workdir and all(name.startswith("mmjax.") for name in os.listdir(_WORKDIR.value)):
+            shutil.rmtree(_WORKDIR.value, ignore_errors=True)  # a run that failed before writing: only its logs
+        raise
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mmjax.console import run
+
+    run(main)

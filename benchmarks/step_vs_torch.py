@@ -46,8 +46,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmjax.models.build  # noqa: E402,F401  (imports every encoder and fusion module)
+from mmjax.benchmarks import train_step as step_benchmark  # noqa: E402
 from mmjax.models import layers  # noqa: E402
-from mmjax.training import benchmark as step_benchmark  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
 from mmjax.training.step import make_loss_fn  # noqa: E402
 

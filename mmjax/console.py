@@ -38,3 +38,28 @@ def quiet_absl(level: int = std_logging.ERROR):
         yield
     finally:
         logger.setLevel(before)
+
+
+
+class UserError(ValueError):
+    """An error in what the user gave (data, config, flags): its message says what and where, so
+    commands print it as one line, without a traceback."""
+
+
+class ConfigError(UserError):
+    """A config value that cannot work; the message names the `--config.` flag and what to set."""
+
+
+def run(main) -> None:
+    """`absl.app.run(main)` for every command of the package: a `UserError` (bad data, whose message
+    names the file, row and field; a config value that cannot work) prints as one line
+    `error: ...` and exits with status 1."""
+    from absl import app
+
+    def main_with_one_line_errors(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    app.run(main_with_one_line_errors)

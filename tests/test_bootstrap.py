@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from mmjax import metrics
-from mmjax.evaluation import bootstrap
+from mmjax.metrics import bootstrap
 
 
 def test_counts_keep_a_patients_rows_together_and_draw_every_patient_count_once():
@@ -104,7 +104,7 @@ def _delong_reference(y, a, b):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_delong_matches_the_pairwise_definition(seed):
-    from mmjax.evaluation.delong import delong_test
+    from mmjax.metrics.delong import delong_test
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 300))
@@ -121,7 +121,7 @@ def test_delong_matches_the_pairwise_definition(seed):
 
 
 def test_delong_of_identical_scores_and_too_few_positives():
-    from mmjax.evaluation.delong import delong_test
+    from mmjax.metrics.delong import delong_test
 
     rng = np.random.default_rng(0)
     y, s = rng.integers(0, 2, 50), rng.normal(size=50)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mmjax.evaluation import calibration as cal
+from mmjax.metrics import calibration as cal
 
 
 def test_ece_and_reliability_on_a_hand_computed_case():

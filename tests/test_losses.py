@@ -11,12 +11,12 @@ import pytest
 
 from mmjax import losses
 from mmjax.batch import ModalitySpec, TaskSpec, fake_batch
+from mmjax.experiment import loss_settings, task_weighting
 from mmjax.models.model import MultimodalModel
 from mmjax.training import checkpoint, parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import create_state
 from mmjax.training.step import make_train_step
-from mmjax.training.train import loss_settings, task_weighting
 
 TASKS = (TaskSpec("dx", "multilabel", ("a", "b")), TaskSpec("sev", "regression"), TaskSpec("dead", "binary"))
 

@@ -732,7 +732,7 @@ def test_cli_prints_the_summary(ds):
 # ----------------------------------------------------------------------------------------- 8. training run
 
 
-def test_smoke_training_run_on_the_manifest(ds, tmp_path):
+def test_smoke_training_run_on_the_manifest(ds, tmp_path, recomputed):
     from mmjax.training.train import train_and_evaluate
 
     spec = importlib.util.spec_from_file_location("manifest_exp", ROOT / "experiments" / "manifest.py")
@@ -748,11 +748,14 @@ def test_smoke_training_run_on_the_manifest(ds, tmp_path):
     train_and_evaluate(c, workdir)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    for split in ("validation", "test"):
-        r = results[split]
-        for value in (r["dx"]["accuracy"], r["findings"]["macro_auroc"], r["los"]["mae"], r["died"]["auroc"],
-                      r["macro_auroc"]):
-            assert math.isfinite(value), (split, r)
+    for split in ("validation", "test"):  # every task kind's metrics equal scikit-learn on the saved predictions
+        r, reference = results[split], recomputed(workdir, split, ds.spec.tasks)
+        assert r["dx"]["accuracy"] == pytest.approx(reference["dx"]["accuracy"], abs=1e-12)
+        assert r["los"]["mae"] == pytest.approx(reference["los"]["mae"], rel=1e-9)
+        for task, metric in (("findings", "macro_auroc"), ("died", "auroc"), ("dx", "macro_auroc")):
+            if metric in reference[task]:
+                assert r[task][metric] == pytest.approx(reference[task][metric], abs=1e-9), (split, task)
+        assert r["macro_auroc"] == pytest.approx(reference["macro_auroc"], abs=1e-9), split
     assert DatasetSpec.load(os.path.join(workdir, "dataset_spec.json")) == ds.spec
     _check_predict(ds, workdir, tmp_path)
 
@@ -761,12 +764,13 @@ def _check_predict(ds, workdir, tmp_path):
     """--mode=predict from a moved workdir: the test rows as a new manifest get the probabilities the
     evaluation got; without labels, with a missing modality, an unseen category and a bad row."""
     from mmjax.evaluation.predict import predict
-    from mmjax.evaluation.run import TrainedRun, load_predictions
+    from mmjax.evaluation.predictor import Predictor
+    from mmjax.evaluation.records import load_predictions
 
     moved = str(tmp_path / "moved")
     shutil.copytree(workdir, moved)
     shutil.rmtree(workdir)  # the workdir's own copy of the schema is what predict reads
-    run = TrainedRun.load(moved)
+    run = Predictor.from_workdir(moved)
     test = [dict(r) for r in ds.rows if r["split"] == "test"]
     same = _write_csv(ds.folder / "predict_same.csv", test)
     out = predict(run, same, str(tmp_path / "same" / "predictions.csv"), log=lambda s: None)
@@ -798,7 +802,7 @@ def _check_predict(ds, workdir, tmp_path):
     assert list(got["dx.label"].fillna("")) == [r["dx"] for r in test]
     assert set(got["died.top_modality"]) <= {"lateral", "labs", "ecg"}
     # --calibrated: each task's validation temperature; the decisions at the operating point stay
-    from mmjax.evaluation import calibration
+    from mmjax.metrics import calibration
 
     out = predict(run, same, str(tmp_path / "cal" / "predictions.csv"), calibrated=True, log=lambda s: None)
     cal = pd.read_csv(out["predictions"], dtype={"id": str})
@@ -900,8 +904,8 @@ def test_empty_split_cell_is_assigned_by_hash():
 
 
 def test_degenerate_numeric_column_and_error_metrics_direction():
+    from mmjax.config import lower_is_better
     from mmjax.data.spec import std_with_floor
-    from mmjax.training.train import lower_is_better
 
     x = np.array([[0.0, 5.0, np.nan, 140.0], [0.0, 5.0, np.nan, 143.0], [0.0, 5.0001, np.nan, 137.0]])
     mean, std = std_with_floor(x)

@@ -98,7 +98,7 @@ def test_multiclass_metrics_with_a_class_absent_from_the_labels(seed):
 
 def test_multiclass_evaluation_and_bad_input():
     from mmjax.batch import TaskSpec
-    from mmjax.evaluation.evaluate import compute_metrics
+    from mmjax.metrics.tasks import compute_metrics
 
     y, proba = _multiclass_data(0)
     known = np.arange(len(y)) % 5 != 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax.batch import ModalitySpec, validate_batch
-from mmjax.data import pipeline
+from mmjax.data import pipeline, sources
 from mmjax.data import transforms as T
 from mmjax.data.spec import DataError, length_histogram, std_with_floor, truncation
 from mmjax.data.synthetic.generate import MODALITIES
@@ -29,7 +29,7 @@ def test_a_builder_before_its_data_leaves_no_temporary_folder(tmp_path, monkeypa
 
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    builder = pipeline.load_builder("synthetic_patients/tiny", str(tmp_path / "data"), prepare=False)
+    builder = sources.load_builder("synthetic_patients/tiny", str(tmp_path / "data"), prepare=False)
     assert builder.info.splits == {}  # nothing prepared, nothing read
     assert list((tmp_path / "tmp").iterdir()) == []
 
@@ -213,7 +213,7 @@ def test_corrupt_and_missing_files_are_reported(tiny_builder, tmp_path):
 
     root = tmp_path / "copy"
     shutil.copytree(str(tiny_builder.data_dir_root), root)
-    builder = pipeline.load_builder("synthetic_patients/tiny", str(root), prepare=False)
+    builder = sources.load_builder("synthetic_patients/tiny", str(root), prepare=False)
     spec = pipeline.DatasetSpec.from_builder(builder)
     version_dir = root / "synthetic_patients" / "tiny" / str(builder.info.version)
     shard = next(p for p in version_dir.iterdir() if "test.array_record" in p.name)
@@ -230,8 +230,8 @@ def test_corrupt_and_missing_files_are_reported(tiny_builder, tmp_path):
 def test_tensorflow_is_never_imported(tiny_builder):
     code = textwrap.dedent(f"""
         import sys
-        from mmjax.data import pipeline
-        b = pipeline.load_builder("synthetic_patients/tiny", {str(tiny_builder.data_dir_root)!r})
+        from mmjax.data import pipeline, sources
+        b = sources.load_builder("synthetic_patients/tiny", {str(tiny_builder.data_dir_root)!r})
         spec = pipeline.DatasetSpec.from_builder(b)
         it = iter(pipeline.train_loader(b, spec, 8, seed=0, shard_index=0, shard_count=1))
         next(it)

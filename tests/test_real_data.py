@@ -23,12 +23,12 @@ def _experiment(name):
 @pytest.mark.skipif(not CINC.is_dir(), reason=f"{CINC} is absent (public data copy not available)")
 def test_cinc2021_ecg_and_demographics_through_the_manifest_path(tmp_path):
     from mmjax.batch import validate_batch
-    from mmjax.data import pipeline
+    from mmjax.data import pipeline, sources
     from mmjax.data.spec import DatasetSpec
 
     config = _experiment("cinc2021").get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
-    builder = pipeline.builder_from_config(config.data)
+    builder = sources.builder_from_config(config.data)
     spec = DatasetSpec.from_builder(builder)
     ecg, demo = spec.modality("ecg"), spec.modality("demographics")
     assert ecg.shape == (1000, 12) and ecg.rate == 100.0 and ecg.channel_names[:3] == ("I", "II", "III")

@@ -109,7 +109,7 @@ def test_forward_gflops_counts_a_matmul():
 def test_compile_time_is_timed_with_the_persistent_cache_off(tmp_path):
     """The sweep turns JAX's persistent compilation cache on (later seeds read the first seed's
     programs); the compile s it reports must still be a compilation, not a read of the cache."""
-    from mmjax.training.benchmark import compilation_cache_off
+    from mmjax.benchmarks.train_step import compilation_cache_off
 
     hits = []
 
@@ -151,7 +151,7 @@ def test_compile_time_is_timed_with_the_persistent_cache_off(tmp_path):
 
 
 def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
-    from mmjax.training import benchmark as step_benchmark
+    from mmjax.benchmarks import train_step as step_benchmark
 
     inside, compiled_inside = [False], []
 
@@ -177,3 +177,31 @@ def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
         shard=None)
     out = step_benchmark.benchmark(config, 2, setup)
     assert compiled_inside == [True] and out["parameters"] == 3
+
+
+def test_a_real_sweep_of_two_fusions(tiny_builder, tmp_path):
+    """Unmocked, on `synthetic_patients/tiny` (labs alone, 3 steps, one seed): each run trains in its own
+    folder, the table holds each run's own test metric and its model's parameter count, and a second
+    call reads everything back without training again."""
+    from experiments import fusion_sweep
+    from mmjax.experiment import Experiment
+
+    c = fusion_sweep.get_config("smoke")
+    c.data.data_dir = str(tiny_builder.data_dir_root)
+    c.modalities = "tabular"
+    c.train.update(num_steps=3, eval_every=3, checkpoint_every=3, log_every=3)
+    c.sweep.update(fusions="concat,sum", seeds="0", benchmark_steps=1)
+    rows = sweep.sweep(c, str(tmp_path))
+    assert sorted(r["fusion"] for r in rows) == ["concat", "sum"]
+    for r in rows:
+        run = tmp_path / r["fusion"] / "seed0"
+        results = json.loads((run / "results.json").read_text())
+        assert r["values"] == [results["test"]["macro_auroc"]] and r["mean"] == results["test"]["macro_auroc"]
+        assert r["parameters"] == results["run"]["parameters"]
+        exp = Experiment.from_workdir(str(run))
+        assert exp.config.model.fusion.name == r["fusion"]
+        assert r["parameters"] == sum(x.size for x in jax.tree.leaves(exp.abstract_params()))
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/results.json")}
+    again = sweep.sweep(c, str(tmp_path))
+    assert [r["mean"] for r in again] == [r["mean"] for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # read back, not retrained

@@ -27,9 +27,9 @@ def test_generation_is_deterministic_and_splits_differ():
 
 
 def test_builds_are_identical(tiny_builder, tmp_path):
-    from mmjax.data import pipeline
+    from mmjax.data import sources
 
-    again = pipeline.load_builder("synthetic_patients/tiny", str(tmp_path))
+    again = sources.load_builder("synthetic_patients/tiny", str(tmp_path))
     assert again.info.metadata["modalities"] == tiny_builder.info.metadata["modalities"]  # vocab, statistics
     assert again.info.metadata["tasks"] == tiny_builder.info.metadata["tasks"]
     for split in ("train", "validation", "test"):

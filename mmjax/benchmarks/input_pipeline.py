@@ -1,7 +1,7 @@
 """Input-pipeline throughput: prints examples/s of the training loader (and one evaluation pass).
 
-    python -m mmjax.data.benchmark [--dataset=synthetic_patients] [--batch_size=64] [--workers=2]
-    python -m mmjax.data.benchmark --manifest=M --schema=S      # a manifest dataset (prepared if needed)
+    python -m mmjax.benchmarks.input_pipeline [--dataset=synthetic_patients] [--batch_size=64] [--workers=2]
+    python -m mmjax.benchmarks.input_pipeline --manifest=M --schema=S      # a manifest dataset (prepared if needed)
 """
 
 from __future__ import annotations
@@ -10,18 +10,12 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from mmjax.data import pipeline
+from mmjax.console import run
+from mmjax.data import pipeline, sources
 
-_DATASET = flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or ~/tensorflow_datasets).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 200, "Training batches to time (after 5 warm-up batches).")
-_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Grain worker processes; each value is timed.")
-_AUGMENT = flags.DEFINE_bool("augment", True, "Train-time image augmentation.")
-_MANIFEST = flags.DEFINE_string("manifest", None, "A manifest dataset instead of --dataset (with --schema).")
-_SCHEMA = flags.DEFINE_string("schema", None, "The manifest's schema.")
+FLAGS = flags.FLAGS
 
 
 def measure(builder, spec, batch_size, batches, workers, augment=True) -> dict:
@@ -42,20 +36,35 @@ def measure(builder, spec, batch_size, batches, workers, augment=True) -> dict:
             "eval_examples_per_s": round(eval_rate, 1)}
 
 
+def define_flags() -> None:
+    """The command's flags, defined when it runs (not at import, so modules with flags of the same
+    name can be imported together)."""
+    flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config."),
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or "
+                        "~/tensorflow_datasets)."),
+    flags.DEFINE_integer("batch_size", 64, "Examples per batch."),
+    flags.DEFINE_integer("batches", 200, "Training batches to time (after 5 warm-up batches)."),
+    flags.DEFINE_list("workers", ["0", "2"], "Grain worker processes; each value is timed."),
+    flags.DEFINE_bool("augment", True, "Train-time image augmentation."),
+    flags.DEFINE_string("manifest", None, "A manifest dataset instead of --dataset (with --schema)."),
+    flags.DEFINE_string("schema", None, "The manifest's schema."),
+
+
 def main(argv):
     del argv
-    if _MANIFEST.value:
+    if FLAGS.manifest:
         from mmjax.data.manifest import builder as manifest_builder
 
-        builder = manifest_builder.load(_MANIFEST.value, _SCHEMA.value, _DATA_DIR.value)
+        builder = manifest_builder.load(FLAGS.manifest, FLAGS.schema, FLAGS.data_dir)
     else:
-        builder = pipeline.load_builder(_DATASET.value, _DATA_DIR.value)
+        builder = sources.load_builder(FLAGS.dataset, FLAGS.data_dir)
     spec = pipeline.DatasetSpec.from_builder(builder)
     shapes = ", ".join(f"{m.name} ({m.kind}) {m.shape}" for m in spec.modalities if m.shape)
-    print(f"{builder.name}/{builder.builder_config.name}: {shapes}; batch {_BATCH.value}, cpus {os.cpu_count()}")
-    for w in _WORKERS.value:
-        print(json.dumps(measure(builder, spec, _BATCH.value, _BATCHES.value, int(w), _AUGMENT.value)))
+    print(f"{builder.name}/{builder.builder_config.name}: {shapes}; batch {FLAGS.batch_size}, cpus {os.cpu_count()}")
+    for w in FLAGS.workers:
+        print(json.dumps(measure(builder, spec, FLAGS.batch_size, FLAGS.batches, int(w), FLAGS.augment)))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    run(main)

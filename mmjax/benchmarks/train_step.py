@@ -1,7 +1,7 @@
 """Train-step benchmark: compile time, step time, steps/s, examples/s, the fraction of a training
 loop's wall time spent inside the compiled step, and peak memory.
 
-    python -m mmjax.training.benchmark [--config=experiments/synthetic_patients.py[:args]] \
+    python -m mmjax.benchmarks.train_step [--config=experiments/synthetic_patients.py[:args]] \
         [--config.model.dtype=bfloat16] [--steps=30]
 """
 
@@ -17,16 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mmjax import losses
-from mmjax.data import pipeline
+from mmjax import console
+from mmjax.experiment import Experiment
 from mmjax.training import parallel
-from mmjax.training.optimizer import make_optimizer
-from mmjax.training.state import TrainState, create_state
-from mmjax.training.step import make_train_step
-from mmjax.training.train import build_model, class_weight_arrays, loss_settings, loss_weights, parse_list
+from mmjax.training.state import TrainState
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
 
@@ -50,27 +47,16 @@ class StepSetup:
 
 def setup(config) -> StepSetup:
     """Builds the pipeline, model, optimizer, first state and jitted step of `config`."""
-    builder = pipeline.builder_from_config(config.data)
-    spec = pipeline.DatasetSpec.from_builder(builder)
-    tasks = spec.select_tasks(parse_list(config.tasks))
-    kw = dict(modalities=parse_list(config.modalities), tasks=tasks, text_max_length=config.data.text_max_length,
-              spectrogram=config.data.spectrogram)
-    it = iter(pipeline.train_loader(builder, spec, config.train.batch_size, config.seed, augment=config.data.augment,
-                                    worker_count=config.data.worker_count, shard_index=0, shard_count=1, **kw))
-    model = build_model(config, spec, tasks)
-    tx = make_optimizer(config.optimizer, config.train.num_steps)
-    mesh = parallel.make_mesh()
-    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    exp = Experiment.from_config(config)
+    it = iter(exp.train_loader(config.train.batch_size, shard_index=0, shard_count=1))
+    strategy = parallel.MeshStrategy()
     host_batch = next(it)
-    batch = parallel.global_batch(host_batch, shard)
-    loss_kw = dict(loss_settings(config),
-                   class_weights=class_weight_arrays(config, tasks, spec.split_sizes.get("train")))
-    loss_state = losses.init_loss_state(loss_kw["task_weighting"], tasks)
-    state = jax.jit(lambda rng: create_state(model, tx, batch, rng, loss_state), out_shardings=repl)(
-        jax.random.PRNGKey(0))
-    train_step = make_train_step(model, tx, tasks, loss_weights(config, spec, tasks), **loss_kw)
-    step_fn = jax.jit(train_step, in_shardings=(repl, shard), out_shardings=(repl, repl), donate_argnums=0)
-    return StepSetup(config, tuple(tasks), model, tx, it, host_batch, batch, state, train_step, step_fn, shard)
+    batch = strategy.put(host_batch)
+    state = strategy.create_state(exp.init_state, jax.random.PRNGKey(0))
+    train_step = exp.train_step()
+    step_fn = strategy.train_step(lambda axis, shards: train_step)
+    return StepSetup(config, exp.tasks, exp.model, exp.optimizer, it, host_batch, batch, state, train_step, step_fn,
+                     strategy.batch_sharding)
 
 
 @contextlib.contextmanager
@@ -131,7 +117,7 @@ def main():
     config = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.",
                                              lock_config=True)
     steps = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
-    app.run(lambda argv: print(json.dumps(benchmark(config.value, steps.value))))
+    console.run(lambda argv: print(json.dumps(benchmark(config.value, steps.value))))
 
 
 if __name__ == "__main__":

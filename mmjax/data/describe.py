@@ -1,7 +1,7 @@
 """A prepared dataset's summary, read through its TFDS data source (one pass per split): split sizes,
 presence per modality, label distribution, missing numeric values, text lengths.
 
-    python -m mmjax.data.summary [--dataset=synthetic_patients/default] [--data_dir=D] [--json=out.json]
+    python -m mmjax.data.describe [--dataset=synthetic_patients/default] [--data_dir=D] [--json=out.json]
 
 Driven by the dataset's `DatasetSpec`, so it works for any registered dataset (a manifest dataset
 prints its own summary: `python -m mmjax.data.manifest`).
@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from mmjax.data import pipeline
+from mmjax.console import run
+from mmjax.data import pipeline, sources
 from mmjax.data.tokenizer import WordPieceTokenizer
 from mmjax.data.transforms import get_field, tabular_parts
+
+FLAGS = flags.FLAGS
 
 
 def summarize(builder, splits=None) -> dict:
@@ -89,19 +92,24 @@ def print_summary(summary: dict) -> None:
             print(f"  {name} tokens: median {t['p50']:.0f}, p99 {t['p99']:.0f}, max {t['max']}")
 
 
-_DATASET = flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or ~/tensorflow_datasets).")
-_JSON = flags.DEFINE_string("json", None, "Also write the summary to this JSON file.")
+def define_flags() -> None:
+    """The command's flags, defined when it runs (not at import, so modules with flags of the same
+    name can be imported together)."""
+    flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config."),
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or "
+                        "~/tensorflow_datasets)."),
+    flags.DEFINE_string("json", None, "Also write the summary to this JSON file."),
 
 
 def main(argv):
     del argv
-    summary = summarize(pipeline.load_builder(_DATASET.value, _DATA_DIR.value))
+    summary = summarize(sources.load_builder(FLAGS.dataset, FLAGS.data_dir))
     print_summary(summary)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    run(main)

@@ -1,6 +1,6 @@
 """The Grain input pipeline over `tfds.data_source`: deterministic, sharded, checkpointable.
 
-    builder = load_builder('synthetic_patients', data_dir=D)          # prepares it if needed
+    builder = sources.load_builder('synthetic_patients', data_dir=D)  # prepares it if needed
     spec = DatasetSpec.from_builder(builder)                          # modalities, tasks, statistics
     train = train_loader(builder, spec, batch_size=64, seed=0)       # infinite, shuffled
     it = iter(train); batch = next(it); state = it.get_state()       # ... it.set_state(state)
@@ -15,47 +15,22 @@ modalities by name (default: all), `tasks` some of its tasks. Each JAX process r
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
 from mmjax.batch import TaskSpec
 from mmjax.data import transforms as T
 from mmjax.data.spec import DatasetSpec
 from mmjax.data.tokenizer import WordPieceTokenizer
 
-__all__ = ["DatasetSpec", "builder_from_config", "load_builder", "train_loader", "eval_batches", "preprocess_ops",
+__all__ = ["DatasetSpec", "train_loader", "eval_batches", "preprocess_ops",
            "pad_batch", "num_eval_batches"]
 
 # One reader thread: more threads only contend for the GIL with the transforms (measured on 2 cores:
 # 980 examples/s with 1 thread, 790 with 2, 650 with 4).
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=128)
-DEFAULT_DATA_DIR = os.environ.get("MMJAX_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-
-
-def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, prepare: bool = True):
-    """The TFDS builder for `name` (e.g. 'synthetic_patients/tiny'), prepared if needed."""
-    import mmjax.data  # noqa: F401  (registers the builders)
-
-    builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
-    if prepare:
-        builder.download_and_prepare(file_format="array_record")
-    return builder
-
-
-def builder_from_config(data):
-    """The prepared builder an experiment's `config.data` names: a manifest dataset when
-    `data.manifest` (or `data.public`, a converted public dataset) is set (`mmjax.data.manifest`),
-    else the registered TFDS dataset `data.name/data.config`."""
-    if data.get("manifest") or data.get("public"):
-        from mmjax.data.manifest import builder as manifest_builder
-
-        return manifest_builder.from_config(data)
-    name = f"{data.name}/{data.config}" if data.get("config") else data.name
-    return load_builder(name, data.data_dir or None)
 
 
 class _CheckedSource:

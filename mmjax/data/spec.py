@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.console import UserError
 
 SPEC_FORMAT = 2  # metadata layout written by `to_metadata`
+# Where TFDS datasets are prepared and read: $MMJAX_DATA_DIR, else TFDS's usual folder.
+DEFAULT_DATA_DIR = os.environ.get("MMJAX_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the example (patient id, record or manifest row) and the field."""
 
 
@@ -107,20 +111,6 @@ def std_with_floor(values: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
         spread = np.nan_to_num(np.nanmax(values, axis=axis) - np.nanmin(values, axis=axis))
     scale = np.maximum(np.abs(mean), 1.0)
     return mean, np.where(spread > 0, np.maximum(std, 1e-3 * scale), scale)
-
-
-def parse_mapping(value, what: str) -> dict:
-    """A config dict, or 'a=1,b=0.5' text from the command line -> {name: value}."""
-    if not isinstance(value, str):
-        return dict(value or {})
-    out = {}
-    for item in value.split(","):
-        if item.strip():
-            key, sep, v = item.partition("=")
-            if not sep:
-                raise ValueError(f"{what}: expected name=value, got {item!r}")
-            out[key.strip()] = v.strip()
-    return out
 
 
 def length_histogram(lengths: Sequence[int]) -> list[int]:

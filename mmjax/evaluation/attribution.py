@@ -18,11 +18,14 @@ per token, summed over the embedding), and with it for the others (image [B, H, 
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.experiment import EVAL_DIR
 from mmjax.training.step import predictions
 
 
@@ -120,3 +123,74 @@ def heatmap(attribution: np.ndarray, kind: str) -> np.ndarray:
     if kind == "signal":
         return np.abs(a).sum(-1)
     return a
+
+
+def explain(predictor, split: str = "test", count: int = 4, output: str = "", steps: int = 64,
+            patients=()) -> dict:
+    """Integrated gradients of one output (`task` or `task.label`; default: the first classification
+    task's first label) for the first `count` patients of `split`, or for the rows of the patient ids
+    `patients`, every modality's input at once (above), and the fusion's
+    attention maps when it has them; written to `eval/<split>_attributions.npz`."""
+    task, index, name = output_of(predictor.tasks, output)
+    batch = pick_rows(predictor.batches(split), count, patients, split)
+    kinds = {m.name: m.kind for m in predictor.spec.select_modalities(predictor.modalities)}
+    device = {k: v for k, v in batch.items() if k != "patient_id"}
+    f = output_fn(predictor.model, predictor.tasks, task, index)
+    a = integrated_gradients(predictor.model, predictor.params, device, f, kinds, steps)
+    out = {"patient_id": np.asarray(batch["patient_id"]).astype(str), "output": np.array(name), "step": predictor.step,
+           "f_input": a["_f_input"], "f_baseline": a["_f_baseline"], "completeness_gap":
+           completeness_gap(a), "modalities": np.array(list(kinds)),
+           "kinds": np.array([kinds[m] for m in kinds])}
+    for m, kind in kinds.items():
+        out[f"attribution/{m}"] = heatmap(a[m], kind)
+        out[f"present/{m}"] = np.asarray(batch[m]["present"])
+        if kind == "text":
+            vocab = np.array(predictor.spec.modality(m).vocab)
+            out[f"tokens/{m}"] = np.where(np.asarray(batch[m]["mask"]), vocab[np.asarray(batch[m]["values"])], "")
+        else:
+            out[f"input/{m}"] = np.asarray(batch[m]["values"])
+    _, aux = predictor.model.apply({"params": predictor.params}, device, train=False)
+    if "attention" in aux:  # [layers] of [B, heads, T, T] -> [B, layers, T, T], mean over heads
+        out["attention"] = np.stack([np.asarray(w).mean(1) for w in aux["attention"]], 1)
+        out["token_modality"] = np.asarray(aux["token_modality"])
+    np.savez_compressed(os.path.join(predictor.workdir, EVAL_DIR, f"{split}_attributions.npz"), **out)
+    return out
+
+def output_of(tasks, output: str) -> tuple[str, int | None, str]:
+    """(task, index, name) of 'task' or 'task.label' (default: the first classification output)."""
+    by_name = {t.name: t for t in tasks}
+    if not output:
+        t = next((t for t in tasks if t.kind != "regression"), tasks[0])
+        output = t.name if t.kind in ("binary", "regression") else f"{t.name}.{t.label_names[0]}"
+    task, _, label = output.partition(".")
+    if task not in by_name:
+        raise ValueError(f"explain output {output!r}: no task {task!r}; tasks are {sorted(by_name)}")
+    t = by_name[task]
+    if t.kind in ("binary", "regression"):
+        return task, None, task
+    if label not in t.label_names:
+        raise ValueError(f"explain output {output!r}: task {task!r} has labels {list(t.label_names)}")
+    return task, list(t.label_names).index(label), output
+
+
+
+def pick_rows(batches, count: int, patients=(), split: str = "") -> dict:
+    """One batch of the first `count` real rows of `batches`, or of every row of the patient ids
+    `patients` (an error naming the ids not found)."""
+    wanted = {str(p) for p in patients}
+    picked, found, total = [], set(), 0
+    for batch in batches:
+        real = np.flatnonzero(np.asarray(batch["example_mask"], bool))
+        ids = np.asarray(batch["patient_id"]).astype(str)
+        rows = [r for r in real if ids[r] in wanted] if wanted else real[:count - total]
+        found.update(ids[rows])
+        if len(rows):
+            picked.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[rows], batch))
+            total += len(rows)
+        if (found == wanted) if wanted else total >= count:
+            break
+    if wanted and found != wanted:
+        raise ValueError(f"split {split!r} has no patient(s) {sorted(wanted - found)}")
+    if not picked:
+        raise ValueError(f"split {split!r} has no rows to explain")
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *picked)

@@ -15,26 +15,22 @@ import os
 
 import numpy as np
 
-from mmjax.data.spec import DatasetSpec
-from mmjax.evaluation import bootstrap, evaluate
-from mmjax.evaluation.delong import delong_test
-from mmjax.evaluation.run import load_predictions
+from mmjax.evaluation.records import load_predictions
+from mmjax.experiment import Experiment
+from mmjax.metrics import bootstrap
+from mmjax.metrics import tasks as task_metrics
+from mmjax.metrics.delong import delong_test
 
 
-def _tasks(workdir: str, split: str):
-    from mmjax.training.train import parse_list
-
-    spec = DatasetSpec.load(os.path.join(workdir, "dataset_spec.json"))
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
-    return spec.select_tasks(parse_list(config.get("tasks", "")))
+def _tasks(workdir: str):
+    return Experiment.from_workdir(workdir).tasks
 
 
 def compare(workdir_a: str, workdir_b: str, split: str = "test", resamples: int = bootstrap.DEFAULT_RESAMPLES,
             seed: int = 0, level: float = 0.95) -> dict:
     """{'metrics': {path: paired difference}, 'delong': {auroc path: DeLong's test}, 'rows', ...}."""
-    tasks = _tasks(workdir_a, split)
-    names_b = [t.name for t in _tasks(workdir_b, split)]
+    tasks = _tasks(workdir_a)
+    names_b = [t.name for t in _tasks(workdir_b)]
     if [t.name for t in tasks] != names_b:
         raise ValueError(f"the runs have different tasks: {[t.name for t in tasks]} vs {names_b}")
     pa, la, ma, ids = load_predictions(workdir_a, split, tasks)
@@ -46,14 +42,14 @@ def compare(workdir_a: str, workdir_b: str, split: str = "test", resamples: int 
         known = ma[t.name]
         if not (np.array_equal(known, mb[t.name]) and np.array_equal(la[t.name][known], lb[t.name][known])):
             raise ValueError(f"task {t.name!r}: the two runs' labels differ on the same rows")
-    point_a = evaluate.compute_metrics(pa, la, ma, tasks)
-    point_b = evaluate.compute_metrics(pb, lb, mb, tasks)
-    boot = bootstrap.resample(lambda w: {"a": evaluate.compute_metrics(pa, la, ma, tasks, sample_weight=w),
-                                         "b": evaluate.compute_metrics(pb, lb, mb, tasks, sample_weight=w)},
+    point_a = task_metrics.compute_metrics(pa, la, ma, tasks)
+    point_b = task_metrics.compute_metrics(pb, lb, mb, tasks)
+    boot = bootstrap.resample(lambda w: {"a": task_metrics.compute_metrics(pa, la, ma, tasks, sample_weight=w),
+                                         "b": task_metrics.compute_metrics(pb, lb, mb, tasks, sample_weight=w)},
                               ids, resamples, seed)
     out = {}
-    flat_b, boot_a, boot_b = (dict(evaluate.flat_metrics(t)) for t in (point_b, boot["a"], boot["b"]))
-    for path, value_a in evaluate.flat_metrics(point_a):
+    flat_b, boot_a, boot_b = (dict(task_metrics.flat_metrics(t)) for t in (point_b, boot["a"], boot["b"]))
+    for path, value_a in task_metrics.flat_metrics(point_a):
         value_b = flat_b[path]
         diff = bootstrap.paired_difference(boot_a[path], boot_b[path], float(value_a - value_b), level)
         out[path] = {"a": float(value_a), "b": float(value_b), **diff}

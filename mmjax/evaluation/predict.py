@@ -28,7 +28,7 @@ categories (`W/dataset_spec.json`); a category unseen in training is encoded as 
 Thresholds are the operating points chosen on validation at evaluation (`W/eval/test.json` or
 `validation.json`; evaluated first if neither exists). `--calibrated` divides each binary or
 multilabel task's logit, or a multiclass task's log-probabilities, by the task's validation
-temperature (`mmjax/evaluation/calibration.py`); the decisions are taken on the unscaled
+temperature (`mmjax/metrics/calibration.py`); the decisions are taken on the unscaled
 probabilities at the unscaled thresholds (the ones in `predictions.json`), the same decisions as
 at the scaled threshold, and `T.top_shapley` stays on the unscaled probability. An output whose
 threshold could not be chosen on validation (one class only there) gets no `.prediction` column.
@@ -43,16 +43,18 @@ import tempfile
 
 import numpy as np
 
-from mmjax.data import pipeline
-from mmjax.data.manifest.builder import write_skipped
-from mmjax.data.manifest.prepare import example, prepare_new
+from mmjax.data.manifest.prepare import example, prepare_new, write_skipped
 from mmjax.data.manifest.schema import load_schema
 from mmjax.data.spec import DataError
-from mmjax.evaluation import calibration, robustness
-from mmjax.evaluation.run import SCHEMA_FILE, TrainedRun, dump_json, load_eval
+from mmjax.evaluation import robustness
+from mmjax.evaluation.evaluate import evaluate_split
+from mmjax.evaluation.predictor import Predictor
+from mmjax.evaluation.records import dump_json, load_eval
+from mmjax.experiment import EVAL_DIR, SCHEMA_FILE
+from mmjax.metrics import calibration
 
 
-def operating_points(run: TrainedRun) -> tuple[dict, dict, str]:
+def operating_points(run: Predictor) -> tuple[dict, dict, str]:
     """({output: threshold}, {task: temperature}, file): fitted on validation at evaluation, read from
     `W/eval/test.json` (fitted on the validation reference) or `validation.json` of the same checkpoint;
     if neither exists, the validation split is evaluated first (which needs the run's dataset)."""
@@ -63,14 +65,14 @@ def operating_points(run: TrainedRun) -> tuple[dict, dict, str]:
             break
         rec = None
     if rec is None:
-        rec, name = run.evaluate("validation"), "validation.json"
+        rec, name = evaluate_split(run, "validation"), "validation.json"
     finite = lambda v: v is not None and np.isfinite(v)
     thresholds = {k: v["threshold"] for k, v in rec.get("operating_points", {}).items() if finite(v.get("threshold"))}
     temperatures = {k: v for k, v in rec.get("temperature", {}).items() if finite(v)}
-    return thresholds, temperatures, os.path.join(run.workdir, "eval", name)
+    return thresholds, temperatures, os.path.join(run.workdir, EVAL_DIR, name)
 
 
-def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema: str | None = None,
+def predict(run: Predictor, manifest: str, output: str | None = None, *, schema: str | None = None,
             on_error: str | None = None, calibrated: bool = False, shapley: bool = True, log=print) -> dict:
     """Writes `predictions.csv` (default `W/predict/predictions.csv`) for `manifest`'s rows; returns
     the summary also written beside it as `predictions.json`."""
@@ -99,18 +101,20 @@ def predict(run: TrainedRun, manifest: str, output: str | None = None, *, schema
             f"its reason in {skipped_file}")
     if not examples:
         raise DataError(f"manifest {manifest}: no row left to predict")
-    size = run.config.eval_batch_size
-    batches = list(pipeline.eval_batches(examples, run.spec, None, size, signal_windows=run.windows,
-                                         **run.data_kwargs()))
+    batches = list(run.experiment.eval_batches(None, source=examples))
     thresholds, temperatures, source = operating_points(run)
+    undecided = [o for o in _binary_outputs(run.tasks) if o not in thresholds]
+    if undecided:
+        log(f"No .prediction column for {undecided}: no threshold could be chosen on validation (one class only "
+            f"among its known labels); their probabilities are written")
     names = tuple(run.modalities)
     exact = shapley and len(names) <= robustness.MAX_SHAPLEY_MODALITIES
     if exact:
-        by_subset = run.by_subset(batches, robustness.subsets(names))
+        by_subset = robustness.by_subset(run, batches, robustness.subsets(names))
         collected = by_subset[names]
-        phi, columns, _ = run.patient_shapley(by_subset)
+        phi, columns, _ = robustness.patient_shapley(run, by_subset)
     else:
-        collected = run.collect(batches, size)
+        collected = run.collect(batches)
     preds, labels, masks, ids = collected
     table = {"row": [r["index"] + 1 for r in prepared.rows], "id": [str(i) for i in ids],
              "present": [";".join(m for m in names if r["present"][m]) for r in prepared.rows]}
@@ -178,3 +182,9 @@ def _label_column(task, y: np.ndarray, known: np.ndarray) -> list:
     if task.kind == "binary":
         return [str(int(v)) if k else "" for v, k in zip(y, known)]
     return [repr(float(v)) if k else "" for v, k in zip(y, known)]
+
+
+def _binary_outputs(tasks) -> list[str]:
+    """The outputs that get a threshold: binary tasks and each label of a multilabel task."""
+    return [name for t in tasks if t.kind in ("binary", "multilabel")
+            for name in ([t.name] if t.kind == "binary" else [f"{t.name}.{label}" for label in t.label_names])]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from mmjax.console import run
 from mmjax.data.synthetic.builder import SyntheticPatients
 from mmjax.data.synthetic.generate import MODALITIES, generate_split
 from mmjax.data.synthetic.labs import FEATURES
@@ -84,21 +85,19 @@ def upper_bounds(config_name: str = "default") -> dict:
     return out
 
 
-_CONFIG = flags.DEFINE_string("config", "default", "synthetic_patients builder config.")
-_JSON = flags.DEFINE_string("json", None, "Also write the result to this JSON file.")
-
-
 def main(argv):
     del argv
-    result = upper_bounds(_CONFIG.value)
+    result = upper_bounds(flags.FLAGS.config)
     for key, rows in result.items():
         print(f"\n{key}: test macro-AUROC (per condition: {', '.join(CONDITIONS)})")
         for name, r in rows.items():
             print(f"  {name:8s} {r['macro_auroc']:.3f}   " + " ".join(f"{v:.3f}" for v in r["auroc"].values()))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if flags.FLAGS.json:
+        with open(flags.FLAGS.json, "w") as f:
             json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.DEFINE_string("config", "default", "synthetic_patients builder config.")
+    flags.DEFINE_string("json", None, "Also write the result to this JSON file.")
+    run(main)

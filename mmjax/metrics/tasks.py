@@ -17,23 +17,31 @@ from mmjax import metrics
 from mmjax.batch import TaskSpec
 
 
-def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec], with_ids: bool = False):
+def collect(predict: Callable, batches: Iterable[dict], tasks: Sequence[TaskSpec], with_ids: bool = False,
+            keep_padding: bool = False):
     """Runs `predict(batch) -> {task: [B, ...]}` over batches; returns (predictions, labels, masks)
-    concatenated over real rows only, and the rows' patient ids as a fourth item with `with_ids`."""
+    concatenated over real rows only, and the rows' patient ids as a fourth item with `with_ids`.
+    `keep_padding`: every row, padding too, and the example mask `[N]` as a fifth item (what is
+    gathered across processes before the padding is dropped)."""
     preds, labels, masks = ({t.name: [] for t in tasks} for _ in range(3))
-    ids = []
+    ids, real = [], []
     for batch in batches:
         out = predict(batch)
         rows = np.asarray(batch["example_mask"], bool)
-        ids.append(np.asarray(batch["patient_id"])[rows] if with_ids else np.zeros(0))
+        real.append(rows)
+        take = slice(None) if keep_padding else rows
+        ids.append(np.asarray(batch["patient_id"])[take] if with_ids else np.zeros(0))
         for t in tasks:
-            preds[t.name].append(np.asarray(out[t.name], np.float64)[rows])  # [N] or [N, K]
-            labels[t.name].append(np.asarray(batch["labels"][t.name], np.float64)[rows])
-            masks[t.name].append(np.asarray(batch["label_mask"][t.name], bool)[rows])
+            preds[t.name].append(np.asarray(out[t.name], np.float64)[take])  # [N] or [N, K]
+            labels[t.name].append(np.asarray(batch["labels"][t.name], np.float64)[take])
+            masks[t.name].append(np.asarray(batch["label_mask"][t.name], bool)[take])
     cat = lambda d: {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in d.items()}
+    out = (cat(preds), cat(labels), cat(masks))
     if with_ids:
-        return cat(preds), cat(labels), cat(masks), (np.concatenate(ids) if ids else np.zeros(0, str))
-    return cat(preds), cat(labels), cat(masks)
+        out += (np.concatenate(ids) if ids else np.zeros(0, str),)
+    if keep_padding:
+        out += (np.concatenate(real) if real else np.zeros(0, bool),)
+    return out
 
 
 def flat_metrics(tree, prefix: str = ""):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmjax.training.console import quiet_absl
+from mmjax.console import UserError, quiet_absl
 from mmjax.training.state import TrainState
 
 
@@ -46,8 +46,9 @@ def _single_process_array_saving() -> None:
     writes), slicing each on its device: one dispatched and compiled slice per parameter shape and
     device, 18 s of 4 saves of the tabular smoke model on 8 CPU devices here."""
     if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                                override=True)
+        with quiet_absl():  # Orbax warns that it overrides its handler: what was asked for
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def make_manager(directory: str, every: int, keep: int, metric: str = "macro_auroc",
@@ -147,6 +148,9 @@ def restore_params(directory: str, params, step: int | None = None, subtrees: Ma
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{label}{directory}: no checkpoint found")
+        if step not in manager.all_steps():
+            raise UserError(f"{label}{directory}: no checkpoint of step {step}; the steps saved are "
+                            f"{sorted(manager.all_steps())}")
         where = f"{label}{directory} step {step}"
         saved = manager.item_metadata(step)["state"]  # names, shapes and dtypes; no array is read
         saved = getattr(saved, "tree", saved)["params"]

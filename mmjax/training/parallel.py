@@ -3,6 +3,9 @@
 Mesh path: parameters replicated, the batch sharded on the `data` axis, the step jitted once
 with the state donated. Pmap path: the state replicated on every local device, the batch split
 into `[devices, B / devices, ...]`, the same step function reducing with `psum`.
+
+`make_strategy(config.parallel)` gives the object the train loop and evaluation use for either:
+it owns jitting, device placement, host transfer and restore, so the loop never asks which.
 """
 
 from __future__ import annotations
@@ -89,3 +92,96 @@ def to_host(tree):
 
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def abstract_state(state):
+    """Shapes, dtypes and shardings of a state's arrays (what a restore fills)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class MeshStrategy:
+    """jit over a named mesh: the state replicated, the batch sharded on `data`, the state donated."""
+
+    name = "mesh"
+
+    def __init__(self):
+        self.mesh = make_mesh()
+        self.replicated = replicated(self.mesh)
+        self.batch_sharding = batch_sharding(self.mesh)
+
+    def create_state(self, init, rng):
+        """`init(rng)` jitted with the state created replicated (never whole on the host)."""
+        return jax.jit(init, out_shardings=self.replicated)(rng)
+
+    def place(self, state):
+        """The state (created or restored by `create_state`'s shardings) as the step takes it."""
+        return state
+
+    def host_state(self, state):
+        """The state as checkpoints hold it: one copy of each array."""
+        return state
+
+    def put(self, local_batch: dict) -> dict:
+        return global_batch(local_batch, self.batch_sharding)
+
+    def train_step(self, make_step):
+        """`make_step(axis_name, num_shards)` -> the pure step; returns it compiled, state donated."""
+        return jax.jit(make_step(None, 1), in_shardings=(self.replicated, self.batch_sharding),
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def predictor(self, eval_step):
+        """predict(params, host batch) -> this process's rows of the predictions, on the host."""
+        step = jax.jit(eval_step, in_shardings=(self.replicated, self.batch_sharding))
+        return lambda params, batch: jax.tree.map(local_rows, step(params, self.put(batch)))
+
+    def restore(self, manager, state, step: int | None = None):
+        """(state, data iterator state) of checkpoint `step` (default: the latest), placed as `state` is."""
+        from mmjax.training import checkpoint
+
+        return checkpoint.restore(manager, abstract_state(state), step)
+
+
+class PmapStrategy(MeshStrategy):
+    """jax.pmap: a copy of the state per local device, the batch split `[devices, B / devices, ...]`,
+    the same pure step reducing with psum over `data`."""
+
+    name = "pmap"
+
+    def place(self, state):
+        return replicate(jax.device_get(state))
+
+    def host_state(self, state):
+        return unreplicate(state)
+
+    def put(self, local_batch: dict) -> dict:
+        return split_for_pmap(local_batch)
+
+    def train_step(self, make_step):
+        return jax.pmap(make_step(DATA_AXIS, jax.device_count()), axis_name=DATA_AXIS, donate_argnums=0)
+
+    def predictor(self, eval_step):
+        step = jax.pmap(eval_step, axis_name=DATA_AXIS)
+        return lambda params, batch: jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]),
+                                                  step(params, self.put(batch)))
+
+    def restore(self, manager, state, step: int | None = None):
+        from mmjax.training import checkpoint
+
+        # the template is one device's copy (the state is host arrays when a finished run is relaunched)
+        template = jax.device_put(jax.device_get(self.host_state(state)), jax.devices()[0])
+        restored, data = checkpoint.restore(manager, abstract_state(template), step)
+        return self.place(restored), data
+
+
+def make_strategy(name: str) -> MeshStrategy:
+    """`config.parallel`: 'mesh' (jit over a named mesh) or 'pmap'."""
+    strategies = {s.name: s for s in (MeshStrategy, PmapStrategy)}
+    if name not in strategies:
+        raise ValueError(f"parallel={name!r}: use 'mesh' or 'pmap'")
+    return strategies[name]()

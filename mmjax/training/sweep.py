@@ -33,9 +33,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax import console
+from mmjax.benchmarks import train_step as step_benchmark
+from mmjax.config import NO_RESULT_DEPENDS, lower_is_better, metric_value, parse_list
+from mmjax.console import log_to_workdir
 from mmjax.models.fusion import FUSIONS
-from mmjax.training import benchmark as step_benchmark
-from mmjax.training.train import NO_RESULT_DEPENDS, lower_is_better, metric_value, parse_list, train_and_evaluate
+from mmjax.training.train import train_and_evaluate
 
 
 def forward_gflops(setup) -> float:
@@ -193,12 +196,10 @@ def main():
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from mmjax.training.console import log_to_workdir
-
         log_to_workdir(workdir.value)
         sweep(config.value, workdir.value)
 
-    app.run(run)
+    console.run(run)
 
 
 if __name__ == "__main__":

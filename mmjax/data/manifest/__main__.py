@@ -9,6 +9,7 @@ import json
 
 from absl import app, flags
 
+from mmjax.console import run
 from mmjax.data.manifest import builder as manifest_builder
 from mmjax.data.manifest.summary import format_summary
 from mmjax.data.spec import DatasetSpec
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

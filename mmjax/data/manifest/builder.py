@@ -11,7 +11,6 @@ with `on_error: skip` are listed in `skipped_rows.csv` next to the dataset.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -22,12 +21,14 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.config import parse_mapping
+from mmjax.console import quiet_absl
 from mmjax.data.local_info import LocalDatasetInfo
 from mmjax.data.manifest import readers
-from mmjax.data.manifest.prepare import example, prepare
+from mmjax.data.manifest.prepare import example, prepare, write_skipped
 from mmjax.data.manifest.schema import Schema, load_schema
 from mmjax.data.manifest.table import read_table
-from mmjax.data.spec import SPEC_FORMAT, DataError, parse_mapping
+from mmjax.data.spec import DEFAULT_DATA_DIR, SPEC_FORMAT, DataError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 INPUTS_FILE = "inputs.json"
@@ -184,8 +185,6 @@ def changes(old: dict, new: dict) -> list[str]:
 def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fractions: dict | None = None,
          folds: int = 0, fold: int = 0, on_error: str | None = None, workers: int | None = None, log=print):
     """The prepared manifest builder: reused when its inputs are unchanged, else (re)built."""
-    from mmjax.data.pipeline import DEFAULT_DATA_DIR
-
     if not os.path.isfile(manifest):
         raise DataError(f"manifest {manifest}: file not found")
     schema = load_schema(schema_path, manifest, on_error)
@@ -231,40 +230,8 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
 
 
 def _builder(cfg: ManifestConfig, data_dir: str) -> Manifest:
-    from mmjax.training.console import quiet_absl
-
     with quiet_absl():  # TFDS warns "Using custom data configuration": every manifest builder does
         return Manifest(config=cfg, data_dir=data_dir)
-
-
-def write_skipped(path: str, skipped) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "id", "column", "file", "reason"])
-        for b in skipped:
-            w.writerow([b.row, b.id, b.column, b.file, b.reason])
-
-
-def from_config(data):
-    """The builder an experiment's `config.data` names (`experiments/manifest.py`). With `data.public`
-    (a converter in `mmjax.data.public`) and `data.source_dir`, the manifest and schema are first
-    written from the public dataset's own layout into `<data_dir>/manifests/<public>`."""
-    from mmjax.data.pipeline import DEFAULT_DATA_DIR
-
-    manifest, schema = data.get("manifest"), data.get("schema")
-    if data.get("public"):
-        import importlib
-
-        converter = importlib.import_module(f"mmjax.data.public.{data.public}")
-        source = os.path.abspath(os.path.expanduser(data.source_dir))
-        if not os.path.isdir(source):
-            raise DataError(f"data.source_dir={data.source_dir}: no such folder (the {data.public} files)")
-        out = os.path.join(data.get("data_dir") or DEFAULT_DATA_DIR, "manifests", data.public)
-        manifest, schema = converter.write_manifest(source, out)
-    fractions = split_fractions(data.get("split_fractions", ""))
-    return load(manifest, schema, data.get("data_dir") or None, fractions=fractions,
-                folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)), on_error=data.get("on_error") or None,
-                workers=int(data.get("prepare_workers", 0)) or None)
 
 
 def split_fractions(text: str) -> dict | None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import hashlib
 import multiprocessing
@@ -456,3 +457,11 @@ def _split_summary(spec: DatasetSpec, schema: Schema, rows: list) -> dict:
                                             "max": float(v.max()) if v.size else None}
         out[split] = info
     return out
+
+
+def write_skipped(path: str, skipped) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "id", "column", "file", "reason"])
+        for b in skipped:
+            w.writerow([b.row, b.id, b.column, b.file, b.reason])

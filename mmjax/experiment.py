@@ -1,0 +1,310 @@
+"""One construction path: config -> dataset spec -> tasks and modalities -> model -> loss settings ->
+optimizer -> init template -> train and eval steps, and the workdir's file names.
+
+    exp = Experiment.from_config(config)          # prepares the data the config names
+    exp = Experiment.from_workdir("workdirs/x")   # a trained run: its config.json and dataset_spec.json
+    exp = Experiment.from_spec(spec, config)      # no data at all (benchmarks, tests)
+
+    params, step, how = exp.restore_params()      # a workdir's best checkpoint by validation
+    outputs, aux = exp.model.apply({"params": params}, batch, train=False)
+
+Training, evaluation, prediction, the report, compare, the benchmarks and the sweep all build
+from here, so a change to how a model, a loss or a batch is made is made once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import losses
+from mmjax.batch import fake_batch
+from mmjax.config import lower_is_better, parse_list, parse_mapping
+from mmjax.console import ConfigError
+from mmjax.data import pipeline, sources
+from mmjax.data.spec import DatasetSpec
+from mmjax.data.transforms import Spectrogram
+from mmjax.models.build import build_model
+from mmjax.models.model import MultimodalModel
+from mmjax.training import checkpoint
+from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.training.state import TrainState, create_state
+from mmjax.training.step import make_eval_step, make_train_step
+
+# What a workdir holds (relative paths).
+CONFIG_FILE = "config.json"  # the resolved config
+SPEC_FILE = "dataset_spec.json"  # modalities, statistics, vocabularies, tasks: what inference needs
+SCHEMA_FILE = "schema.yaml"  # a manifest run's schema (predict reads new patients in it)
+RESULTS_FILE = "results.json"  # the final validation and test metrics and the run's costs
+CHECKPOINTS = "checkpoints"
+EVAL_DIR = "eval"  # eval/<split>.json, <split>_predictions.npz, <split>_robustness.json, ...
+SMALL_SPLIT = 50  # evaluation splits below this many rows get a note at the start of training
+
+
+class Experiment:
+    """What a config builds, for one dataset spec. Cheap to make: the model is a flax module
+    description, nothing is traced or compiled until a step is called."""
+
+    def __init__(self, config, spec: DatasetSpec, workdir: str | None = None, builder=None):
+        self.config = config
+        self.spec = spec
+        self.workdir = os.path.abspath(workdir) if workdir else None
+        self._builder = builder
+
+    @classmethod
+    def from_config(cls, config, workdir: str | None = None) -> Experiment:
+        """The experiment of `config` on the dataset its `data` block names (prepared if needed)."""
+        builder = sources.builder_from_config(config.data)
+        return cls(config, DatasetSpec.from_builder(builder), workdir, builder)
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, config) -> Experiment:
+        """The experiment of `config` on a dataset described by `spec` alone (no data is read)."""
+        return cls(config, spec)
+
+    @classmethod
+    def from_workdir(cls, workdir: str) -> Experiment:
+        """The experiment a training run wrote to `workdir` (its config and dataset spec)."""
+        workdir = os.path.abspath(workdir)
+        for name in (CONFIG_FILE, SPEC_FILE):
+            if not os.path.exists(os.path.join(workdir, name)):
+                raise FileNotFoundError(f"{workdir} has no {name}: not a training workdir")
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        return cls(config, DatasetSpec.load(os.path.join(workdir, SPEC_FILE)), workdir)
+
+    # ---- What the config selects ------------------------------------------------------------------
+    @functools.cached_property
+    def tasks(self) -> tuple:
+        return tuple(self.spec.select_tasks(parse_list(self.config.tasks)))
+
+    @functools.cached_property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.spec.select_modalities(parse_list(self.config.modalities)))
+
+    @property
+    def windows(self) -> int:
+        """Evaluation windows per long signal (`data.signal_eval_windows`; 0: the centre crop)."""
+        return int(self.config.data.get("signal_eval_windows", 0))
+
+    @property
+    def windowed(self) -> tuple[str, ...]:
+        """The signal modalities whose evaluation batches carry `windows` windows."""
+        if not self.windows:
+            return ()
+        return tuple(m.name for m in self.spec.select_modalities(self.modalities) if m.kind == "signal")
+
+    # ---- Loss --------------------------------------------------------------------------------------
+    @functools.cached_property
+    def loss_weights(self) -> dict:
+        """Fixed task weights: 1 unless the config says otherwise; weights of the dataset's tasks that
+        this run does not train are ignored with a warning; a name that is no task of the dataset is
+        an error."""
+        weights = {k: float(v) for k, v in parse_mapping(self.config.loss.weights, "loss.weights").items()}
+        unknown = sorted(set(weights) - {t.name for t in self.spec.tasks})
+        if unknown:
+            raise ValueError(f"loss.weights names unknown task(s) {unknown}; dataset {self.spec.name!r} has "
+                             f"{[t.name for t in self.spec.tasks]}")
+        unused = sorted(set(weights) - {t.name for t in self.tasks})
+        if unused:
+            print(f"Warning: loss.weights for {unused} ignored (those tasks are not trained)", flush=True)
+        return {t.name: weights.get(t.name, 1.0) for t in self.tasks}
+
+    @functools.cached_property
+    def class_weights(self) -> dict:
+        """{task: class weights (multiclass) or positive weights (multilabel, binary)} from
+        `loss.class_weights` ('task=balanced' or 'task=1:2:0.5'; balanced from the training split)."""
+        setting = parse_mapping(self.config.loss.get("class_weights", ""), "loss.class_weights")
+        known = {t.name: t for t in self.tasks}
+        unknown = sorted(set(setting) - set(known))
+        if unknown:
+            raise ValueError(f"loss.class_weights names task(s) {unknown} not trained; tasks are {sorted(known)}")
+        train = self.spec.split_sizes.get("train")
+        return {name: losses.class_weights(known[name], v, train) for name, v in setting.items()}
+
+    @functools.cached_property
+    def task_weighting(self) -> losses.TaskWeighting:
+        return task_weighting(self.config)
+
+    @functools.cached_property
+    def loss_settings(self) -> dict:
+        """The train step's loss keywords: auxiliary heads, task weighting, focal loss, class weights."""
+        return dict(loss_settings(self.config), class_weights=self.class_weights)
+
+    # ---- Model, optimizer, steps ---------------------------------------------------------------------
+    @functools.cached_property
+    def model(self) -> MultimodalModel:
+        """The model for the selected modalities (`config.modalities`, default all) and tasks."""
+        model = build_model(self.config.model, self.spec.select_modalities(self.modalities), self.tasks,
+                            modality_heads=self.config.loss.modality_heads_weight > 0,
+                            uncertainty_weighting=self.task_weighting.kind == "uncertainty")
+        self._check_patches(model)
+        return model
+
+    def check(self) -> None:
+        """Builds what the config names so that a wrong setting fails now, before any compilation."""
+        self.loss_weights, self.loss_settings, self.model  # noqa: B018
+
+    def describe_splits(self) -> str | None:
+        """A note when a split is too small for its metrics to mean much (None otherwise)."""
+        sizes = {k: int(v) for k, v in self.spec.split_sizes.items()}
+        small = {k: n for k, n in sizes.items() if k != "train" and n < SMALL_SPLIT}
+        if not small:
+            return None
+        return (f"Note: the dataset splits {sizes} rows; {', '.join(f'{k} has {n}' for k, n in small.items())}: "
+                f"metrics on fewer than {SMALL_SPLIT} rows have wide intervals, and a label without positives "
+                "there has no AUROC (printed as nan)")
+
+    def _check_patches(self, model) -> None:
+        """An image must split into whole patches: said before any data is read, with the flag to set."""
+        for m in self.spec.select_modalities(self.modalities):
+            p = model.encoders[m.name].get("patch_size")
+            if m.kind != "image" or not p or not m.shape:
+                continue
+            h, w = m.shape[:2]
+            if h % p or w % p:
+                fits = [d for d in range(min(h, w), 0, -1) if h % d == 0 and w % d == 0 and d < p][:3]
+                where = (f"--config.model.per_modality='{{\"{m.name}\": {{\"patch_size\": {fits[0] if fits else 1}}}}}'"
+                         if m.name in str(self.config.model.get("per_modality", "")) else
+                         f"--config.model.image.patch_size={fits[0] if fits else 1}")
+                raise ConfigError(f"image modality {m.name!r} is {h}x{w}: not divisible into {p}x{p} patches; "
+                                  f"patch sizes that fit: {fits}; set {where}")
+
+    @functools.cached_property
+    def optimizer(self):
+        return make_optimizer(self.config.optimizer, self.config.train.num_steps)
+
+    def learning_rate(self, step: int) -> float:
+        return float(learning_rate_schedule(self.config.optimizer, self.config.train.num_steps)(step))
+
+    def template_batch(self, rows: int = 1) -> dict:
+        """A batch of the model's input shapes (random values, every modality present): what parameter
+        shapes are traced on. A spectrogram run's signals are transformed as the pipeline does."""
+        mods = self.spec.select_modalities(self.modalities)
+        batch = fake_batch(mods, self.tasks, rows, text_length=self.config.data.text_max_length)
+        if self.config.data.spectrogram:
+            for m in mods:
+                if m.kind == "signal":
+                    per_row = [Spectrogram(m.name).map({f"out/{m.name}": {k: v[i] for k, v in batch[m.name].items()}})
+                               for i in range(rows)]
+                    batch[m.name] = {k: np.stack([np.asarray(r[f"out/{m.name}"][k]) for r in per_row])
+                                     for k in per_row[0][f"out/{m.name}"]}
+        return {k: v for k, v in batch.items() if k != "patient_id"}
+
+    def init_state(self, rng) -> TrainState:
+        """Fresh parameters, optimizer state and loss state at step 0 (a pure function of `rng`: jit it
+        with the shardings the state should have)."""
+        loss_state = losses.init_loss_state(self.task_weighting, self.tasks)
+        return create_state(self.model, self.optimizer, self.template_batch(), rng, loss_state)
+
+    def abstract_params(self):
+        """The parameters' shapes and dtypes, traced without computing anything."""
+        return jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), self.template_batch(),
+                                                      train=False)["params"])
+
+    def train_step(self, axis_name: str | None = None, num_shards: int = 1):
+        """The pure train step (`mmjax/training/step.py`); `axis_name` under pmap."""
+        return make_train_step(self.model, self.optimizer, self.tasks, self.loss_weights, axis_name=axis_name,
+                               num_shards=num_shards, **self.loss_settings)
+
+    def eval_step(self):
+        """The pure eval step: params, batch -> predictions (probabilities or values) per task."""
+        return make_eval_step(self.model, self.tasks, self.windowed)
+
+    # ---- Data --------------------------------------------------------------------------------------
+    @property
+    def builder(self):
+        """The prepared dataset the config names (prepared on first use)."""
+        if self._builder is None:
+            self._builder = sources.builder_from_config(self.config.data)
+        return self._builder
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.spec.split_sizes) if self._builder is None else tuple(self.builder.info.splits)
+
+    def data_kwargs(self) -> dict:
+        d = self.config.data
+        return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
+                    spectrogram=d.spectrogram)
+
+    def train_loader(self, batch_size: int, seed: int | None = None, **kwargs):
+        """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process."""
+        d = self.config.data
+        return pipeline.train_loader(self.builder, self.spec, batch_size, self.config.seed if seed is None else seed,
+                                     augment=d.augment, worker_count=d.worker_count, **self.data_kwargs(), **kwargs)
+
+    def eval_batches(self, split: str, batch_size: int | None = None, source=None):
+        """One padded pass over `split` (this process's shard), or over `source`, a list of examples
+        in the dataset's feature format (new patients)."""
+        size = batch_size or self.config.eval_batch_size // jax.process_count()
+        if source is None and split not in self.builder.info.splits:
+            raise ValueError(f"split {split!r} not in the dataset; it has {sorted(self.builder.info.splits)}")
+        return pipeline.eval_batches(self.builder if source is None else source, self.spec, split, size,
+                                     signal_windows=self.windows, **self.data_kwargs())
+
+    # ---- Workdir -------------------------------------------------------------------------------------
+    def path(self, *names: str) -> str:
+        if self.workdir is None:
+            raise ValueError("this experiment has no workdir")
+        return os.path.join(self.workdir, *names)
+
+    def save(self) -> None:
+        """Writes the config, the dataset spec and (manifest datasets) the schema to the workdir."""
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.path(CONFIG_FILE), "w") as f:
+            f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+        self.spec.save(self.path(SPEC_FILE))
+        schema = getattr(getattr(self._builder, "builder_config", None), "schema", None)
+        if schema is not None:
+            import shutil
+
+            shutil.copyfile(schema.path, self.path(SCHEMA_FILE))
+
+    def best_step(self) -> tuple[int, str]:
+        """(step, how it was chosen): the best checkpoint by validation `best_metric`, else the latest."""
+        metric = self.config.best_metric
+        return checkpoint.best_step(self.path(CHECKPOINTS), metric, lower_is_better(metric))
+
+    def restore_params(self, step: int | None = None) -> tuple[dict, int, str]:
+        """(params, step, how it was chosen) of the workdir's checkpoint `step` (default: the best)."""
+        chosen = "--step"
+        if step is None:
+            step, chosen = self.best_step()
+        params, step = checkpoint.restore_params(self.workdir, self.abstract_params(), step=step,
+                                                 label="evaluating the checkpoints of ")
+        return params, int(step), chosen
+
+
+def task_weighting(config) -> losses.TaskWeighting:
+    """`loss.task_weighting`; the older `loss.uncertainty_weighting=True` means 'uncertainty'."""
+    c = config.loss
+    kind = c.get("task_weighting", "fixed")
+    if c.get("uncertainty_weighting", False):
+        if kind not in ("fixed", "uncertainty"):
+            raise ValueError(f"loss.uncertainty_weighting=True conflicts with loss.task_weighting={kind!r}")
+        kind = "uncertainty"
+    return losses.TaskWeighting(kind, int(c.get("dwa_window", 50)), float(c.get("dwa_temperature", 2.0)))
+
+
+def loss_settings(config) -> dict:
+    """The train step's loss keywords that the config alone sets (class weights need the data)."""
+    c = config.loss
+    gamma, alpha = float(c.get("focal_gamma", 0.0)), float(c.get("focal_alpha", -1.0))
+    if gamma < 0 or not (alpha == -1.0 or 0.0 <= alpha <= 1.0):
+        raise ValueError(f"loss.focal_gamma={gamma} must be >= 0 and loss.focal_alpha={alpha} in [0, 1] or -1 (off)")
+    return dict(modality_heads_weight=float(c.modality_heads_weight), task_weighting=task_weighting(config),
+                focal_gamma=gamma, focal_alpha=None if alpha == -1.0 else alpha)
+
+
+def check_divisible(config) -> None:
+    """Batch sizes must split evenly over the devices."""
+    n_dev = jax.device_count()
+    for name, size in (("train.batch_size", config.train.batch_size), ("eval_batch_size", config.eval_batch_size)):
+        if size % n_dev:
+            raise ValueError(f"{name}={size} must be divisible by the {n_dev} devices")
