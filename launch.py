@@ -18,10 +18,11 @@ import shutil
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from mmjax.console import define_config_flag
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic_patients.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.", lock_config=True)
+_CONFIG = define_config_flag("config", _DEFAULT, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where config, checkpoints and results go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report"],
                           "train (resumes a started workdir); evaluate, predict or report on a trained one.")
@@ -97,7 +98,8 @@ def main(argv):
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Exception:
-        if new_workdir and all(name.startswith("mmjax.") for name in os.listdir(_WORKDIR.value)):
+        workdir = _WORKDIR.value
+        if new_workdir and os.path.isdir(workdir) and all(n.startswith("mmjax.") for n in os.listdir(workdir)):
             shutil.rmtree(_WORKDIR.value, ignore_errors=True)  # a run that failed before writing: only its logs
         raise
 

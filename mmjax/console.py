@@ -40,7 +40,6 @@ def quiet_absl(level: int = std_logging.ERROR):
         logger.setLevel(before)
 
 
-
 class UserError(ValueError):
     """An error in what the user gave (data, config, flags): its message says what and where, so
     commands print it as one line, without a traceback."""
@@ -63,3 +62,22 @@ def run(main) -> None:
             raise SystemExit(f"error: {e}") from None
 
     app.run(main_with_one_line_errors)
+
+
+def define_config_flag(name: str, default: str | None, help_text: str):
+    """`config_flags.DEFINE_config_file(..., lock_config=True)`, whose `--config.a.b=v` overrides are
+    applied as it is defined: a key that the config does not have exits with one line naming it and
+    ml_collections' suggestion, not a traceback."""
+    import sys
+
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args else e
+        text = (inner.args[0] if isinstance(inner, BaseException) and inner.args else str(inner)).strip("'\"")
+        key, _, hint = text.partition("\n")
+        given = [a for a in sys.argv[1:] if a.startswith(f"--{name}.")]
+        raise SystemExit(f"error: the config has no key {key.strip(chr(39))!r}" + (f" ({hint})" if hint else "")
+                         + f"; overrides given: {' '.join(given)}") from None

@@ -3,7 +3,7 @@ optimizer -> init template -> train and eval steps, and the workdir's file names
 
     exp = Experiment.from_config(config)          # prepares the data the config names
     exp = Experiment.from_workdir("workdirs/x")   # a trained run: its config.json and dataset_spec.json
-    exp = Experiment.from_spec(spec, config)      # no data at all (benchmarks, tests)
+    exp = Experiment.from_spec(spec, config)      # no data at all (a model to inspect or time, tests)
 
     params, step, how = exp.restore_params()      # a workdir's best checkpoint by validation
     outputs, aux = exp.model.apply({"params": params}, batch, train=False)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -29,10 +30,11 @@ from mmjax.console import ConfigError
 from mmjax.data import pipeline, sources
 from mmjax.data.spec import DatasetSpec
 from mmjax.data.transforms import Spectrogram
-from mmjax.models.build import build_model
+from mmjax.models.build import _as_dict, build_model
 from mmjax.models.model import MultimodalModel
 from mmjax.training import checkpoint
 from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.training.parallel import device_batch
 from mmjax.training.state import TrainState, create_state
 from mmjax.training.step import make_eval_step, make_train_step
 
@@ -81,11 +83,11 @@ class Experiment:
     # ---- What the config selects ------------------------------------------------------------------
     @functools.cached_property
     def tasks(self) -> tuple:
-        return tuple(self.spec.select_tasks(parse_list(self.config.tasks)))
+        return tuple(self.spec.select_tasks(parse_list(self.config.get("tasks", ""))))
 
     @functools.cached_property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.spec.select_modalities(parse_list(self.config.modalities)))
+        return tuple(m.name for m in self.spec.select_modalities(parse_list(self.config.get("modalities", ""))))
 
     @property
     def windows(self) -> int:
@@ -161,19 +163,22 @@ class Experiment:
                 "there has no AUROC (printed as nan)")
 
     def _check_patches(self, model) -> None:
-        """An image must split into whole patches: said before any data is read, with the flag to set."""
+        """An image must split into whole patches: said before the model is traced, with the flag to set."""
+        per_modality = _as_dict(self.config.model.get("per_modality"))
         for m in self.spec.select_modalities(self.modalities):
             p = model.encoders[m.name].get("patch_size")
             if m.kind != "image" or not p or not m.shape:
                 continue
             h, w = m.shape[:2]
             if h % p or w % p:
-                fits = [d for d in range(min(h, w), 0, -1) if h % d == 0 and w % d == 0 and d < p][:3]
-                where = (f"--config.model.per_modality='{{\"{m.name}\": {{\"patch_size\": {fits[0] if fits else 1}}}}}'"
-                         if m.name in str(self.config.model.get("per_modality", "")) else
-                         f"--config.model.image.patch_size={fits[0] if fits else 1}")
+                fits = [d for d in range(min(h, w, p), 0, -1) if h % d == 0 and w % d == 0][:3]
+                if "patch_size" in per_modality.get(m.name, {}):
+                    setting = {**per_modality, m.name: {**per_modality[m.name], "patch_size": fits[0]}}
+                    flag = f"--config.model.per_modality='{json.dumps(setting)}'"
+                else:
+                    flag = f"--config.model.{m.kind}.patch_size={fits[0]}"
                 raise ConfigError(f"image modality {m.name!r} is {h}x{w}: not divisible into {p}x{p} patches; "
-                                  f"patch sizes that fit: {fits}; set {where}")
+                                  f"patch sizes that fit: {fits}; set {flag}")
 
     @functools.cached_property
     def optimizer(self):
@@ -194,7 +199,7 @@ class Experiment:
                                for i in range(rows)]
                     batch[m.name] = {k: np.stack([np.asarray(r[f"out/{m.name}"][k]) for r in per_row])
                                      for k in per_row[0][f"out/{m.name}"]}
-        return {k: v for k, v in batch.items() if k != "patient_id"}
+        return device_batch(batch)
 
     def init_state(self, rng) -> TrainState:
         """Fresh parameters, optimizer state and loss state at step 0 (a pure function of `rng`: jit it
@@ -226,7 +231,8 @@ class Experiment:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return tuple(self.spec.split_sizes) if self._builder is None else tuple(self.builder.info.splits)
+        """The prepared dataset's splits."""
+        return tuple(self.builder.info.splits)
 
     def data_kwargs(self) -> dict:
         d = self.config.data
@@ -243,6 +249,9 @@ class Experiment:
         """One padded pass over `split` (this process's shard), or over `source`, a list of examples
         in the dataset's feature format (new patients)."""
         size = batch_size or self.config.eval_batch_size // jax.process_count()
+        if size * jax.process_count() % jax.device_count():
+            raise ConfigError(f"--config.eval_batch_size={size * jax.process_count()} must be divisible by the "
+                              f"{jax.device_count()} devices")
         if source is None and split not in self.builder.info.splits:
             raise ValueError(f"split {split!r} not in the dataset; it has {sorted(self.builder.info.splits)}")
         return pipeline.eval_batches(self.builder if source is None else source, self.spec, split, size,
@@ -262,8 +271,6 @@ class Experiment:
         self.spec.save(self.path(SPEC_FILE))
         schema = getattr(getattr(self._builder, "builder_config", None), "schema", None)
         if schema is not None:
-            import shutil
-
             shutil.copyfile(schema.path, self.path(SCHEMA_FILE))
 
     def best_step(self) -> tuple[int, str]:
@@ -307,4 +314,4 @@ def check_divisible(config) -> None:
     n_dev = jax.device_count()
     for name, size in (("train.batch_size", config.train.batch_size), ("eval_batch_size", config.eval_batch_size)):
         if size % n_dev:
-            raise ValueError(f"{name}={size} must be divisible by the {n_dev} devices")
+            raise ConfigError(f"--config.{name}={size} must be divisible by the {n_dev} devices")

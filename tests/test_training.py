@@ -553,3 +553,34 @@ def test_report_figures_confusion_matrix_and_attention_of_latent_queries():
     queries = np.array([True, True, False, True, True, True])  # patch 2 is not a query (e.g. padding)
     np.testing.assert_allclose(report.attention_received(tokens, seg, 1, queries), tokens[[0, 1, 3]][:, 4:].sum(0))
     np.testing.assert_allclose(report.attention_received(tokens, seg, 0), tokens[4:, :4].sum(0))
+
+
+def test_a_config_key_typo_is_one_line_and_leaves_no_workdir(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config.train.num_step=5",
+                          f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0
+    assert out.stderr.strip() == ('error: the config has no key \'num_step\' (Did you mean "num_steps" instead of '
+                                  '"num_step"?); overrides given: --config.train.num_step=5'), out.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_manifest_run_without_its_manifest_names_the_flag():
+    from experiments import manifest
+    from mmjax.data.spec import DataError
+
+    c = manifest.get_config()
+    with pytest.raises(DataError, match=r"--config.data.manifest is not set"):
+        sources.builder_from_config(c.data)
+    c.data.manifest = "m.csv"
+    with pytest.raises(DataError, match=r"--config.data.schema is not set: the manifest m.csv needs a YAML schema"):
+        sources.builder_from_config(c.data)
+
+
+def test_evaluating_a_step_that_was_not_saved_lists_the_saved_ones(uninterrupted):
+    from mmjax.console import UserError
+    from mmjax.evaluation.predictor import Predictor
+
+    _, src, _ = uninterrupted
+    saved = sorted(int(d) for d in os.listdir(os.path.join(src, "checkpoints")) if d.isdigit())
+    with pytest.raises(UserError, match=rf"no checkpoint of step 1000; the steps saved are {saved}"):
+        Predictor.from_workdir(src, step=1000)

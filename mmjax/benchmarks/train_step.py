@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from mmjax import console
 from mmjax.experiment import Experiment
@@ -114,8 +113,7 @@ def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
 
 def main():
     # Flags defined here, not at import, so that other entry points (the sweep) can import this module.
-    config = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT), "Experiment config.",
-                                             lock_config=True)
+    config = console.define_config_flag("config", os.path.normpath(_DEFAULT), "Experiment config.")
     steps = flags.DEFINE_integer("steps", 30, "Timed steps (after 3 warm-up steps).")
     console.run(lambda argv: print(json.dumps(benchmark(config.value, steps.value))))
 

@@ -13,3 +13,16 @@ class LocalDatasetInfo(tfds.core.DatasetInfo):
 
     def initialize_from_bucket(self) -> None:
         return None
+
+
+class LocalPreparation:
+    """A mixin for mmjax's builders: TFDS prints "Downloading and preparing dataset Unknown size
+    (download: Unknown size, ...)" and "... downloaded and prepared" around every preparation,
+    although these builders download nothing. They say what they do in their own words instead."""
+
+    def _log_download_bytes(self) -> None:
+        print(f"Preparing {self.name}/{self.builder_config.name} in {self.data_dir} (built here from "
+              f"{self.SOURCE}; nothing is downloaded)", flush=True)
+
+    def _log_download_done(self) -> None:
+        return None

@@ -25,6 +25,7 @@ def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, 
 
     builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
     if prepare:
+        tfds.disable_progress_bar()  # seconds of work: a line says what is prepared (`LocalPreparation`)
         builder.download_and_prepare(file_format="array_record")
     return builder
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.experiment import EVAL_DIR
+from mmjax.training.parallel import device_batch
 from mmjax.training.step import predictions
 
 
@@ -134,7 +135,7 @@ def explain(predictor, split: str = "test", count: int = 4, output: str = "", st
     task, index, name = output_of(predictor.tasks, output)
     batch = pick_rows(predictor.batches(split), count, patients, split)
     kinds = {m.name: m.kind for m in predictor.spec.select_modalities(predictor.modalities)}
-    device = {k: v for k, v in batch.items() if k != "patient_id"}
+    device = device_batch(batch)
     f = output_fn(predictor.model, predictor.tasks, task, index)
     a = integrated_gradients(predictor.model, predictor.params, device, f, kinds, steps)
     out = {"patient_id": np.asarray(batch["patient_id"]).astype(str), "output": np.array(name), "step": predictor.step,
@@ -156,6 +157,7 @@ def explain(predictor, split: str = "test", count: int = 4, output: str = "", st
     np.savez_compressed(os.path.join(predictor.workdir, EVAL_DIR, f"{split}_attributions.npz"), **out)
     return out
 
+
 def output_of(tasks, output: str) -> tuple[str, int | None, str]:
     """(task, index, name) of 'task' or 'task.label' (default: the first classification output)."""
     by_name = {t.name: t for t in tasks}
@@ -171,7 +173,6 @@ def output_of(tasks, output: str) -> tuple[str, int | None, str]:
     if label not in t.label_names:
         raise ValueError(f"explain output {output!r}: task {task!r} has labels {list(t.label_names)}")
     return task, list(t.label_names).index(label), output
-
 
 
 def pick_rows(batches, count: int, patients=(), split: str = "") -> dict:

@@ -1,7 +1,7 @@
 r"""Compares two trained runs on the same rows: `python -m mmjax.evaluation.compare W1 W2 [--split=test]`.
 
 For every metric: W1 - W2, its paired patient-level bootstrap interval and p-value (both runs
-scored on the same resamples), and for every AUROC DeLong's test (`mmjax.evaluation.delong`).
+scored on the same resamples), and for every AUROC DeLong's test (`mmjax.metrics.delong`).
 Each workdir needs `eval/<split>_predictions.npz` (written at the end of training, or by
 `python launch.py --workdir=W --mode=evaluate`); the two must hold the same rows (patients and
 labels, in order), i.e. the same split of the same dataset. `--out=FILE` also writes the table as

@@ -4,8 +4,8 @@
     preds, labels, masks, ids = predictor.collect(predictor.batches("test"))
 
 Training builds one from its live state (`Predictor(experiment, params, step, predict=...)`) with
-the train loop's parallel strategy; `from_workdir` jits the eval step over a mesh of all local
-devices. In several processes each process predicts its own rows; `collect` gathers the padded
+the train loop's parallel strategy; `from_workdir` jits the eval step over a mesh of all devices
+(one process). In several processes each process predicts its own rows; `collect` gathers the padded
 rows of every process with their example mask and then drops the padding, so every process gets
 every row once.
 """
@@ -17,6 +17,7 @@ import functools
 import jax
 import numpy as np
 
+from mmjax.console import UserError
 from mmjax.experiment import Experiment
 from mmjax.metrics import tasks as task_metrics
 from mmjax.training import parallel
@@ -33,6 +34,9 @@ class Predictor:
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None) -> Predictor:
         """The workdir's checkpoint `step`, or its best by validation `best_metric`."""
+        if jax.process_count() > 1:  # predict, explain and the eval files assume one process's whole view
+            raise UserError(f"evaluating a workdir runs in one process (on all its devices); this is process "
+                            f"{jax.process_index()} of {jax.process_count()}")
         exp = Experiment.from_workdir(workdir)
         params, step, chosen = exp.restore_params(step)
         return cls(exp, params, step, chosen)

@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmjax.training import checkpoint
+
 DATA_AXIS = "data"
 
 
@@ -85,15 +87,6 @@ def unreplicate(tree):
     return jax.tree.map(first, tree)
 
 
-def to_host(tree):
-    """Fully replicated or addressable global arrays -> numpy (gathers across processes if needed)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)
-
-
 def local_rows(x) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in order."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -142,8 +135,6 @@ class MeshStrategy:
 
     def restore(self, manager, state, step: int | None = None):
         """(state, data iterator state) of checkpoint `step` (default: the latest), placed as `state` is."""
-        from mmjax.training import checkpoint
-
         return checkpoint.restore(manager, abstract_state(state), step)
 
 
@@ -171,8 +162,6 @@ class PmapStrategy(MeshStrategy):
                                                   step(params, self.put(batch)))
 
     def restore(self, manager, state, step: int | None = None):
-        from mmjax.training import checkpoint
-
         # the template is one device's copy (the state is host arrays when a finished run is relaunched)
         template = jax.device_put(jax.device_get(self.host_state(state)), jax.devices()[0])
         restored, data = checkpoint.restore(manager, abstract_state(template), step)

@@ -31,7 +31,6 @@ import time
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from mmjax import console
 from mmjax.benchmarks import train_step as step_benchmark
@@ -188,8 +187,7 @@ def write_tables(rows: list[dict], workdir: str, metric: str) -> None:
 
 def main():
     # Flags defined here, not at import, so that tests and other entry points can import this module.
-    config = config_flags.DEFINE_config_file("config", None, "Sweep config (experiments/fusion_sweep.py).",
-                                             lock_config=True)
+    config = console.define_config_flag("config", None, "Sweep config (experiments/fusion_sweep.py).")
     workdir = flags.DEFINE_string("workdir", "workdirs/sweep", "Where each run and the tables go.")
     flags.mark_flag_as_required("config")
 

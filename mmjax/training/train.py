@@ -143,7 +143,7 @@ def init_or_restore(config, workdir: str) -> Run:
                writer, validate, start, int(n_params))
 
 
-def evaluate_split(run: Run, split: str) -> tuple:
+def _metrics_on(run: Run, split: str) -> tuple:
     """(metrics, collected predictions) of the current parameters on `split`, every process's rows."""
     params = run.state.params
     predictor = Predictor(run.exp, params, 0, predict=run.predict)
@@ -192,7 +192,7 @@ def fit(run: Run) -> dict:
             run.writer.write("train", step, {**mean, **rates, "learning_rate": run.exp.learning_rate(step - 1)})
         val = None
         if run.validate and (step % c.train.eval_every == 0 or step == num_steps):
-            val, collected = evaluate_split(run, "validation")
+            val, collected = _metrics_on(run, "validation")
             validation = (step, val, collected)
             run.writer.write("validation", step, val)
             print(f"step {step}: validation {c.best_metric} {metric_value(val, c.best_metric):.4f}", flush=True)
@@ -224,9 +224,9 @@ def finish(run: Run, loop: dict) -> dict:
         print(f"Final evaluation with the best checkpoint by validation {c.best_metric}: step "
               f"{evaluated_step} of {step}", flush=True)
     if run.validate and "validation" not in results:
-        results["validation"], collected["validation"] = evaluate_split(run, "validation")
+        results["validation"], collected["validation"] = _metrics_on(run, "validation")
     if "test" in exp.splits:
-        results["test"], collected["test"] = evaluate_split(run, "test")
+        results["test"], collected["test"] = _metrics_on(run, "test")
     n_proc = jax.process_count()
     run_info = {
         "steps_run": step - run.start_step, "evaluated_step": int(evaluated_step), "parameters": run.n_params,

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from mmjax.config import parse_mapping
 from mmjax.console import quiet_absl
-from mmjax.data.local_info import LocalDatasetInfo
+from mmjax.data.local_info import LocalDatasetInfo, LocalPreparation
 from mmjax.data.manifest import readers
 from mmjax.data.manifest.prepare import example, prepare, write_skipped
 from mmjax.data.manifest.schema import Schema, load_schema
@@ -49,10 +49,14 @@ class ManifestConfig(tfds.core.BuilderConfig):
         self.log = log
 
 
-class Manifest(tfds.core.GeneratorBasedBuilder):
+class Manifest(LocalPreparation, tfds.core.GeneratorBasedBuilder):
     """A dataset described by a manifest and a schema (`mmjax.data.manifest.schema`)."""
 
     VERSION = tfds.core.Version("1.0.0")
+    SOURCE = "a manifest"
+
+    def _log_download_bytes(self) -> None:  # `load` says what it prepares, from which manifest
+        return None
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = []  # made at run time from a manifest and its schema
 

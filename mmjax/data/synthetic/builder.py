@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.batch import ModalitySpec, TaskSpec
-from mmjax.data.local_info import LocalDatasetInfo
+from mmjax.data.local_info import LocalDatasetInfo, LocalPreparation
 from mmjax.data.spec import DatasetSpec, length_histogram, std_with_floor
 from mmjax.data.synthetic.generate import (
     DEFAULT_MISSING_RATES,
@@ -62,10 +62,11 @@ class SyntheticPatientsConfig(tfds.core.BuilderConfig):
             lab_missing_scale=lab_missing_scale, seed=seed)
 
 
-class SyntheticPatients(tfds.core.GeneratorBasedBuilder):
+class SyntheticPatients(LocalPreparation, tfds.core.GeneratorBasedBuilder):
     """Simulated patients with image, note, labs/vitals and ECG; see the module docstring."""
 
     VERSION = tfds.core.Version("1.1.0")
+    SOURCE = "a simulation of patients"
     RELEASE_NOTES = {"1.0.0": "First release.",
                      "1.1.0": "Metadata as a DatasetSpec (modalities by name and kind, task statistics); "
                               "same examples as 1.0.0."}
