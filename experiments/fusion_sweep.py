@@ -11,7 +11,7 @@ machine in about an hour: synthetic 200 steps of 64 (the default experiment trai
 300 steps of 64 with 64 text tokens (the experiment: 1,000 steps, 96 tokens). Width and depth come
 from the usual flags. `smoke` is a tiny sweep. Each run is tested at its best validation checkpoint.
 
-Results (2-core AMD EPYC CPU VM, 2026-11-29, seeds 0-2, alone; README "Fusion sweep" has the tables),
+Results (2-core AMD EPYC CPU VM, 2026-11-29, seeds 0-2, alone; docs/results.md "Fusion sweep" has the tables),
 test macro-AUROC. Synthetic, 200 steps, 67 min 23 s: tensor 0.820, bottleneck 0.818, perceiver
 0.818, pairwise_cross 0.817, gated 0.816, weighted_late 0.815, cross_attention 0.815, late 0.813,
 sum 0.813, concat 0.812, mean 0.812, low_rank 0.792. IU X-ray, 56 min 42 s: tensor 0.953, low_rank

@@ -11,15 +11,13 @@ dataset's modalities, `+`-separated), `smoke` (a tiny run for tests). Any field 
 default: `base_config` in experiments/common.py) can be overridden: `--config.train.num_steps=500`,
 `--config.model.dtype=bfloat16`.
 
-Results (test split, seed 0, 2-core AMD EPYC CPU VM, 2026-11-23; README has per-condition
-figures). macro_auroc over 5 diagnoses + mortality:
-    image 0.718, text 0.761, tabular 0.811, signal 0.609 (each alone);
-    concat 0.894, late 0.897, cross_attention 0.868 (all four modalities).
-The default run took 3 min 50 s wall including evaluation (peak RSS 1.71 GB), ~7.5 steps/s.
-Since 2026-11-28 cross_attention has `fusion.skip` and `fusion.cross_gate`, and since 2026-11-29 the
-mortality loss weight is 0.1 (README, "Cross-attention versus concat"): over seeds 0-2, test macro_auroc
-cross_attention 0.904 +- 0.005 (diagnoses 0.926), concat 0.901 +- 0.002 (0.924); seed 0, the default
-run: 0.907, diagnoses 0.933 (5-16 min a run on a CPU shared with other jobs).
+Results of the default (`python launch.py`), test macro_auroc over 5 diagnoses + mortality, with the
+95% patient-bootstrap interval:
+    2-core AMD EPYC VM, 2026-11-29: 0.9073 (best checkpoint by validation: step 1,500);
+    2-core Intel Xeon VM, 2026-12-07: 0.9117 [0.8983, 0.9240] (best: step 1,000), 5 min 49 s wall,
+    peak RSS 1.6 GB; the same digits before and after the package's re-layering (issue 18).
+Over seeds 0-2 (AMD, 2026-11-29): cross_attention 0.904 +- 0.005, concat 0.901 +- 0.002 (`:fusion=concat`).
+Single modalities, fusions and earlier defaults: docs/results.md.
 """
 
 from experiments.common import base_config, parse_arg, smoke
@@ -32,7 +30,7 @@ def get_config(arg=None):
     # raw-unit loss of the 2026-11-23 results had. Mortality 0.1 (0.5 before 2026-11-29): at 0.5 the shared
     # layers fit the noisy mortality label, whose validation AUROC fell from ~0.82 at step 500 to ~0.70 at
     # 1,500, and the best checkpoint traded the diagnoses for it; at 0.1 it holds ~0.81 and both fusions
-    # gain (README, "Cross-attention versus concat").
+    # gain (docs/results.md, "Cross-attention versus concat").
     c.loss.weights = "diagnosis=1.0,severity=0.67,mortality=0.1"
     if opts["smoke"]:
         smoke(c, num_steps=6, every=3, warmup_steps=2, eval_batch_size=48)

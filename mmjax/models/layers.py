@@ -5,7 +5,7 @@
   slower than of the flat form.
 - `LayerNorm` has a closed-form backward pass (`jax.custom_vjp`): two reductions instead of the
   chain autodiff builds, computed in float32 whatever the activation dtype. Alone it is slower
-  than autodiff's; inside the train step level with it or ahead (README, performance).
+  than autodiff's; inside the train step level with it or ahead (docs/performance.md).
 - `MultiHeadAttention` projects q, k, v with one fused `Dense` for self-attention, attends one
   head at a time (no head transposes), normalizes the softmax after the value matmul, masks
   with a large finite negative (no NaN for fully masked rows) and zeroes the output of a query
@@ -144,7 +144,7 @@ def _attend(q, k, v, mask, num_heads, dtype):
     """softmax(q k^T / sqrt(hd)) v per head, for q [B, Tq, D], k and v [B, Tk, D], mask [B, Tq, Tk];
     returns (out [B, Tq, D], weights [B, heads, Tq, Tk]).
 
-    Written for XLA:CPU, each choice measured (README, performance): one head at a time on a
+    Written for XLA:CPU, each choice measured (docs/performance.md): one head at a time on a
     slice of the feature axis (`[B, T, hd]` matmuls batched over B alone, no head transposes);
     the 1/sqrt(hd) scale on q, not on the logits; the softmax normalized after the second matmul
     (out = (e v) / sum(e), a [B, Tq, hd] division instead of a [B, Tq, Tk] one). A query with no

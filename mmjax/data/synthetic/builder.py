@@ -9,7 +9,7 @@ mortality (unknown for ~10% of patients: `label_known/mortality`).
 Everything is generated from a latent patient state; `mmjax/data/synthetic/latent.py` documents
 which modality reveals what. Several conditions need two modalities together (sepsis: an
 infection seen on the image or in the note *and* organ dysfunction seen in the labs; paroxysmal
-atrial fibrillation: the ECG or the note). The README gives the reference upper bound.
+atrial fibrillation: the ECG or the note). docs/results.md gives the reference upper bound.
 
 Written as array_record and read with `tfds.data_source` / Grain, without TensorFlow. The
 training split's fitted preprocessing (WordPiece vocabulary, tabular and image statistics) is

@@ -18,7 +18,7 @@ alone cannot tell sepsis from a sick heart: image or text must be combined with 
 fibrillation is paroxysmal: the 10 s ECG catches it in 70% of patients with AF, and the note
 mentions palpitations or a history of AF in part of the others, so ECG and text together find
 more of it than either alone. `mmjax.evaluation.upper_bound` measures how much each modality
-reveals (the README has the table).
+reveals (docs/results.md, "Reference upper bound", has the table).
 """
 
 from __future__ import annotations

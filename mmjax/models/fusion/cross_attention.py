@@ -7,7 +7,7 @@ All tokens are concatenated once ([B, T, D], T = sum of T_m) with a modality emb
 mask selects the cross-modality pairs, so cross-attention is one batched attention per layer
 instead of M * (M - 1) small ones.
 
-Two choices make it at least as good as `concat` on `synthetic_patients` (README, "Cross-attention
+Two choices make it at least as good as `concat` on `synthetic_patients` (docs/results.md, "Cross-attention
 versus concat"): `skip` puts each modality's pooled encoder output (what `concat` mixes) beside its
 attended summary, so attention can only add to it, and `cross_gate` scales each layer's
 cross-attention branch by a learned scalar that starts at 0 (ReZero, Bachlechner et al., 2020), so
