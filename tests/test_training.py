@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -582,5 +583,5 @@ def test_evaluating_a_step_that_was_not_saved_lists_the_saved_ones(uninterrupted
 
     _, src, _ = uninterrupted
     saved = sorted(int(d) for d in os.listdir(os.path.join(src, "checkpoints")) if d.isdigit())
-    with pytest.raises(UserError, match=rf"no checkpoint of step 1000; the steps saved are {saved}"):
+    with pytest.raises(UserError, match=re.escape(f"no checkpoint of step 1000; the steps saved are {saved}")):
         Predictor.from_workdir(src, step=1000)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 
 def interval_rows(rec: dict, tasks) -> list[tuple[str, float, float | None, float | None]]:
-    """(metric, value, interval low, high) of the main metrics of every task (None: no interval)."""
+    """(metric, value, interval low, high) of the main metrics of every task (None: no interval); a
+    metric is named by its path in the results ('diagnosis.labels.pneumonia.auroc'), the name that
+    `best_metric`, `sweep.metric` and `python -m mmjax.evaluation.compare` use."""
     point, ci = rec["metrics"], rec.get("ci", {})
     rows = []
 
-    def add(name, path):
+    def add(path, name=None):
+        name = name or ".".join(path)
         value, c = point, ci
         for key in path:
             value, c = value[key], (c or {}).get(key)
@@ -16,20 +19,20 @@ def interval_rows(rec: dict, tasks) -> list[tuple[str, float, float | None, floa
         defined = c and c.get("low") is not None and c.get("high") is not None
         rows.append((name, value, *((c["low"], c["high"]) if defined else (None, None))))
 
-    add("macro_auroc (all binary outputs)", ["macro_auroc"])
+    add(["macro_auroc"], "macro_auroc (all binary outputs)")
     for t in tasks:
         if t.kind == "multilabel":
-            add(f"{t.name} macro_auroc", [t.name, "macro_auroc"])
+            add([t.name, "macro_auroc"])
             for label in t.label_names:
-                add(f"  {label} auroc", [t.name, "labels", label, "auroc"])
+                add([t.name, "labels", label, "auroc"])
         elif t.kind == "binary":
             for m in ("auroc", "auprc"):
-                add(f"{t.name} {m}", [t.name, m])
+                add([t.name, m])
         elif t.kind == "multiclass":
             for m in ("accuracy", "macro_auroc"):
-                add(f"{t.name} {m}", [t.name, m])
+                add([t.name, m])
         else:
-            add(f"{t.name} mae", [t.name, "mae"])
+            add([t.name, "mae"])
     return rows
 
 

@@ -120,25 +120,25 @@ def _two_classes(r: dict) -> bool:
 
 
 def format_table(results: dict, tasks: Sequence[TaskSpec]) -> str:
-    """A fixed-width table of `{split: metrics}`."""
+    """A fixed-width table of `{split: metrics}`, each metric named by its path in the results."""
     splits = list(results)
     rows = [("metric", *splits)]
     rows.append(("macro_auroc (all binary outputs)", *(f"{results[s]['macro_auroc']:.4f}" for s in splits)))
     for t in tasks:
         if t.kind == "multilabel":
             for m in ("macro_auroc", "macro_auprc", "macro_f1"):
-                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+                rows.append((f"{t.name}.{m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
             for name in t.label_names:
                 cells = (f"{results[s][t.name]['labels'][name]['auroc']:.4f}" for s in splits)
-                rows.append((f"  {name} auroc", *cells))
+                rows.append((f"{t.name}.labels.{name}.auroc", *cells))
         elif t.kind == "binary":
             for m in ("auroc", "auprc", "f1", "accuracy"):
-                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+                rows.append((f"{t.name}.{m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
         elif t.kind == "multiclass":
             for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
-                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+                rows.append((f"{t.name}.{m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
         else:
             for m in ("mae", "rmse"):
-                rows.append((f"{t.name} {m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
+                rows.append((f"{t.name}.{m}", *(f"{results[s][t.name][m]:.4f}" for s in splits)))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>10}" for c in r[1:]) for r in rows)
