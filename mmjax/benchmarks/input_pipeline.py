@@ -39,15 +39,14 @@ def measure(builder, spec, batch_size, batches, workers, augment=True) -> dict:
 def define_flags() -> None:
     """The command's flags, defined when it runs (not at import, so modules with flags of the same
     name can be imported together)."""
-    flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or "
-                        "~/tensorflow_datasets)."),
+    sources.define_dataset_flags()
+    flags.adopt_module_key_flags(sources)  # listed in --helpshort with the command's own
     flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
-    flags.DEFINE_integer("batches", 200, "Training batches to time (after 5 warm-up batches)."),
+    flags.DEFINE_integer("batches", 200, "Training batches to time (after 5 warm-up batches).")
     flags.DEFINE_list("workers", ["0", "2"], "Grain worker processes; each value is timed.")
-    flags.DEFINE_bool("augment", True, "Train-time image augmentation."),
+    flags.DEFINE_bool("augment", True, "Train-time image augmentation.")
     flags.DEFINE_string("manifest", None, "A manifest dataset instead of --dataset (with --schema).")
-    flags.DEFINE_string("schema", None, "The manifest's schema."),
+    flags.DEFINE_string("schema", None, "The manifest's schema.")
 
 
 def main(argv):

@@ -95,9 +95,8 @@ def print_summary(summary: dict) -> None:
 def define_flags() -> None:
     """The command's flags, defined when it runs (not at import, so modules with flags of the same
     name can be imported together)."""
-    flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or "
-                        "~/tensorflow_datasets)."),
+    sources.define_dataset_flags()
+    flags.adopt_module_key_flags(sources)  # listed in --helpshort with the command's own
     flags.DEFINE_string("json", None, "Also write the summary to this JSON file.")
 
 

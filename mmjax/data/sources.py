@@ -30,6 +30,14 @@ def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, 
     return builder
 
 
+def define_dataset_flags() -> None:
+    """`--dataset` and `--data_dir`: a registered dataset, for the commands that read one."""
+    from absl import flags
+
+    flags.DEFINE_string("dataset", "synthetic_patients", "TFDS name, optionally with /config.")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $MMJAX_DATA_DIR or ~/tensorflow_datasets).")
+
+
 def builder_from_config(data):
     """The prepared builder an experiment's `config.data` names."""
     manifest, schema = data.get("manifest"), data.get("schema")

@@ -103,7 +103,8 @@ def predict(run: Predictor, manifest: str, output: str | None = None, *, schema:
         raise DataError(f"manifest {manifest}: no row left to predict")
     batches = list(run.experiment.eval_batches(None, source=examples))
     thresholds, temperatures, source = operating_points(run)
-    undecided = [o for o in _binary_outputs(run.tasks) if o not in thresholds]
+    thresholded = robustness.output_columns([t for t in run.tasks if t.kind in ("binary", "multilabel")])[1]
+    undecided = [o for o in thresholded if o not in thresholds]
     if undecided:
         log(f"No .prediction column for {undecided}: no threshold could be chosen on validation (one class only "
             f"among its known labels); their probabilities are written")
@@ -182,9 +183,3 @@ def _label_column(task, y: np.ndarray, known: np.ndarray) -> list:
     if task.kind == "binary":
         return [str(int(v)) if k else "" for v, k in zip(y, known)]
     return [repr(float(v)) if k else "" for v, k in zip(y, known)]
-
-
-def _binary_outputs(tasks) -> list[str]:
-    """The outputs that get a threshold: binary tasks and each label of a multilabel task."""
-    return [name for t in tasks if t.kind in ("binary", "multilabel")
-            for name in ([t.name] if t.kind == "binary" else [f"{t.name}.{label}" for label in t.label_names])]

@@ -153,13 +153,13 @@ def by_subset(predictor, batches, subsets) -> dict:
 def patient_shapley(predictor, collected) -> tuple[np.ndarray, list[str], dict]:
     """(values [N, modalities, outputs], output names, game): exact Shapley values of every output
     (probabilities; a regression's value) per patient, from `collected` (`by_subset` over every subset)."""
-    outputs, columns = _output_columns(predictor.tasks)
+    outputs, columns = output_columns(predictor.tasks)
     game = {s: np.concatenate([_columns(c[0][t]) for t in outputs], 1) for s, c in collected.items()}
     values = shapley(game, tuple(predictor.modalities))  # {m: [N, C]}
     return np.stack([values[m] for m in predictor.modalities], 1), columns, game
 
 
-def _output_columns(tasks) -> tuple[list[str], list[str]]:
+def output_columns(tasks) -> tuple[list[str], list[str]]:
     """The tasks with per-patient outputs and a name per output column ('task' or 'task.label')."""
     columns = []
     for t in tasks:

@@ -119,6 +119,22 @@ def init_or_restore(config, workdir: str) -> Run:
     manager = checkpoint.make_manager(exp.path(CHECKPOINTS), config.train.checkpoint_every,
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
+    try:
+        state = _restore_or_warm_start(config, workdir, state, train_iter, manager, strategy, n_params)
+    except BaseException:
+        manager.close()
+        raise
+    state = strategy.place(state)
+    train_step = strategy.train_step(lambda axis, shards: exp.train_step(axis_name=axis, num_shards=shards))
+    writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size)
+    start = int(jax.device_get(strategy.host_state(state).step))
+    return Run(exp, workdir, strategy, state, train_iter, manager, train_step, strategy.predictor(exp.eval_step()),
+               writer, validate, start, int(n_params))
+
+
+def _restore_or_warm_start(config, workdir, state, train_iter, manager, strategy, n_params):
+    """The state of this workdir's latest checkpoint (and the data iterator's position), else `init_from`'s
+    parameters in `state`, else `state` as it is."""
     if manager.latest_step() is not None:
         state, data_state = checkpoint.restore(manager, parallel.abstract_state(state))
         train_iter.set_state(data_state)
@@ -134,13 +150,7 @@ def init_or_restore(config, workdir: str) -> Run:
               f"(step {from_step}){'; the rest from scratch' if subtrees else ''}", flush=True)
     elif config.init_params:
         raise ValueError(f"init_params={config.init_params!r} names subtrees to load, but init_from is empty")
-
-    state = strategy.place(state)
-    train_step = strategy.train_step(lambda axis, shards: exp.train_step(axis_name=axis, num_shards=shards))
-    writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size)
-    start = int(jax.device_get(strategy.host_state(state).step))
-    return Run(exp, workdir, strategy, state, train_iter, manager, train_step, strategy.predictor(exp.eval_step()),
-               writer, validate, start, int(n_params))
+    return state
 
 
 def _metrics_on(run: Run, split: str) -> tuple:
