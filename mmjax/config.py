@@ -12,6 +12,34 @@ from __future__ import annotations
 # its value of them.
 NO_RESULT_DEPENDS = frozenset({"train.figures"})
 
+# Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
+# prepared data lies), and prefixes of such groups; any other difference from the config that trained
+# the checkpoints stops a resume unless `--config.allow_config_change=True`.
+RESUME_MAY_CHANGE = NO_RESULT_DEPENDS | frozenset({
+    "train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.final_checkpoint", "eval_batch_size", "allow_config_change", "init_from",
+    "init_params", "data.data_dir", "data.allowed_roots", "data.prepare_workers", "eval.", "sweep."})
+
+
+def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (`sep` joins the keys)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}{sep}", sep) if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(before: dict, now: dict, ignore=frozenset(), new_keys: bool = True) -> list[str]:
+    """The dotted keys whose values differ between two configs (as dicts), less those in `ignore`
+    (a key, or a prefix ending in '.'); `new_keys=False`: less the keys that `before` lacks (settings
+    added to mmjax after it was written, which the command line cannot add)."""
+    def kept(key):
+        return not any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore)
+
+    a, b = flatten(before), flatten(now)
+    keys = set(a) | set(b) if new_keys else set(a)
+    return sorted(k for k in keys if kept(k) and a.get(k) != b.get(k))
+
 
 def parse_list(value: str, known=None, what="value") -> tuple[str, ...]:
     """'a,b' or 'a+b' -> ('a', 'b'); with `known`, an unknown item is an error naming it."""

@@ -17,11 +17,11 @@ def log_to_workdir(workdir: str, program: str = "mmjax") -> str | None:
     leaves warnings and errors on the console too. Does nothing when a logging flag was given on the
     command line (`--verbosity=0`, `--logtostderr`, ...): the console then shows what absl normally
     does. Returns the log's path, or None."""
-    if not flags.FLAGS.is_parsed() or any(
-            name in flags.FLAGS and flags.FLAGS[name].present for name in _LOGGING_FLAGS):
+    if not flags.FLAGS.is_parsed() or _logging_flag_given():
         return None
     os.makedirs(workdir, exist_ok=True)
     logging.get_absl_handler().use_absl_log_file(program, workdir)
+    logging.set_verbosity(logging.INFO)  # `run` set WARNING for the console; the file takes INFO
     flags.FLAGS.stderrthreshold = "warning"
     return os.path.join(workdir, f"{program}.INFO")
 
@@ -49,13 +49,21 @@ class ConfigError(UserError):
     """A config value that cannot work; the message names the `--config.` flag and what to set."""
 
 
+def _logging_flag_given() -> bool:
+    return any(name in flags.FLAGS and flags.FLAGS[name].present for name in _LOGGING_FLAGS)
+
+
 def run(main) -> None:
     """`absl.app.run(main)` for every command of the package: a `UserError` (bad data, whose message
     names the file, row and field; a config value that cannot work) prints as one line
-    `error: ...` and exits with status 1."""
+    `error: ...` and exits with status 1. Libraries' INFO lines (TFDS, Orbax) stay off the console
+    unless a logging flag is given (`--verbosity=0`, `--logtostderr`); a command with a workdir
+    sends them to its log file (`log_to_workdir`)."""
     from absl import app
 
     def main_with_one_line_errors(argv):
+        if not _logging_flag_given():
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

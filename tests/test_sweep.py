@@ -179,7 +179,7 @@ def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
     assert compiled_inside == [True] and out["parameters"] == 3
 
 
-def test_a_real_sweep_of_two_fusions(tiny_builder, tmp_path):
+def test_a_real_sweep_of_two_fusions(tiny_builder, tmp_path, capsys):
     """Unmocked, on `synthetic_patients/tiny` (labs alone, 3 steps, one seed): each run trains in its own
     folder, the table holds each run's own test metric and its model's parameter count, and a second
     call reads everything back without training again."""
@@ -192,12 +192,16 @@ def test_a_real_sweep_of_two_fusions(tiny_builder, tmp_path):
     c.train.update(num_steps=3, eval_every=3, checkpoint_every=3, log_every=3)
     c.sweep.update(fusions="concat,sum", seeds="0", benchmark_steps=1)
     rows = sweep.sweep(c, str(tmp_path))
+    out = capsys.readouterr().out.splitlines()
     assert sorted(r["fusion"] for r in rows) == ["concat", "sum"]
+    # the sweep's console: a header and a result line per run, the table (head, rule, 2 rows), the time
+    assert len(out) == 2 * 2 + 4 + 1 + 1, out
     for r in rows:
         run = tmp_path / r["fusion"] / "seed0"
         results = json.loads((run / "results.json").read_text())
         assert r["values"] == [results["test"]["macro_auroc"]] and r["mean"] == results["test"]["macro_auroc"]
         assert r["parameters"] == results["run"]["parameters"]
+        assert f"validation macro_auroc {results['validation']['macro_auroc']:.4f}" in (run / "console.log").read_text()
         exp = Experiment.from_workdir(str(run))
         assert exp.config.model.fusion.name == r["fusion"]
         assert r["parameters"] == sum(x.size for x in jax.tree.leaves(exp.abstract_params()))

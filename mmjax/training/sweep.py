@@ -16,7 +16,8 @@ one batch, the mean of `benchmark_steps`) and its compile time in s, kept in
 `WORKDIR/<fusion>/costs.json`.
 
 Writes `WORKDIR/sweep.csv` (one row per fusion, per-seed values too), `WORKDIR/sweep.md` (the
-Markdown table, best first) and prints the table.
+Markdown table, best first) and prints the table. Each run's console goes to its
+`WORKDIR/<fusion>/seed<s>/console.log`; the sweep's shows two lines per run and the table.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from absl import app, flags
 
 from mmjax import console
 from mmjax.benchmarks import train_step as step_benchmark
-from mmjax.config import NO_RESULT_DEPENDS, lower_is_better, metric_value, parse_list
+from mmjax.config import NO_RESULT_DEPENDS, config_differences, lower_is_better, metric_value, parse_list
 from mmjax.console import log_to_workdir
 from mmjax.models.fusion import FUSIONS
 from mmjax.training.train import train_and_evaluate
@@ -68,19 +69,10 @@ def _check_same_config(config, workdir: str) -> None:
     now = json.loads(config.to_json_best_effort())
     # the sweep block says which runs to make, not how to make one (a narrower sweep reuses them), and
     # NO_RESULT_DEPENDS on the others (a run made before one existed, or with another value, counts)
-    flat_before, flat_now = ({k: v for k, v in _flat(d).items()
-                              if not k.startswith("sweep.") and k not in NO_RESULT_DEPENDS} for d in (before, now))
-    differ = sorted(k for k in set(flat_before) | set(flat_now) if flat_before.get(k) != flat_now.get(k))
+    differ = config_differences(before, now, NO_RESULT_DEPENDS | {"sweep."})
     if differ:
         raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "
                          f"use another sweep workdir or remove that run")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def run_one(config, workdir: str) -> dict:
@@ -91,6 +83,16 @@ def run_one(config, workdir: str) -> dict:
         with open(done) as f:
             return json.load(f)
     return train_and_evaluate(config, workdir)
+
+
+def quietly(run, config, run_dir: str, header: str) -> dict:
+    """`run(config, run_dir)` with its console (progress, validation, the results tables) in
+    `run_dir/console.log`: the sweep's own console shows one header and one result line per run."""
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.join(run_dir, "console.log")
+    print(f"{header}; its console: {log_path}", flush=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        return run(config, run_dir)
 
 
 def cached_costs(config, workdir: str, steps: int) -> dict:
@@ -154,10 +156,12 @@ def _sweep(config, workdir: str, fusions, seeds) -> list[dict]:
             with c.unlocked():
                 c.model.fusion.name = fusion
                 c.seed = seed
-            print(f"==== sweep: {fusion}, seed {seed} ({time.perf_counter() - start:.0f} s so far)", flush=True)
-            results = run_one(c, os.path.join(workdir, fusion, f"seed{seed}"))
+            run_dir = os.path.join(workdir, fusion, f"seed{seed}")
+            results = quietly(run_one, c, run_dir,
+                              f"==== sweep: {fusion}, seed {seed} ({time.perf_counter() - start:.0f} s so far)")
             values.append(metric_value(results["test"], s.metric))
             walls.append(results["run"]["wall_seconds"])
+            print(f"     test {s.metric} {values[-1]:.4f}, trained in {walls[-1]:.0f} s", flush=True)
         c = copy.deepcopy(config)
         with c.unlocked():
             c.model.fusion.name = fusion
