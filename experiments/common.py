@@ -120,6 +120,11 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
     c = base_config(fusion, modalities)
     c.data = dict(name="manifest", config="", manifest=manifest, schema=schema, data_dir="", public="",
                   source_dir="", split_fractions="train=0.8,validation=0.1,test=0.1", folds=0, fold=0, on_error="",
+                  # comma-separated folders the manifest's files may be in (empty: the manifest's folder;
+                  # a public dataset: its source_dir too); '..', absolute paths and symlinks out of them are bad rows
+                  allowed_roots="",
+                  max_pixels=2**28,  # a bigger image (a DICOM: all frames) is a bad row, never decoded; 0: no cap
+                  text_min_patients=5,  # a word enters a text vocabulary only from the notes of this many patients
                   prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
                   signal_eval_windows=0)
     c.train.update(num_steps=1000, eval_every=250, checkpoint_every=250)

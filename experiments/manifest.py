@@ -11,7 +11,8 @@ default all), `smoke` (a few steps, for tests). Every option of the default expe
 (`base_config` in experiments/common.py); the data block (`manifest_config` there) adds `manifest`,
 `schema`, `split_fractions` ('train=0.8,validation=0.1,test=0.1', used without a split column),
 `folds`/`fold` (patient-level k-fold), `on_error` (strict / skip, overrides the schema's),
-`prepare_workers` (default: all cores), `public` + `source_dir` (a converter of `mmjax.data.public`
+`allowed_roots`, `max_pixels` and `text_min_patients` (docs/own_data.md), `prepare_workers`
+(default: all cores), `public` + `source_dir` (a converter of `mmjax.data.public`
 writes the manifest from a public dataset's own files; see experiments/vqa_rad.py).
 Task weights: `--config.loss.weights=dx=1,los=0.2` (default 1 each); class weights of a multiclass
 task: `--config.loss.class_weights=dx=balanced`.

@@ -164,6 +164,24 @@ def test_compressed_dicom_decodes_or_names_the_missing_handler(name):
         np.testing.assert_array_equal(out, readers.read_image(_testdata("MR_small.dcm"), 32, 3))
 
 
+def test_pixel_cap_is_read_from_the_header(tmp_path):
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(tmp_path / "a.png")
+    assert readers.image_size(str(tmp_path / "a.png")) == (16, 8, 1)
+    with pytest.raises(ReadError, match=r"128 pixels \(16x8\) are more than max_pixels=127"):
+        readers.read_image(str(tmp_path / "a.png"), 8, 1, max_pixels=127)
+    assert readers.read_image(str(tmp_path / "a.png"), 8, 1, max_pixels=128).shape == (8, 8, 1)
+    assert readers.read_image(str(tmp_path / "a.png"), 8, 1, max_pixels=0).shape == (8, 8, 1)  # 0: no cap
+    dicom = _dicom_copy(tmp_path, "MR_small.dcm", NumberOfFrames=3, Rows=64, Columns=64)  # a header, not decoded
+    assert readers.image_size(dicom) == (64, 64, 3)
+
+
+@pytest.mark.parametrize("window", [None, (40, 400)])
+def test_non_finite_dicom_pixels_are_an_error(tmp_path, window):
+    nan = _dicom_copy(tmp_path, "CT_small.dcm", RescaleSlope="NaN")
+    with pytest.raises(ReadError, match="non-finite pixel values after the modality LUT"):
+        readers.read_image(nan, 16, 1, window)
+
+
 def test_image_errors(tmp_path):
     with pytest.raises(ReadError, match="file not found"):
         readers.read_image(str(tmp_path / "nope.png"), 32, 1)
@@ -309,15 +327,34 @@ def test_cinc2021_record():
 # ------------------------------------------------------------------------------------------------------------- text
 
 
-def test_read_text_inline_and_file(tmp_path):
+def test_text_cell_is_a_path_only_when_declared_or_a_file(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "r1.txt").write_text("Findings: clear lungs. Ünïcode ok.\n", encoding="utf-8")
-    assert readers.read_text("notes/r1.txt", str(tmp_path)) == "Findings: clear lungs. Ünïcode ok.\n"
-    assert readers.read_text(str(tmp_path / "notes" / "r1.txt"), "/elsewhere").startswith("Findings")
-    assert readers.read_text("mild cardiomegaly", str(tmp_path)) == "mild cardiomegaly"
-    assert readers.read_text("line one\nsee old.txt", str(tmp_path)) == "line one\nsee old.txt"
+    base = str(tmp_path)
+    path = readers.text_path("notes/r1.txt", base)
+    assert path == str(tmp_path / "notes" / "r1.txt")
+    assert readers.read_text(path) == "Findings: clear lungs. Ünïcode ok.\n"
+    assert readers.text_path(str(tmp_path / "notes" / "r1.txt"), "/elsewhere") == path
+    for note in ("mild cardiomegaly", "line one\nsee old.txt", "see discharge.txt", "notes/missing.txt"):
+        assert readers.text_path(note, base) is None, note  # inline text
+    assert readers.text_path("notes/r1.txt", base, file=False) is None
+    assert readers.text_path("notes/missing.txt", base, file=True) == str(tmp_path / "notes" / "missing.txt")
     with pytest.raises(ReadError, match="file not found"):
-        readers.read_text("notes/missing.txt", str(tmp_path))
+        readers.read_text(str(tmp_path / "notes" / "missing.txt"))
+
+
+def test_paths_are_confined_to_the_allowed_roots(tmp_path):
+    root = tmp_path / "study"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(b"")
+    (tmp_path / "out.png").write_bytes(b"")
+    (root / "imgs" / "link.png").symlink_to(tmp_path / "out.png")
+    roots = (str(root.resolve()),)
+    assert readers.inside(readers.resolve("imgs/a.png", str(root)), roots)
+    assert readers.inside(readers.resolve("imgs/../imgs/a.png", str(root)), roots)
+    for cell in ("../out.png", str(tmp_path / "out.png"), "imgs/link.png", "/etc/passwd"):
+        assert not readers.inside(readers.resolve(cell, str(root)), roots), cell
+    assert readers.inside(readers.resolve("imgs/link.png", str(root)), roots + (str(tmp_path.resolve()),))
 
 
 def test_resolve(tmp_path):

@@ -1,6 +1,14 @@
-"""The `DatasetInfo` of mmjax's own TFDS builders (`synthetic_patients`, the manifest builder)."""
+"""The `DatasetInfo` of mmjax's own TFDS builders (`synthetic_patients`, the manifest builder), and
+their preparation made safe: one preparation of a dataset at a time, none of an interrupted one's
+files left behind."""
 
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import shutil
 
 import tensorflow_datasets as tfds
 
@@ -26,3 +34,28 @@ class LocalPreparation:
 
     def _log_download_done(self) -> None:
         return None
+
+
+def config_dir(builder) -> str:
+    """`<data_dir>/<dataset>/<config>`: the folder of one config's versions, and of its preparation's
+    temporary files (TFDS's `incomplete.*`, the manifest builder's `.decoded-*`)."""
+    return os.path.join(builder.data_dir_root, builder.name, builder.builder_config.name)
+
+
+@contextlib.contextmanager
+def preparing(builder):
+    """Holds `config_dir/.lock` (an OS file lock, released if the process dies): a second process
+    preparing the same dataset waits here, then finds it prepared. Inside, the leftovers of an
+    interrupted preparation (killed while decoding or writing) are removed: no other preparation
+    of this config can be running."""
+    folder = config_dir(builder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for pattern in ("incomplete.*", ".decoded-*"):
+                for leftover in glob.glob(os.path.join(folder, pattern)):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

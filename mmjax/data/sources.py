@@ -15,6 +15,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from mmjax.data import local_info
 from mmjax.data.manifest import builder as manifest_builder
 from mmjax.data.spec import DEFAULT_DATA_DIR, DataError
 
@@ -24,9 +25,11 @@ def load_builder(name: str = "synthetic_patients", data_dir: str | None = None, 
     import mmjax.data.synthetic  # noqa: F401  (registers the builder)
 
     builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
-    if prepare:
+    if prepare and not builder.is_prepared():
         tfds.disable_progress_bar()  # seconds of work: a line says what is prepared (`LocalPreparation`)
-        builder.download_and_prepare(file_format="array_record")
+        with local_info.preparing(builder):  # one process prepares, the others wait and reuse it
+            builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
+            builder.download_and_prepare(file_format="array_record")
     return builder
 
 
@@ -41,6 +44,7 @@ def define_dataset_flags() -> None:
 def builder_from_config(data):
     """The prepared builder an experiment's `config.data` names."""
     manifest, schema = data.get("manifest"), data.get("schema")
+    roots = data.get("allowed_roots", "")
     if data.get("public"):  # the converter writes the manifest and schema from the dataset's own files
         converter = importlib.import_module(f"mmjax.data.public.{data.public}")
         source = os.path.abspath(os.path.expanduser(data.source_dir))
@@ -48,6 +52,7 @@ def builder_from_config(data):
             raise DataError(f"--config.data.source_dir={data.source_dir}: no such folder (the {data.public} files)")
         out = os.path.join(data.get("data_dir") or DEFAULT_DATA_DIR, "manifests", data.public)
         manifest, schema = converter.write_manifest(source, out)
+        roots = roots or f"{out},{source}"  # its manifest points into the dataset's folder
     elif data.get("name") == "manifest" or manifest or schema:
         if not manifest:
             raise DataError("--config.data.manifest is not set: the manifest experiment needs a manifest file "
@@ -61,5 +66,8 @@ def builder_from_config(data):
     fractions = manifest_builder.split_fractions(data.get("split_fractions", ""))
     return manifest_builder.load(manifest, schema, data.get("data_dir") or None, fractions=fractions,
                                  folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)),
-                                 on_error=data.get("on_error") or None,
+                                 on_error=data.get("on_error") or None, allowed_roots=roots,
+                                 max_pixels=int(data.get("max_pixels", manifest_builder.DEFAULT_MAX_PIXELS)),
+                                 text_min_patients=int(data.get("text_min_patients",
+                                                                manifest_builder.DEFAULT_TEXT_MIN_PATIENTS)),
                                  workers=int(data.get("prepare_workers", 0)) or None)

@@ -1,14 +1,17 @@
 """A WordPiece tokenizer fitted on the training split: no download, no external vocabulary.
 
 Vocabulary: `[PAD]`, `[UNK]`, every word seen at least `min_count` times in the training
-notes, then every single character seen, both as a word start and as a `##` continuation, so
-any word made of seen characters (typos included) encodes without `[UNK]`. Encoding is BERT's
+notes (and, given the notes' patients, in the notes of at least `min_patients` distinct ones, so
+that a name or a rare detail of a few patients is not stored with the model), then every single
+character seen, both as a word start and as a `##` continuation, so any word made of seen
+characters (typos included) encodes without `[UNK]`. Encoding is BERT's
 greedy longest-match-first WordPiece over lowercased words and punctuation.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -39,15 +42,23 @@ class WordPieceTokenizer:
         self.__init__(state["vocab"])
 
     @classmethod
-    def fit(cls, texts: Iterable[str], min_count: int = 3, max_words: int = 8000) -> WordPieceTokenizer:
-        counts = collections.Counter()
-        chars = set()
-        for text in texts:
-            words = split_words(text)
-            counts.update(words)
-            for w in words:
+    def fit(cls, texts: Sequence[str], min_count: int = 3, max_words: int = 8000, *,
+            patients: Sequence | None = None, min_patients: int = 1) -> WordPieceTokenizer:
+        """`patients[i]` is the patient of `texts[i]`; without it every text counts as its own patient."""
+        keys = list(patients) if patients is not None else range(len(texts))
+        counts, patient_counts, chars = collections.Counter(), collections.Counter(), set()
+        # one patient's notes at a time: memory holds one patient's words, not every patient's
+        for _, group in itertools.groupby(sorted(range(len(texts)), key=keys.__getitem__), key=keys.__getitem__):
+            words_of_patient = set()
+            for i in group:
+                words = split_words(texts[i])
+                counts.update(words)
+                words_of_patient.update(words)
+            patient_counts.update(words_of_patient)
+            for w in words_of_patient:
                 chars.update(w)
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted((w for w, c in counts.items() if c >= min_count and patient_counts[w] >= min_patients),
+                       key=lambda w: (-counts[w], w))
         chars = sorted(chars)
         pieces = words[:max_words] + chars + ["##" + c for c in chars]
         return cls(list(_SPECIALS) + list(dict.fromkeys(pieces)))

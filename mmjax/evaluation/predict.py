@@ -43,7 +43,8 @@ import tempfile
 
 import numpy as np
 
-from mmjax.data.manifest.prepare import example, prepare_new, write_skipped
+from mmjax.data.manifest.builder import parse_roots
+from mmjax.data.manifest.prepare import DEFAULT_MAX_PIXELS, example, prepare_new, write_skipped
 from mmjax.data.manifest.schema import load_schema
 from mmjax.data.spec import DataError
 from mmjax.evaluation import robustness
@@ -73,9 +74,11 @@ def operating_points(run: Predictor) -> tuple[dict, dict, str]:
 
 
 def predict(run: Predictor, manifest: str, output: str | None = None, *, schema: str | None = None,
-            on_error: str | None = None, calibrated: bool = False, shapley: bool = True, log=print) -> dict:
+            on_error: str | None = None, allowed_roots: str = "", calibrated: bool = False, shapley: bool = True,
+            log=print) -> dict:
     """Writes `predictions.csv` (default `W/predict/predictions.csv`) for `manifest`'s rows; returns
-    the summary also written beside it as `predictions.json`."""
+    the summary also written beside it as `predictions.json`. Files are read from `allowed_roots`
+    (comma-separated; default the manifest's folder); images over the run's `data.max_pixels` are bad rows."""
     import pandas as pd
 
     schema_path = schema or os.path.join(run.workdir, SCHEMA_FILE)
@@ -88,7 +91,9 @@ def predict(run: Predictor, manifest: str, output: str | None = None, *, schema:
     os.makedirs(folder, exist_ok=True)
     cache = tempfile.mkdtemp(prefix=".decoded-", dir=folder)
     try:
-        prepared = prepare_new(manifest, parsed_schema, run.spec, cache, modalities=run.modalities, log=log)
+        prepared = prepare_new(manifest, parsed_schema, run.spec, cache, modalities=run.modalities,
+                               roots=parse_roots(allowed_roots, manifest),
+                               max_pixels=int(run.config.data.get("max_pixels", DEFAULT_MAX_PIXELS)), log=log)
         examples = [example(r, run.spec) for r in prepared.rows]
     finally:
         shutil.rmtree(cache, ignore_errors=True)

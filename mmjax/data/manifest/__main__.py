@@ -1,6 +1,7 @@
 """Validates a manifest and its schema, prepares the dataset and prints its summary.
 
     python -m mmjax.data.manifest --manifest=M --schema=S [--data_dir=D] [--folds=5 --fold=0] [--on_error=skip]
+        [--allowed_roots=/data/images,/data/notes] [--max_pixels=0] [--text_min_patients=5]
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ _FRACTIONS = flags.DEFINE_string("split_fractions", "", "train=0.8,validation=0.
 _FOLDS = flags.DEFINE_integer("folds", 0, "Patient-level k-fold cross-validation: the number of folds.")
 _FOLD = flags.DEFINE_integer("fold", 0, "Which fold is held out (0-based).")
 _ON_ERROR = flags.DEFINE_enum("on_error", None, ["strict", "skip"], "Overrides the schema's on_error.")
+_ROOTS = flags.DEFINE_string("allowed_roots", "", "Comma-separated folders the manifest's files may be in "
+                             "(default: the manifest's folder).")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", manifest_builder.DEFAULT_MAX_PIXELS,
+                                   "An image with more pixels is a bad row (0: no cap).")
+_MIN_PATIENTS = flags.DEFINE_integer("text_min_patients", manifest_builder.DEFAULT_TEXT_MIN_PATIENTS,
+                                     "A word enters a text vocabulary only from the notes of this many patients.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Decoding processes (default: all cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the summary to this JSON file.")
 
@@ -32,6 +39,8 @@ def main(argv):
     fractions = manifest_builder.split_fractions(_FRACTIONS.value)
     builder = manifest_builder.load(_MANIFEST.value, _SCHEMA.value, _DATA_DIR.value, fractions=fractions,
                                     folds=_FOLDS.value, fold=_FOLD.value, on_error=_ON_ERROR.value,
+                                    allowed_roots=_ROOTS.value, max_pixels=_MAX_PIXELS.value,
+                                    text_min_patients=_MIN_PATIENTS.value,
                                     workers=_WORKERS.value or None)
     spec = DatasetSpec.from_builder(builder)
     summary = dict(builder.info.metadata["summary"])

@@ -3,10 +3,15 @@
     builder = load("study/manifest.csv", "study/schema.yaml", data_dir=D)   # prepares or reuses
     spec = DatasetSpec.from_builder(builder)
 
-The dataset is `manifest/<schema name>[_fold<k>of<n>]/1.0.0` under the data dir. A prepared dataset
-is reused until the manifest, the schema, the split settings or a referenced file (size or
-modification time) changes; then it is rebuilt, with a message saying what changed. Rows left out
-with `on_error: skip` are listed in `skipped_rows.csv` next to the dataset.
+The dataset is `manifest/<schema name>[_fold<k>of<n>]-<key>/1.0.0` under the data dir, where the key
+is a hash of everything the preparation depends on but the referenced files: the manifest (path and
+contents), the schema, the split settings, `on_error`, the input settings (`allowed_roots`,
+`max_pixels`, `text_min_patients`) and the preparation's version. So two runs with other settings
+each have their own folder and never rebuild each other's; a referenced file that changed (size or
+modification time) rebuilds that folder in place, with a message saying what changed. A file lock
+makes a second process preparing the same dataset wait and then reuse it; the leftovers of a
+killed preparation are removed by the next. Rows left out with `on_error: skip` are listed in
+`skipped_rows.csv` next to the dataset.
 """
 
 from __future__ import annotations
@@ -23,30 +28,52 @@ import tensorflow_datasets as tfds
 
 from mmjax.config import parse_mapping
 from mmjax.console import quiet_absl
-from mmjax.data.local_info import LocalDatasetInfo, LocalPreparation
+from mmjax.data.local_info import LocalDatasetInfo, LocalPreparation, config_dir, preparing
 from mmjax.data.manifest import readers
-from mmjax.data.manifest.prepare import example, prepare, write_skipped
+from mmjax.data.manifest.prepare import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TEXT_MIN_PATIENTS,
+    example,
+    prepare,
+    write_skipped,
+)
 from mmjax.data.manifest.schema import Schema, load_schema
 from mmjax.data.manifest.table import read_table
 from mmjax.data.spec import DEFAULT_DATA_DIR, SPEC_FORMAT, DataError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 INPUTS_FILE = "inputs.json"
+KEY_LENGTH = 10  # hex digits of the settings' SHA-256 in a prepared dataset's folder name
 SKIPPED_FILE = "skipped_rows.csv"
-PREPARE_VERSION = f"1.0/spec{SPEC_FORMAT}"  # bump when preparation changes what it writes
+# bump when preparation changes what it writes (1.1: confined paths, inline '.txt' notes, the pixel cap,
+# vocabularies from text_min_patients patients)
+PREPARE_VERSION = f"1.1/spec{SPEC_FORMAT}"
 
 
 class ManifestConfig(tfds.core.BuilderConfig):
-    """A manifest, its schema and the split settings."""
+    """A manifest, its schema, the split settings and the input settings: `roots` (the real paths of the
+    folders files may be read from), `max_pixels` (0: no cap), `text_min_patients`."""
 
     def __init__(self, *, manifest: str, schema: Schema, fractions: dict, folds: int = 0, fold: int = 0,
-                 workers: int | None = None, log=print):
-        name = schema.name + (f"_fold{fold}of{folds}" if folds > 1 else "")
-        super().__init__(name=name, version=tfds.core.Version("1.0.0"),
-                         description=f"Manifest dataset from {manifest} with schema {schema.path}")
+                 roots: tuple = (), max_pixels: int = DEFAULT_MAX_PIXELS,
+                 text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS, workers: int | None = None, log=print):
         self.manifest, self.schema = os.path.abspath(manifest), schema
         self.fractions, self.folds, self.fold, self.workers = dict(fractions), folds, fold, workers
+        self.roots = tuple(roots) or parse_roots("", manifest)
+        self.max_pixels, self.text_min_patients = max_pixels, text_min_patients
         self.log = log
+        self.manifest_sha256 = _sha256(self.manifest)
+        key = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
+        name = schema.name + (f"_fold{fold}of{folds}" if folds > 1 else "") + f"-{key}"
+        super().__init__(name=name, version=tfds.core.Version("1.0.0"),
+                         description=f"Manifest dataset from {manifest} with schema {schema.path}")
+
+    def settings(self) -> dict:
+        """Everything the prepared data depends on but the referenced files' contents: its folder's key."""
+        return {"prepared_by": PREPARE_VERSION, "manifest": self.manifest, "manifest_sha256": self.manifest_sha256,
+                "schema_sha256": _sha256(self.schema.path), "on_error": self.schema.on_error,
+                "fractions": self.fractions, "folds": self.folds, "fold": self.fold, "allowed_roots": list(self.roots),
+                "max_pixels": self.max_pixels, "text_min_patients": self.text_min_patients}
 
 
 class Manifest(LocalPreparation, tfds.core.GeneratorBasedBuilder):
@@ -105,9 +132,11 @@ class Manifest(LocalPreparation, tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         os.makedirs(self.data_dir_root, exist_ok=True)
-        cache = tempfile.mkdtemp(prefix=".decoded-", dir=self.data_dir_root)  # beside the data, not in /tmp
+        # beside the data, not in /tmp; removed after, or by the next preparation if this one is killed
+        cache = tempfile.mkdtemp(prefix=".decoded-", dir=config_dir(self))
         self._cache = cache
         prepared = prepare(cfg.manifest, cfg.schema, cache, fractions=cfg.fractions, folds=cfg.folds, fold=cfg.fold,
+                           roots=cfg.roots, max_pixels=cfg.max_pixels, text_min_patients=cfg.text_min_patients,
                            workers=cfg.workers, log=cfg.log)
         self.prepared = prepared
         self.info.metadata.update({**prepared.spec.to_metadata(), "summary": prepared.summary})
@@ -132,22 +161,17 @@ def referenced_files(manifest: str, schema: Schema) -> dict:
         if "column" not in m or m["column"] not in df.columns:
             continue
         for cell in df[m["column"]].tolist():
-            if not cell or (m["kind"] == "text" and not readers.is_text_path(cell)):
-                continue
-            path = readers.resolve(cell, base)
-            try:
-                st = os.stat(path)
-                out[path] = [st.st_size, st.st_mtime_ns]
-            except OSError:
-                out[path] = None
-            stem, ext = os.path.splitext(path)
-            if m["kind"] == "signal" and ext.lower() in ("", ".hea", ".mat"):
-                # A WFDB record (named with or without '.hea', or by its .mat data file as in CinC 2021):
-                # its header and data file, which the cell does not name, are what readers.read_signal reads.
-                for sib in (stem + ".hea", stem + ".mat", stem + ".dat"):
-                    if sib != path and os.path.exists(sib):
-                        st = os.stat(sib)
-                        out[sib] = [st.st_size, st.st_mtime_ns]
+            if m["kind"] == "text":  # a note is not a file (nor kept here); a .txt file it names is
+                path = readers.text_path(cell, base, m.get("file")) if cell else None
+                files = [path] if path else []
+            else:
+                files = readers.files_read(readers.resolve(cell, base), m["kind"]) if cell else []
+            for path in files:  # with a WFDB record, the header and data files the cell does not name
+                try:
+                    st = os.stat(path)
+                    out[path] = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    out[path] = None
     return out
 
 
@@ -157,10 +181,7 @@ def _sha256(path: str) -> str:
 
 
 def inputs_of(cfg: ManifestConfig) -> dict:
-    return {"prepared_by": PREPARE_VERSION, "manifest": cfg.manifest, "manifest_sha256": _sha256(cfg.manifest),
-            "schema": cfg.schema.path, "schema_sha256": _sha256(cfg.schema.path),
-            "on_error": cfg.schema.on_error, "fractions": cfg.fractions, "folds": cfg.folds, "fold": cfg.fold,
-            "files": referenced_files(cfg.manifest, cfg.schema)}
+    return {**cfg.settings(), "schema": cfg.schema.path, "files": referenced_files(cfg.manifest, cfg.schema)}
 
 
 def changes(old: dict, new: dict) -> list[str]:
@@ -173,7 +194,7 @@ def changes(old: dict, new: dict) -> list[str]:
         out.append(f"the manifest {new['manifest']} changed")
     if old.get("schema_sha256") != new["schema_sha256"]:
         out.append(f"the schema {new['schema']} changed")
-    for key in ("on_error", "fractions", "folds", "fold"):
+    for key in ("on_error", "fractions", "folds", "fold", "allowed_roots", "max_pixels", "text_min_patients"):
         if old.get(key) != new[key]:
             out.append(f"{key} changed ({old.get(key)} -> {new[key]})")
     before, now = old.get("files", {}), new["files"]
@@ -187,15 +208,27 @@ def changes(old: dict, new: dict) -> list[str]:
 
 
 def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fractions: dict | None = None,
-         folds: int = 0, fold: int = 0, on_error: str | None = None, workers: int | None = None, log=print):
-    """The prepared manifest builder: reused when its inputs are unchanged, else (re)built."""
+         folds: int = 0, fold: int = 0, on_error: str | None = None, allowed_roots: str = "",
+         max_pixels: int = DEFAULT_MAX_PIXELS, text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS,
+         workers: int | None = None, log=print):
+    """The prepared manifest builder: reused when its inputs are unchanged, else (re)built.
+    `allowed_roots`: comma-separated folders files may be read from (empty: the manifest's folder)."""
     if not os.path.isfile(manifest):
         raise DataError(f"manifest {manifest}: file not found")
+    if max_pixels < 0 or text_min_patients < 1:
+        raise DataError(f"max_pixels={max_pixels} (0: no cap) must be >= 0 and text_min_patients="
+                        f"{text_min_patients} >= 1")
     schema = load_schema(schema_path, manifest, on_error)
     cfg = ManifestConfig(manifest=manifest, schema=schema, fractions=fractions or DEFAULT_FRACTIONS, folds=folds,
-                         fold=fold, workers=workers, log=log)
+                         fold=fold, roots=parse_roots(allowed_roots, manifest), max_pixels=max_pixels,
+                         text_min_patients=text_min_patients, workers=workers, log=log)
     data_dir = data_dir or DEFAULT_DATA_DIR
     tfds.disable_progress_bar()
+    with preparing(_builder(cfg, data_dir)):  # one preparation at a time; an interrupted one's files removed
+        return _reuse_or_prepare(cfg, data_dir, manifest, log)
+
+
+def _reuse_or_prepare(cfg: ManifestConfig, data_dir: str, manifest: str, log) -> Manifest:
     builder = _builder(cfg, data_dir)
     inputs = inputs_of(cfg)
     stamp = os.path.join(builder.data_dir, INPUTS_FILE)
@@ -236,6 +269,16 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
 def _builder(cfg: ManifestConfig, data_dir: str) -> Manifest:
     with quiet_absl():  # TFDS warns "Using custom data configuration": every manifest builder does
         return Manifest(config=cfg, data_dir=data_dir)
+
+
+def parse_roots(text: str, manifest: str) -> tuple[str, ...]:
+    """'a,b' -> the real paths of those folders (relative to the current directory); empty: the manifest's folder."""
+    folders = [f.strip() for f in text.split(",") if f.strip()] or [os.path.dirname(os.path.abspath(manifest))]
+    roots = tuple(dict.fromkeys(os.path.realpath(os.path.expanduser(f)) for f in folders))
+    missing = [r for r in roots if not os.path.isdir(r)]
+    if missing:
+        raise DataError(f"allowed_roots: {missing[0]}: no such folder")
+    return roots
 
 
 def split_fractions(text: str) -> dict | None:

@@ -1,13 +1,15 @@
 """From a manifest and its schema to examples ready to write, and the dataset's spec.
 
 1. Cells: splits, labels, tabular values and text (inline or .txt files) are parsed in this process.
-2. Files: every distinct image and signal file is decoded once, in parallel on all cores, into a
-   cache of .npy arrays (the writer then reads those instead of decoding twice).
+2. Files: every distinct image and signal file inside the allowed roots is decoded once, in parallel
+   on all cores, into a cache of .npy arrays (the writer then reads those instead of decoding twice);
+   an image over `max_pixels` is refused from its header.
 3. Bad rows: with `on_error: strict` the first bad row (in file order) stops preparation with an
    error naming the row, column, file and reason; with `skip` every bad row is left out and listed.
 4. Fit on the kept training rows: image mean/std per channel, one WordPiece vocabulary per text
-   modality, numeric means/stds (log where asked) and categorical vocabularies per tabular
-   modality, multiclass classes, task counts, regression mean/std.
+   modality (words of at least `text_min_patients` patients), numeric means/stds (log where asked)
+   and categorical vocabularies per tabular modality, multiclass classes, task counts, regression
+   mean/std.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from mmjax.data.spec import DataError, DatasetSpec, length_histogram, std_with_f
 from mmjax.data.tokenizer import WordPieceTokenizer
 
 _IN_PROCESS_BELOW = 64  # fewer files than this are decoded without starting worker processes
+# 2**28 pixels: 512 MiB of 16-bit pixel data per decoding process. Above the largest routine single images
+# (a mammogram is ~30M) and a 1024-slice 512x512 CT volume in one file; a whole-slide image (1e9+) is refused.
+DEFAULT_MAX_PIXELS = 2**28
+DEFAULT_TEXT_MIN_PATIENTS = 5  # a word enters a vocabulary only from the notes of this many patients
 
 
 @dataclasses.dataclass
@@ -53,7 +59,8 @@ def _decode(job):
     key, kind, path, settings, out = job
     try:
         if kind == "image":
-            x = readers.read_image(path, settings["size"], settings["channels"], settings.get("window"))
+            x = readers.read_image(path, settings["size"], settings["channels"], settings.get("window"),
+                                   settings["max_pixels"])
             xf = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
             stats = (xf.sum(0), (xf * xf).sum(0), xf.shape[0])
         else:
@@ -108,24 +115,39 @@ class _Parsed:
     seconds: float
 
 
-def _parse(df, schema: Schema, base: str, cache_dir: str, train_rows: np.ndarray, flag, workers, log,
-           classes: dict | None = None) -> _Parsed:
+def _parse(df, schema: Schema, base: str, cache_dir: str, train_rows: np.ndarray, flag, workers, log, *,
+           roots: tuple, max_pixels: int, classes: dict | None = None) -> _Parsed:
     """Cells (text, tabular, labels) and files (decoded once each, in parallel) of every row; every
-    problem goes to `flag(row index, column, reason, file)`. `classes` ({task: classes}) fixes the
-    tasks' classes (a trained run's); tasks whose columns the table lacks get no known label."""
+    problem goes to `flag(row index, column, reason, file)`, never with a note's text. A file outside
+    `roots` is a problem and is never opened. `classes` ({task: classes}) fixes the tasks' classes (a
+    trained run's); tasks whose columns the table lacks get no known label."""
     n = len(df)
     present = {name: np.zeros(n, bool) for name in schema.modalities}
     texts, numeric, categorical, paths = {}, {}, {}, {}
+    outside = f"outside the allowed folders {list(roots)} (allowed_roots sets them; default: the manifest's folder)"
     for name, m in schema.modalities.items():
         if m["kind"] == "text":
             texts[name] = [""] * n
+            named_no_file = 0
             for i, cell in enumerate(df[m["column"]].tolist()):
-                if cell:
+                if not cell:
+                    continue
+                path = readers.text_path(cell, base, m.get("file"))
+                if path is None:
+                    texts[name][i] = cell
+                    if m.get("file") is None and readers.is_text_path(cell):
+                        named_no_file += 1
+                elif not readers.inside(path, roots):
+                    flag(i, m["column"], outside, path)
+                else:
                     try:
-                        texts[name][i] = readers.read_text(cell, base)
+                        texts[name][i] = readers.read_text(path)
                     except readers.ReadError as e:
-                        flag(i, m["column"], str(e), readers.resolve(cell, base))
-                    present[name][i] = bool(texts[name][i].strip())
+                        flag(i, m["column"], str(e), path)
+                present[name][i] = bool(texts[name][i].strip())
+            if named_no_file:
+                log(f"Text modality {name!r}: {named_no_file} cell(s) end in '.txt' but name no file; read as text "
+                    f"(`file: true` in the schema makes them paths, and a missing file a bad row)")
         elif m["kind"] == "tabular":
             values = np.full((n, len(m["numeric"])), np.nan, np.float64)
             for j, col in enumerate(m["numeric"]):
@@ -148,6 +170,10 @@ def _parse(df, schema: Schema, base: str, cache_dir: str, train_rows: np.ndarray
         else:
             paths[name] = [readers.resolve(c, base) if c else "" for c in df[m["column"]].tolist()]
             present[name] = np.array([bool(p) for p in paths[name]])
+            for i, p in enumerate(paths[name]):
+                if p and not all(readers.inside(f, roots) for f in readers.files_read(p, m["kind"])):
+                    flag(i, m["column"], outside, p)
+                    paths[name][i] = ""  # never opened
     labels = {}
     for name, t in schema.tasks.items():
         if classes is not None:
@@ -169,7 +195,7 @@ def _parse(df, schema: Schema, base: str, cache_dir: str, train_rows: np.ndarray
     for name, m in schema.modalities.items():
         if name not in paths:
             continue
-        settings = {k: v for k, v in m.items() if k not in ("kind", "column")}
+        settings = {k: v for k, v in m.items() if k not in ("kind", "column")} | {"max_pixels": max_pixels}
         for p in dict.fromkeys(p for p in paths[name] if p):
             key = (name, p)
             out = os.path.join(cache_dir, hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".npy")
@@ -216,7 +242,9 @@ def _strict_or_skip(bad: list, on_error: str, manifest: str, n: int) -> np.ndarr
 
 
 def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, folds: int = 0, fold: int = 0,
-            workers: int | None = None, log=print) -> Prepared:
+            roots: tuple | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+            text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS, workers: int | None = None, log=print) -> Prepared:
+    """`roots`: the real paths of the folders files may be read from (default: the manifest's folder)."""
     df = read_table(manifest)
     check_columns(df, schema, manifest)
     base = os.path.dirname(os.path.abspath(manifest))
@@ -231,7 +259,8 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
     def flag(i, column, reason, file=""):
         bad.append(BadCell(i + 1, ids[i], column, file, reason))
 
-    parsed = _parse(df, schema, base, cache_dir, train_rows, flag, workers, log)
+    parsed = _parse(df, schema, base, cache_dir, train_rows, flag, workers, log,
+                    roots=roots or (os.path.realpath(base),), max_pixels=max_pixels)
     present, texts, numeric, paths = parsed.present, parsed.texts, parsed.numeric, parsed.paths
     categorical, labels, decoded = dict(parsed.categorical), parsed.labels, parsed.decoded
 
@@ -257,10 +286,12 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
             mods.append(ModalitySpec(name, "image", field=field, shape=(m["size"], m["size"], m["channels"]),
                                      mean=mean.tolist(), std=std.tolist()))
         elif m["kind"] == "text":
-            train_texts = [texts[name][i] for i in np.flatnonzero(train & present[name])]
+            with_text = np.flatnonzero(train & present[name])
+            train_texts = [texts[name][i] for i in with_text]
             if not train_texts:
                 raise DataError(f"modality {name!r}: no text in the training split to fit a vocabulary on")
-            tok = WordPieceTokenizer.fit(train_texts)
+            tok = WordPieceTokenizer.fit(train_texts, patients=[ids[i] for i in with_text],
+                                         min_patients=text_min_patients)
             lengths = length_histogram([len(tok.tokenize(t)) for t in train_texts])
             mods.append(ModalitySpec(name, "text", field=field, vocab=tok.vocab, length_counts=lengths))
         elif m["kind"] == "tabular":
@@ -318,16 +349,20 @@ def prepare(manifest: str, schema: Schema, cache_dir: str, *, fractions: dict, f
 
 
 def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str, *, modalities=None,
-                workers: int | None = None, log=print) -> Prepared:
+                roots: tuple | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                log=print) -> Prepared:
     """New patients' rows, encoded with a trained run's `spec` (its categories, classes and statistics
-    stay as fitted on its training split): the manifest needs the id and the columns of `modalities`
-    (the run's; default all), other modalities' missing columns read as empty; label columns are
+    stay as fitted on its training split): the schema must describe `modalities` (the run's; default
+    all of the spec's) and the spec's tasks as they were fitted; the manifest needs the id and the
+    columns of `modalities`, other modalities' missing columns read as empty; label columns are
     optional (present ones are parsed; absent: no known label) and a split column is ignored. Bad rows
-    are handled as in `prepare` (`schema.on_error`); categories unseen in training are encoded as such
-    and counted in the summary. Every kept row gets split 'predict'."""
+    are handled as in `prepare` (`schema.on_error`, files confined to `roots`, default the manifest's
+    folder); categories unseen in training are encoded as such and counted in the summary. Every kept
+    row gets split 'predict'."""
+    used = set(modalities or spec.modality_names)
+    _check_against_spec(schema, spec, used)
     df = read_table(manifest)
     columns = lambda m: [m["column"]] if "column" in m else m["numeric"] + m["categorical"]
-    used = set(modalities or schema.modalities)
     needed = [schema.id] + [c for name, m in schema.modalities.items() if name in used for c in columns(m)]
     missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if missing:
@@ -340,7 +375,6 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
     n = len(df)
     if n == 0:
         raise DataError(f"manifest {manifest}: no rows")
-    _check_against_spec(schema, spec)
     ids = df[schema.id].tolist()
     bad = empty_ids(ids, schema.id)
 
@@ -348,8 +382,9 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
         bad.append(BadCell(i + 1, ids[i], column, file, reason))
 
     classes = {t.name: list(t.label_names) for t in spec.tasks}
-    parsed = _parse(df, schema, os.path.dirname(os.path.abspath(manifest)), cache_dir, np.zeros(n, bool), flag,
-                    workers, log, classes=classes)
+    base = os.path.dirname(os.path.abspath(manifest))
+    parsed = _parse(df, schema, base, cache_dir, np.zeros(n, bool), flag, workers, log,
+                    roots=roots or (os.path.realpath(base),), max_pixels=max_pixels, classes=classes)
     keep = _strict_or_skip(bad, schema.on_error, manifest, n)
     codes, unseen = {}, {}
     for name, m in schema.modalities.items():
@@ -367,8 +402,13 @@ def prepare_new(manifest: str, schema: Schema, spec: DatasetSpec, cache_dir: str
     return Prepared(spec, rows, bad, summary)
 
 
-def _check_against_spec(schema: Schema, spec: DatasetSpec) -> None:
-    """The schema describes the run's modalities as they were fitted: same kinds, columns and shapes."""
+def _check_against_spec(schema: Schema, spec: DatasetSpec, used: set) -> None:
+    """The schema describes the run's modalities (`used`) as they were fitted (same kinds, columns and
+    shapes; others of its dataset may be left out) and the run's tasks (same names and kinds)."""
+    lacking = sorted(used - set(schema.modalities))
+    if lacking:
+        raise DataError(f"schema {schema.path}: lacks the run's modality {lacking[0]!r} (modalities.{lacking[0]}); "
+                        f"the schema the run was trained with is its workdir's schema.yaml")
     for name, m in schema.modalities.items():
         if name not in spec.modality_names:
             raise DataError(f"schema {schema.path}: modality {name!r} is not one of the run's "
@@ -390,10 +430,22 @@ def _check_against_spec(schema: Schema, spec: DatasetSpec) -> None:
         if ms.kind != m["kind"] or fitted != given:
             raise DataError(f"schema {schema.path}: modality {name!r} is {m['kind']} {given} but the run's was "
                             f"fitted as {ms.kind} {fitted}")
+    fitted_tasks = {t.name: t.kind for t in spec.tasks}
+    for name, t in schema.tasks.items():
+        if name not in fitted_tasks:
+            raise DataError(f"schema {schema.path}: task {name!r} (tasks.{name}) is not one of the run's tasks "
+                            f"{list(fitted_tasks)}")
+        if t["kind"] != fitted_tasks[name]:
+            raise DataError(f"schema {schema.path}: task {name!r} is {t['kind']} (tasks.{name}.kind) but the run's "
+                            f"is {fitted_tasks[name]}")
+    lacking = [t for t in fitted_tasks if t not in schema.tasks]
+    if lacking:
+        raise DataError(f"schema {schema.path}: lacks the run's task {lacking[0]!r} (tasks.{lacking[0]})")
 
 
 def example(row: dict, spec: DatasetSpec) -> dict:
-    """One kept row as a TFDS example of the manifest builder's features."""
+    """One kept row as a TFDS example of the manifest builder's features. A modality the row lacks (one a
+    new patients' schema leaves out, unused by the run) is written absent."""
     mods = {}
     for m in spec.modalities:
         name = m.name
@@ -404,20 +456,21 @@ def example(row: dict, spec: DatasetSpec) -> dict:
             path = row["files"].get(name)
             mods[name] = np.load(path).astype(np.float32) if path else np.zeros((0, m.shape[1]), np.float32)
         elif m.kind == "text":
-            mods[name] = row["text"][name]
+            mods[name] = row["text"].get(name, "")
         else:
             parts = {}
             if m.numeric:
-                parts["numeric"] = row["numeric"][name]
+                parts["numeric"] = row["numeric"].get(name, np.full(len(m.numeric), np.nan, np.float32))
             if m.categorical:
-                parts["categorical"] = row["categorical"][name]
+                parts["categorical"] = row["categorical"].get(name, np.zeros(len(m.categorical), np.int32))
             mods[name] = parts
     labels, known = {}, {}
     for t in spec.tasks:
         y, k = row["labels"][t.name]
         labels[t.name] = np.asarray(y, np.int64 if t.kind == "multiclass" else np.float32)
         known[t.name] = np.asarray(k, bool)
-    return {"patient_id": row["id"], "row": row["index"] + 1, "present": row["present"], "modalities": mods,
+    present = {m.name: row["present"].get(m.name, False) for m in spec.modalities}
+    return {"patient_id": row["id"], "row": row["index"] + 1, "present": present, "modalities": mods,
             "labels": labels, "label_known": known}
 
 

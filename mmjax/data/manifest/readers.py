@@ -14,12 +14,17 @@ so that a manifest with only images does not need wfdb installed (and vice versa
            .hea or no extension (a WFDB record)                 wfdb.rdrecord
            resampling                                           scipy.signal.resample_poly
   text     inline in the cell, or the UTF-8 .txt file it names
+
+Files are confined to the allowed roots (`inside`: '..', absolute paths and symlinks resolved), and an image's
+pixel count is read from its header before it is decoded (`image_size`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fractions
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,18 +41,46 @@ def resolve(path: str, base_dir: str) -> str:
     return os.path.normpath(path)
 
 
+def inside(path: str, roots: Sequence[str]) -> bool:
+    """Whether `path`, with its symlinks and '..' resolved, lies in one of `roots` (real paths)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
+def files_read(path: str, kind: str) -> list[str]:
+    """The files a reader opens for the cell resolved to `path`: the path, and for a WFDB record (named with or
+    without '.hea', or by its .mat data file as in CinC 2021) its header and data files beside it."""
+    stem, ext = os.path.splitext(path)
+    if kind != "signal" or ext.lower() not in ("", ".hea", ".mat"):
+        return [path]
+    siblings = (stem + ".hea", stem + ".mat", stem + ".dat")
+    return [path] + [sib for sib in siblings if sib != path and os.path.exists(sib)]
+
+
 def is_text_path(cell: str) -> bool:
-    """A text cell that names a file: one line ending in '.txt'."""
+    """Whether a text cell looks like a file name: one line ending in '.txt'."""
     name = cell.strip()
     return "\n" not in name and name.lower().endswith(".txt")
 
 
-def read_text(cell: str, base_dir: str) -> str:
-    """The text of a cell: the contents of the .txt file it names (one line ending in '.txt'), else the cell itself."""
+def text_path(cell: str, base_dir: str, file: bool | None = None) -> str | None:
+    """The file a text cell names, or None when the cell is the text itself. `file` (the schema's): True, every
+    cell is a path; False, none is; unset, a cell is a path when it is one line ending in '.txt' that names an
+    existing file (a note such as '... see discharge.txt' stays a note)."""
+    if file is False:
+        return None
     name = cell.strip()
-    if not is_text_path(cell):
-        return cell
-    path = resolve(name, base_dir)
+    if file:
+        return resolve(name, base_dir)
+    if not is_text_path(name):
+        return None
+    # the OS resolves the joined path (resolve's normpath would turn 'see ../x.txt' into 'x.txt')
+    joined = os.path.join(os.path.expanduser(base_dir), os.path.expanduser(name))
+    return resolve(name, base_dir) if os.path.isfile(joined) else None
+
+
+def read_text(path: str) -> str:
+    """The contents of a UTF-8 text file."""
     if not os.path.isfile(path):
         raise ReadError("file not found")
     try:
@@ -60,11 +93,13 @@ def read_text(cell: str, base_dir: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: str, size: int, channels: int, window: tuple[float, float] | None = None) -> np.ndarray:
+def read_image(path: str, size: int, channels: int, window: tuple[float, float] | None = None,
+               max_pixels: int = 0) -> np.ndarray:
     """uint8 [size, size, channels]: the image scaled to fit, keeping its aspect ratio, centred on black.
 
     `channels` is 1 (grayscale) or 3 (RGB). `window` = (center, width) in modality units (e.g. Hounsfield) overrides a
-    DICOM file's own window; it does not apply to other formats.
+    DICOM file's own window; it does not apply to other formats. An image of more than `max_pixels` pixels (all
+    frames of a DICOM; 0: no cap) is refused from its header, before anything is decoded.
     """
     from PIL import Image, ImageOps
 
@@ -75,14 +110,47 @@ def read_image(path: str, size: int, channels: int, window: tuple[float, float] 
     if not os.path.isfile(path):
         raise ReadError("file not found")
     try:
-        img = _dicom_image(path, window) if _is_dicom(path) else _pillow_image(path)
-        img = img.convert("L" if channels == 1 else "RGB")
-        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color=0, centering=(0.5, 0.5))
+        with _pillow_unlimited():
+            if max_pixels:
+                width, height, frames = image_size(path)
+                if width * height * frames > max_pixels:
+                    shape = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
+                    raise ReadError(f"{width * height * frames} pixels ({shape}) are more than max_pixels={max_pixels} "
+                                    f"(0: no cap)")
+            img = _dicom_image(path, window) if _is_dicom(path) else _pillow_image(path)
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = ImageOps.pad(img, (size, size), method=Image.Resampling.BILINEAR, color=0, centering=(0.5, 0.5))
     except ReadError:
         raise
     except Exception as e:  # whatever the decoder raises, the file is unusable
         raise ReadError(f"cannot decode image ({type(e).__name__}: {e})") from e
     return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+
+
+def image_size(path: str) -> tuple[int, int, int]:
+    """(width, height, frames) from an image file's header; no pixel is decoded. Frames count for a DICOM, whose
+    pixel data pydicom reads whole; other formats are decoded at their first frame only (frames 1)."""
+    if _is_dicom(path):
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), int(ds.get("NumberOfFrames", 1) or 1)
+    from PIL import Image
+
+    with Image.open(path) as f:  # lazy: the header only
+        return f.size[0], f.size[1], 1
+
+
+@contextlib.contextmanager
+def _pillow_unlimited():
+    """Pillow's own decompression-bomb limit (89M pixels, an error at twice that) off: `max_pixels` is the one cap."""
+    from PIL import Image
+
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _is_dicom(path: str) -> bool:
@@ -99,8 +167,15 @@ def _pillow_image(path: str):
         img = ImageOps.exif_transpose(f)  # camera JPEGs store their rotation in EXIF; also loads the pixels
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit / float grayscale (common for X-ray PNGs): convert('L') would clip at 255, so stretch it instead.
-        img = Image.fromarray(_to_uint8(_min_max(np.asarray(img, dtype=np.float64))))
+        img = Image.fromarray(_to_uint8(_min_max(_finite(np.asarray(img, dtype=np.float64), "in the file"))))
     return img
+
+
+def _finite(x: np.ndarray, where: str) -> np.ndarray:
+    """`x`, or ReadError if any value is NaN or infinite (it would become black silently)."""
+    if not np.isfinite(x).all():
+        raise ReadError(f"non-finite pixel values {where} ({int((~np.isfinite(x)).sum())} of {x.size})")
+    return x
 
 
 def _pydicom_luts():
@@ -141,7 +216,9 @@ def _dicom_image(path: str, window: tuple[float, float] | None):
         rgb = arr if arr.dtype == np.uint8 else _to_uint8(_min_max(arr.astype(np.float64)))
         return Image.fromarray(rgb, "RGB")
 
-    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)  # stored values -> modality units (e.g. HU)
+    # stored values -> modality units (e.g. HU); a NaN RescaleSlope would give an all-black image
+    x = _finite(np.asarray(apply_modality_lut(arr, ds), dtype=np.float64), "after the modality LUT (RescaleSlope, "
+                "RescaleIntercept)")
     if window is not None:
         center, width = window
         x = (x - (center - width / 2)) / width
@@ -156,7 +233,7 @@ def _dicom_image(path: str, window: tuple[float, float] | None):
         x = (x - lo) / (hi - lo)
     else:
         x = _min_max(x)
-    x = np.clip(x, 0.0, 1.0)
+    x = np.clip(_finite(x, "after the modality LUT and the window (WindowCenter, WindowWidth)"), 0.0, 1.0)
     if photometric == "MONOCHROME1":  # MONOCHROME1 shows the lowest value as white
         x = 1.0 - x
     return Image.fromarray(_to_uint8(x), "L")

@@ -9,7 +9,8 @@ split: split              # optional column (train / validation / test); else by
 on_error: strict          # or skip: bad rows are left out and listed in skipped_rows.csv
 modalities:
   cxr:  {kind: image, column: image_path, size: 224, channels: 1, window: [40, 400]}  # PNG, JPG, DICOM
-  note: {kind: text, column: findings}                                 # inline text or a .txt path
+  note: {kind: text, column: findings}          # inline text, or the path of an existing .txt file (file: true:
+                                                 # every cell is a path; file: false: none is)
   labs: {kind: tabular, numeric: [wbc, crp, age], categorical: [sex, smoker], log: [crp]}
   ecg:  {kind: signal, column: ecg_path, rate: 100, seconds: 10, channels: 12}  # WAV, NPY, CSV, MAT, WFDB
 tasks:
@@ -35,7 +36,7 @@ from mmjax.data.spec import DataError
 _TOP = {"name", "id", "split", "on_error", "modalities", "tasks"}
 _MODALITY_KEYS = {
     "image": {"kind", "column", "size", "channels", "window"},
-    "text": {"kind", "column"},
+    "text": {"kind", "column", "file"},
     "tabular": {"kind", "numeric", "categorical", "log"},
     "signal": {"kind", "column", "rate", "seconds", "channels", "variable", "file_rate"},
 }
@@ -130,6 +131,9 @@ def _check_modality(name: str, m: dict, where: str) -> None:
             raise SchemaError(f"{where}: channels={m['channels']!r}; use 1 (grayscale) or 3 (RGB)")
         if not (isinstance(m["size"], int) and 8 <= m["size"] <= 2048):
             raise SchemaError(f"{where}: size={m['size']!r}; use an integer in 8..2048")
+    if kind == "text" and m.get("file") not in (None, True, False):
+        raise SchemaError(f"{where}: file={m['file']!r}; use true (every cell is a path), false (none is) or leave "
+                          f"it out (a cell naming an existing .txt file is a path)")
     if kind == "tabular":
         m["numeric"] = [str(c) for c in m.get("numeric") or []]
         m["categorical"] = [str(c) for c in m.get("categorical") or []]

@@ -48,7 +48,11 @@ def read_table(path: str):
         raise DataError(f"manifest {path}: file not found")
     try:
         if ext in (".csv", ".tsv", ".tab", ".txt"):
-            df = pd.read_csv(path, sep="\t" if ext in (".tsv", ".tab") else ",", dtype=str, keep_default_na=False)
+            sep = "\t" if ext in (".tsv", ".tab") else ","
+            # the header as written: pandas renames a repeated name ('age' -> 'age.1') when it reads the table
+            _check_unique(pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
+                          .iloc[0].tolist(), path)
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
         elif ext in (".jsonl", ".ndjson"):
             df = pd.read_json(path, lines=True, dtype=False)
         elif ext in (".parquet", ".pq"):
@@ -59,7 +63,16 @@ def read_table(path: str):
         raise
     except Exception as e:  # noqa: BLE001  (re-raised with the file named)
         raise DataError(f"manifest {path}: cannot read ({type(e).__name__}: {e})") from e
+    _check_unique([str(c) for c in df.columns], path)  # Parquet keeps repeated names as they are
     return df.apply(lambda col: col.map(_cell_text)) if len(df) else df.astype(str)
+
+
+def _check_unique(header: list, path: str) -> None:
+    """A column named twice is an error naming it (empty names, as trailing commas give, are not columns)."""
+    for name in dict.fromkeys(header):
+        if name and header.count(name) > 1:
+            raise DataError(f"manifest {path}: column {name!r} appears {header.count(name)} times in the header; "
+                            f"give each column its own name")
 
 
 LIST_SEPARATOR = "\x1f"  # joins a JSON/Parquet list cell; multilabel cells split on it too

@@ -131,6 +131,8 @@ def fit_metadata(train: dict, cfg: SyntheticPatientsConfig) -> dict:
     """The dataset's spec with preprocessing fitted on the training split only, plus the settings."""
     s = cfg.settings
     notes = [t for t in train["note"] if t]
+    # No text_min_patients rule (the manifest's): simulated notes name no one, and applying it (one note per
+    # patient here) would drop typos of 3-4 notes and change this version's vocabulary.
     tokenizer = WordPieceTokenizer.fit(notes)
     labs = train["labs"].astype(np.float64)
     log_scale = np.array([f.log_scale for f in FEATURES])
