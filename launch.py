@@ -34,6 +34,8 @@ _EXPLAIN = flags.DEFINE_integer("explain", 4, "evaluate: integrated gradients (a
 _MANIFEST = flags.DEFINE_string("manifest", None, "predict: new patients' manifest, in the run's schema.")
 _SCHEMA = flags.DEFINE_string("schema", None, "predict: the schema (default: the copy in the workdir).")
 _ON_ERROR = flags.DEFINE_enum("on_error", None, ["strict", "skip"], "predict: bad rows (default: the schema's).")
+_ALLOWED_ROOTS = flags.DEFINE_string("allowed_roots", "", "predict: comma-separated folders the manifest's files may "
+                                     "be read from (default: the manifest's folder).")
 _PREDICTIONS = flags.DEFINE_string("output", None, "predict: the CSV (default WORKDIR/predict/predictions.csv).")
 _SHAPLEY = flags.DEFINE_bool("shapley", True, "predict: the top modality by exact Shapley value (2^M passes).")
 _CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scaled probabilities (fitted on "
@@ -80,6 +82,7 @@ def main(argv):
             raise app.UsageError("--mode=predict needs --manifest")
         run = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
         out = predict(run, _MANIFEST.value, _PREDICTIONS.value, schema=_SCHEMA.value, on_error=_ON_ERROR.value,
+                      allowed_roots=_ALLOWED_ROOTS.value,
                       calibrated=_CALIBRATED.value, shapley=_SHAPLEY.value)
         unseen = sum(n for cols in out["unseen_categories"].values() for n in cols.values())
         print(f"Predicted {out['kept']} of {out['rows']} rows with checkpoint step {run.step} ({run.chosen}); "
