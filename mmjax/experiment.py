@@ -44,6 +44,7 @@ SPEC_FILE = "dataset_spec.json"  # modalities, statistics, vocabularies, tasks: 
 SCHEMA_FILE = "schema.yaml"  # a manifest run's schema (predict reads new patients in it)
 RESULTS_FILE = "results.json"  # the final validation and test metrics and the run's costs
 CHECKPOINTS = "checkpoints"
+CONFIG_HISTORY = "configs"  # configs/from_step_<N>.json: the config of each start (or resume) of the run
 EVAL_DIR = "eval"  # eval/<split>.json, <split>_predictions.npz, <split>_robustness.json, ...
 SMALL_SPLIT = 50  # evaluation splits below this many rows get a note at the start of training
 
@@ -266,12 +267,18 @@ class Experiment:
     def save(self) -> None:
         """Writes the config, the dataset spec and (manifest datasets) the schema to the workdir."""
         os.makedirs(self.workdir, exist_ok=True)
-        with open(self.path(CONFIG_FILE), "w") as f:
-            f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+        self.save_config(CONFIG_FILE)
         self.spec.save(self.path(SPEC_FILE))
         schema = getattr(getattr(self._builder, "builder_config", None), "schema", None)
         if schema is not None:
             shutil.copyfile(schema.path, self.path(SCHEMA_FILE))
+
+    def save_config(self, name: str) -> None:
+        """The config as JSON in the workdir's file `name`."""
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
 
     def best_step(self) -> tuple[int, str]:
         """(step, how it was chosen): the best checkpoint by validation `best_metric`, else the latest."""
@@ -280,12 +287,16 @@ class Experiment:
 
     def restore_params(self, step: int | None = None) -> tuple[dict, int, str]:
         """(params, step, how it was chosen) of the workdir's checkpoint `step` (default: the best)."""
-        chosen = "--step"
-        if step is None:
+        chosen, fallbacks = "--step", ()
+        if step is None:  # the best; an unreadable checkpoint falls back to the next best, or the newest
             step, chosen = self.best_step()
-        params, step = checkpoint.restore_params(self.workdir, self.abstract_params(), step=step,
-                                                 label="evaluating the checkpoints of ")
-        return params, int(step), chosen
+            fallbacks = checkpoint.ranked_steps(self.workdir, self.config.best_metric,
+                                                lower_is_better(self.config.best_metric))
+        params, read = checkpoint.restore_params(self.workdir, self.abstract_params(), step=step,
+                                                 label="evaluating the checkpoints of ", fallbacks=fallbacks)
+        if read != step:
+            chosen = f"step {step} cannot be read; the next by the same rule"
+        return params, int(read), chosen
 
 
 def task_weighting(config) -> losses.TaskWeighting:

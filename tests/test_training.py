@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax.console import ConfigError
 from mmjax.data import pipeline, sources
 from mmjax.experiment import Experiment
 from mmjax.training import checkpoint, parallel
@@ -585,3 +587,168 @@ def test_evaluating_a_step_that_was_not_saved_lists_the_saved_ones(uninterrupted
     saved = sorted(int(d) for d in os.listdir(os.path.join(src, "checkpoints")) if d.isdigit())
     with pytest.raises(UserError, match=re.escape(f"no checkpoint of step 1000; the steps saved are {saved}")):
         Predictor.from_workdir(src, step=1000)
+
+
+# ------------------------------------------------------------------------ faults: checkpoints and resume
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def _truncate_data_files(step_dir):
+    """Truncates every OCDBT data file of a checkpoint's state to half (a disk fault, a partial copy)."""
+    files = [p for p in pathlib.Path(step_dir, "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+
+
+class _FailingIterator:
+    """A training iterator that raises on its `fail_at`-th batch (a crash between checkpoints)."""
+
+    def __init__(self, inner, fail_at):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected fault")
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_a_non_finite_state_is_never_saved(tiny_builder, tmp_path):
+    """The reproduction: learning rate 1e38, logs and evaluations every 10 steps, checkpoints every 3,
+    keep 2. Before the fix the checkpoints of steps 3 and 6 held NaN parameters and rotated out every
+    good one."""
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.optimizer.learning_rate = 1e38
+    config.train.update(num_steps=20, log_every=10, eval_every=10, checkpoint_every=3, keep_checkpoints=2)
+    with pytest.raises(checkpoint.NonFiniteState, match=r"non-finite .*at step [1-3]\b.*no checkpoint"):
+        train_and_evaluate(config, str(tmp_path))
+    assert _steps(tmp_path) == []
+
+
+def test_after_a_nan_or_a_corrupt_checkpoint_the_last_good_one_is_the_resume_point(uninterrupted, tmp_path,
+                                                                                    caplog):
+    config, a, _ = uninterrupted
+    config = config.copy_and_resolve_references()
+    b = str(tmp_path / "b")
+    config.train.stop_at_step = 4
+    train_and_evaluate(config, b)  # checkpoints 2 and 4, finite
+    config.train.stop_at_step = 0
+    bad = config.copy_and_resolve_references()
+    bad.loss.weights = "diagnosis=1.0,severity=inf,mortality=0.5"  # the loss is inf from step 5 on
+    bad.allow_config_change = True
+    with pytest.raises(checkpoint.NonFiniteState, match=r"at step 5.*the last checkpoint, step 4"):
+        train_and_evaluate(bad, b)
+    assert _steps(b) == [2, 4]
+    # the reproduction: the latest checkpoint's data files truncated; the relaunch (the sane config again)
+    # resumes from the previous one and ends as the uninterrupted run
+    _truncate_data_files(os.path.join(b, "checkpoints", "4"))
+    config.allow_config_change = True
+    assert train_and_evaluate(config, b)["run"]["steps_run"] == 5  # from step 2
+    assert "checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
+    assert os.path.isdir(os.path.join(b, "checkpoints.unreadable", "4"))  # set aside, not deleted
+    jax.tree.map(np.testing.assert_array_equal, _final_params(a)[0], _final_params(b)[0])
+    events = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    train_steps = [e["step"] for e in events if e["event"] == "train"]
+    assert train_steps == sorted(set(train_steps)) == [3, 6, 7]  # step 3 trained twice, written once
+
+
+def test_evaluation_falls_back_from_an_unreadable_best_checkpoint(uninterrupted, tmp_path):
+    _, a, _ = uninterrupted
+    c = str(tmp_path / "c")
+    shutil.copytree(a, c)
+    _truncate_data_files(os.path.join(c, "checkpoints", "7"))  # the best (the only one evaluated)
+    exp = Experiment.from_workdir(c)
+    _, step, chosen = exp.restore_params()
+    assert step == 6 and "step 7 cannot be read" in chosen
+    with pytest.raises(Exception, match="OUT_OF_RANGE|[Tt]runcat|[Cc]orrupt|[Ee]rror reading"):  # noqa: B017
+        exp.restore_params(step=7)  # an explicit --step does not fall back
+
+
+def test_a_resume_with_another_config_is_refused_before_anything_is_written(uninterrupted, tiny_builder,
+                                                                          tmp_path):
+    _, a, _ = uninterrupted
+    b = str(tmp_path / "b")
+    shutil.copytree(a, b)
+    before = {p: p.stat().st_mtime_ns for p in pathlib.Path(b).rglob("*")}
+    # the reproduction: the smoke variant's workdir relaunched with the default experiment
+    config = smoke_config(tiny_builder, None)
+    with pytest.raises(ConfigError, match=r"holds checkpoints \(steps \[6, 7\]\) of a run with another config: "
+                                          r".*model\.width: 32 -> 64.*allow_config_change=True"):
+        train_and_evaluate(config, b)
+    assert {p: p.stat().st_mtime_ns for p in pathlib.Path(b).rglob("*")} == before
+
+
+def test_a_resume_on_other_data_is_refused_and_each_config_is_kept(uninterrupted, tmp_path):
+    config, a, _ = uninterrupted
+    config = config.copy_and_resolve_references()
+    b = str(tmp_path / "b")
+    config.train.stop_at_step = 3
+    train_and_evaluate(config, b)
+    spec = json.loads(pathlib.Path(b, "dataset_spec.json").read_text())
+    spec["split_sizes"]["train"] += 1  # as if the dataset had been rebuilt with other fractions
+    pathlib.Path(b, "dataset_spec.json").write_text(json.dumps(spec))
+    config.train.stop_at_step = 5  # a key a resume may change
+    with pytest.raises(ConfigError, match=r"prepared dataset differs .*\(in split_sizes\)"):
+        train_and_evaluate(config, b)
+    pathlib.Path(b, "dataset_spec.json").write_text(json.dumps({**spec, "split_sizes": {
+        **spec["split_sizes"], "train": spec["split_sizes"]["train"] - 1}}))
+    config.optimizer.learning_rate *= 0.5
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rate"):
+        train_and_evaluate(config, b)
+    config.allow_config_change = True
+    assert train_and_evaluate(config, b) == {"stopped_at_step": 5}
+    kept = {p.name: json.loads(p.read_text())["optimizer"]["learning_rate"]
+            for p in pathlib.Path(b, "configs").iterdir()}
+    lr = config.optimizer.learning_rate
+    assert kept == {"from_step_0.json": lr * 2, "from_step_3.json": lr}
+
+
+def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_step(uninterrupted, tmp_path,
+                                                                                    monkeypatch):
+    config, a, _ = uninterrupted
+    b = str(tmp_path / "b")
+    loader = Experiment.train_loader
+    # the 4th batch fails: step 3 was logged (log_every=3), step 2 was the last checkpoint
+    monkeypatch.setattr(Experiment, "train_loader",
+                        lambda self, *args: _FailingIterator(iter(loader(self, *args)), fail_at=4))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train_and_evaluate(config, b)
+    monkeypatch.undo()
+    names = os.listdir(os.path.join(b, "checkpoints"))
+    assert not [n for n in names if "tmp" in n], names
+    assert _steps(b) == [2]  # committed, none half-written
+    train_and_evaluate(config, b)
+    events = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    assert [e["step"] for e in events if e["event"] == "train"] == [3, 6, 7]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(a)[0], _final_params(b)[0])
+
+
+def test_pmap_draws_other_dropout_masks_on_each_device(tiny_builder, tiny_spec):
+    """The reproduction: on 2 devices pmap's modality-dropout keep matrices were equal row by row, as
+    the step folded only the step number into the key. The dropout key now folds in the device index;
+    the key that must agree across devices (PCGrad's projection order) does not."""
+    from mmjax.training.step import step_keys
+
+    state = _setup(tiny_builder, tiny_spec)[4]
+    keys = jax.pmap(lambda s: step_keys(s, "data"), axis_name="data")(parallel.replicate(jax.device_get(state)))
+    shared, dropout = (np.asarray(jax.random.key_data(k)) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key)
+                       else np.asarray(k) for k in keys)
+    assert len({tuple(k.ravel()) for k in dropout}) == 8  # one dropout key per device
+    assert len({tuple(k.ravel()) for k in shared}) == 1
+    one_shared, one_dropout = step_keys(state)  # jitted over a mesh: one key, as before
+    np.testing.assert_array_equal(one_shared, one_dropout)
+    np.testing.assert_array_equal(shared[0], np.asarray(one_shared))

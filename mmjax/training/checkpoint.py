@@ -16,13 +16,18 @@ Everything not named keeps its fresh initialization; the source's other subtrees
 from __future__ import annotations
 
 import functools
+import gc
+import logging as std_logging
 import os
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from mmjax.console import UserError, quiet_absl
 from mmjax.training.state import TrainState
@@ -89,18 +94,122 @@ def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool
     return int(step), how
 
 
+class NonFiniteState(FloatingPointError, UserError):
+    """The state to save holds NaN or infinity: it is not saved, and the last good checkpoint stays
+    the one a relaunch resumes from."""
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point array of `tree` is finite: one reduction on the devices, one
+    boolean to the host."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def ranked_steps(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> list[int]:
+    """Every checkpoint's step, best first by the validation `metric` stored with it, then the rest
+    newest first: the order evaluation falls back in when a checkpoint cannot be read."""
+    directory = checkpoint_directory(directory)
+    rank = _best_fn(metric, lower_is_better)
+    with _open_read_only(directory, {}, item_names=("state", "data")) as manager:
+        steps = sorted(manager.all_steps(), reverse=True)
+        scored = {s: manager.metrics(s) for s in steps}
+    with_metric = sorted((s for s in steps if scored[s] and metric in scored[s]), key=lambda s: -rank(scored[s]))
+    return with_metric + [s for s in steps if s not in with_metric]
+
+
 def save(manager, step: int, state: TrainState, data_state: dict | None, metrics: dict | None = None,
          force: bool = False) -> bool:
+    """Saves asynchronously when the manager's interval (or `force`) says so; a non-finite state is
+    never saved (`NonFiniteState`), so that it cannot rotate good checkpoints out."""
+    if not (force or manager.should_save(step)):
+        return False
+    if not bool(all_finite(state)):
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        resume = (f"the last good checkpoint, step {last}, stays the one a relaunch resumes from" if last is not None
+                  else "no checkpoint was saved before it")
+        raise NonFiniteState(f"the parameters or optimizer state at step {step} are not finite (NaN or inf): not "
+                             f"saved; {resume}. A learning rate too high is the usual cause")
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
-    return manager.save(step, args=args, metrics=metrics, force=force)
+    with quiet_absl():  # without metrics (no evaluation at this step) Orbax warns at every save
+        return manager.save(step, args=args, metrics=metrics, force=force)
 
 
-def restore(manager, abstract_state: TrainState, step: int | None = None):
-    """(state, data_state) from `step` (default: the latest)."""
-    step = manager.latest_step() if step is None else step
+def _restore(manager, abstract_state: TrainState, step: int):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+
+def restore(manager, abstract_state: TrainState, step: int | None = None):
+    """(state, data_state) from `step`, else from the latest checkpoint that can be read.
+
+    A checkpoint that cannot be read (a truncated or corrupt file) while an earlier one can is moved
+    aside to `<checkpoints>.unreadable/<step>` with a warning naming it, and the earlier one is
+    restored; training then saves that step anew. When no checkpoint can be read, the newest one's
+    error is raised and nothing is moved (the cause is then not one file, e.g. another model)."""
+    if step is not None:
+        return _restore(manager, abstract_state, step)
+    unreadable = []
+    for s in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = _restore(manager, abstract_state, s)
+        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
+            _collect_failed_read()
+            unreadable.append((s, e))
+            continue
+        for bad, error in unreadable:
+            _set_aside(manager, bad, error, instead=s)
+        if unreadable:
+            manager.reload()
+        return restored
+    if unreadable:
+        raise unreadable[0][1]
+    raise FileNotFoundError(f"{manager.directory}: no checkpoint found")
+
+
+def _set_aside(manager, step: int, error: Exception, instead: int) -> None:
+    directory = os.fspath(manager.directory)
+    aside = os.path.join(f"{directory}.unreadable", str(step))
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    if os.path.exists(aside):
+        aside += f".{int(time.time())}"
+    os.replace(os.path.join(directory, str(step)), aside)
+    logging.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, resuming from step %d",
+                    step, directory, type(error).__name__, _first_line(error), aside, instead)
+
+
+def _collect_failed_read() -> None:
+    """The aftermath of a failed read, kept off the console: Orbax leaves the futures of the other
+    arrays holding their errors (collected later, each would log a traceback: collected now, without
+    the log), and TensorStore's threads, finishing those reads after Orbax closed its event loop,
+    raise "Event loop is closed" once per array (dropped by `_drop_closed_loop_errors`)."""
+    _drop_closed_loop_errors()
+    logger = std_logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(std_logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        logger.setLevel(level)
+
+
+@functools.cache  # a process-wide hook: installed once, on the first failed read
+def _drop_closed_loop_errors() -> None:
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def parse_subtrees(spec: str) -> dict[str, str]:
@@ -131,9 +240,10 @@ def checkpoint_directory(directory: str) -> str:
 
 
 def restore_params(directory: str, params, step: int | None = None, subtrees: Mapping[str, str] | None = None,
-                   label: str = "init_from="):
+                   label: str = "init_from=", fallbacks: Sequence[int] = ()):
     """(params, step): `params` with subtrees replaced by another run's (`init_from`), from its latest
-    checkpoint or `step`.
+    checkpoint or `step`; when that checkpoint cannot be read (a corrupt file), from the first of
+    `fallbacks` that can, with a warning naming the unreadable one.
 
     `subtrees` maps top-level names of `params` to top-level names in the checkpoint ({} or None:
     all of them, and then the two trees must have the same names). Only the named subtrees are read
@@ -151,22 +261,53 @@ def restore_params(directory: str, params, step: int | None = None, subtrees: Ma
         if step not in manager.all_steps():
             raise UserError(f"{label}{directory}: no checkpoint of step {step}; the steps saved are "
                             f"{sorted(manager.all_steps())}")
-        where = f"{label}{directory} step {step}"
-        saved = manager.item_metadata(step)["state"]  # names, shapes and dtypes; no array is read
-        saved = getattr(saved, "tree", saved)["params"]
         pairs = dict(subtrees) if subtrees else {name: name for name in params}
-        _check_subtrees(where, params, saved, pairs, everything=not subtrees)
-        wanted = {"params": {source: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[source])
-                             for source in set(pairs.values())}}
-        # numpy: independent of the devices the source was saved from; partial_restore: orbax >= 0.11.16
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            wanted, restore_args=as_numpy, partial_restore=True)))
-    loaded = restored["state"]["params"]
+        candidates = [step, *(s for s in fallbacks if s != step)]
+        for i, s in enumerate(candidates):
+            after = candidates[i + 1] if i + 1 < len(candidates) else None
+            saved = _or_warn(lambda s=s: _saved_params(manager, s), s, directory, after)
+            if saved is None:
+                continue
+            _check_subtrees(f"{label}{directory} step {s}", params, saved, pairs, everything=not subtrees)
+            loaded = _or_warn(lambda s=s, saved=saved: _read_params(manager, s, saved, pairs), s, directory, after)
+            if loaded is not None:
+                step = s
+                break
     out = dict(params)
     for target, source in pairs.items():
         out[target] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), params[target], loaded[source])
     return out, step
+
+
+def _or_warn(read, step: int, directory: str, after: int | None):
+    """`read()`, or None with a warning when checkpoint `step` cannot be read and `after` is the step
+    to try next (the error itself when there is none)."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
+        _collect_failed_read()
+        if after is None:
+            raise
+        logging.warning("checkpoint step %d in %s cannot be read (%s: %s); using step %d instead",
+                        step, directory, type(e).__name__, _first_line(e), after)
+        return None
+
+
+def _saved_params(manager, step: int):
+    """The names, shapes and dtypes of checkpoint `step`'s parameters; no array is read."""
+    saved = manager.item_metadata(step)["state"]
+    return getattr(saved, "tree", saved)["params"]
+
+
+def _read_params(manager, step: int, saved, pairs: dict) -> dict:
+    """The source subtrees of `pairs` from checkpoint `step` (`saved`: its parameters' metadata)."""
+    wanted = {"params": {source: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[source])
+                         for source in set(pairs.values())}}
+    # numpy: independent of the devices the source was saved from; partial_restore: orbax >= 0.11.16
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        wanted, restore_args=as_numpy, partial_restore=True)))
+    return restored["state"]["params"]
 
 
 def _check_subtrees(where: str, params, saved, pairs: dict, everything: bool) -> None:

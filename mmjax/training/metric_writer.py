@@ -10,6 +10,8 @@ import time
 
 import jax
 
+from mmjax.config import flatten
+
 
 def _fmt_seconds(s: float) -> str:
     if not math.isfinite(s):
@@ -19,17 +21,25 @@ def _fmt_seconds(s: float) -> str:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, total_steps: int, batch_size: int):
+    """`resume_step`: the step a run (re)starts from. What an earlier attempt logged after it (steps
+    that are trained again, the final evaluation that is made again) is dropped from `metrics.jsonl`
+    and hidden in TensorBoard, so that no step is written twice."""
+
+    def __init__(self, workdir: str, total_steps: int, batch_size: int, resume_step: int = 0):
         self.active = jax.process_index() == 0
         self.total_steps = total_steps
         self.batch_size = batch_size
         self._last = None  # (time, step) of the last progress line
         if self.active:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+            path = os.path.join(workdir, "metrics.jsonl")
+            if os.path.exists(path):  # an earlier attempt (0: one killed before its first checkpoint)
+                _drop_after(path, resume_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=resume_step + 1)
 
     def write(self, event: str, step: int, values: dict) -> None:
         """One JSON object per event: {"event", "step", "time", **values}; scalars to TensorBoard."""
@@ -38,7 +48,7 @@ class MetricWriter:
         record = {"event": event, "step": int(step), "time": round(time.time(), 3), **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        for k, v in _flatten(values).items():
+        for k, v in flatten(values, sep="/").items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(f"{event}/{k}", v, int(step))
         self._tb.flush()
@@ -85,12 +95,21 @@ class MetricWriter:
             self._tb.close()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+def _drop_after(path: str, step: int) -> None:
+    """Rewrites `metrics.jsonl` without the records that a run resumed at `step` writes again: those of
+    later steps, and the end-of-run events (test, run) of `step` itself. A torn last line (the process
+    was killed while writing it) goes too."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            s = record.get("step", 0)
+            if s < step or (s == step and record.get("event") in ("train", "validation")):
+                kept.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

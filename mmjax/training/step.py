@@ -71,6 +71,15 @@ def make_loss_fn(model, tasks: Sequence[TaskSpec], loss_weights=None, axis_name:
                      focal_gamma, focal_alpha)[0]
 
 
+def step_keys(state: TrainState, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """(the step's key, the same on every device; the key of the model's dropout and modality dropout).
+    Under pmap (`axis_name`) each device holds other examples, so the dropout key folds in the device's
+    index: otherwise every device would draw the same masks, row by row. Jitted over a mesh the model
+    draws for the global batch at once, and the two keys are one."""
+    key = jax.random.fold_in(state.rng, state.step)
+    return key, (jax.random.fold_in(key, jax.lax.axis_index(axis_name)) if axis_name else key)
+
+
 def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
                     num_shards: int = 1, modality_heads_weight: float = 0.0, class_weights=None,
                     task_weighting: losses.TaskWeighting | str = "fixed", focal_gamma: float = 0.0,
@@ -85,14 +94,14 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
                                     class_weights, focal_gamma, focal_alpha)
 
     def train_step(state: TrainState, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+        key, rng = step_keys(state, axis_name)
         extra = {}
         if weighting.kind == "pcgrad":
             terms, task_vjp, per_task = jax.vjp(lambda p: objectives(p, batch, rng), state.params, has_aux=True)
             (task_grads,) = jax.vmap(task_vjp)(jnp.eye(len(tasks), dtype=terms.dtype))  # leaves [K, ...]
             terms, per_task, task_grads = reduce(terms), reduce(per_task), reduce(task_grads)
             # The projection order comes from the step's key, folded apart from dropout's use of it.
-            grads, extra["pcgrad_conflicts"] = losses.pcgrad(task_grads, jax.random.fold_in(rng, 0x5C),
+            grads, extra["pcgrad_conflicts"] = losses.pcgrad(task_grads, jax.random.fold_in(key, 0x5C),
                                                               losses.shared_parameters(state.params))
             loss = jnp.sum(terms)
         else:

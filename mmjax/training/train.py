@@ -13,10 +13,13 @@ config is described in `experiments/common.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -24,12 +27,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from mmjax.config import lower_is_better, metric_value
-from mmjax.data.spec import truncation
+from mmjax.config import RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
+from mmjax.console import ConfigError
+from mmjax.data.spec import DatasetSpec, truncation
 from mmjax.evaluation import records
 from mmjax.evaluation.format import format_intervals
 from mmjax.evaluation.predictor import Predictor
-from mmjax.experiment import CHECKPOINTS, RESULTS_FILE, Experiment, check_divisible
+from mmjax.experiment import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    CONFIG_HISTORY,
+    RESULTS_FILE,
+    SPEC_FILE,
+    Experiment,
+    check_divisible,
+)
 from mmjax.metrics import tasks as task_metrics
 from mmjax.training import checkpoint, parallel
 from mmjax.training.metric_writer import MetricWriter
@@ -95,8 +107,11 @@ def init_or_restore(config, workdir: str) -> Run:
     strategy = parallel.make_strategy(config.parallel)
     is_main = jax.process_index() == 0
     check_divisible(config)
+    resuming = check_resume(config, workdir)  # before the data is prepared or anything written
     exp = Experiment.from_config(config, workdir)
     exp.check()  # config errors and warnings before anything is written or compiled
+    if resuming:
+        check_same_dataset(exp)
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         exp.save()  # config, dataset spec (what evaluation and prediction need), a manifest's schema
@@ -126,10 +141,67 @@ def init_or_restore(config, workdir: str) -> Run:
         raise
     state = strategy.place(state)
     train_step = strategy.train_step(lambda axis, shards: exp.train_step(axis_name=axis, num_shards=shards))
-    writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size)
     start = int(jax.device_get(strategy.host_state(state).step))
+    if is_main:  # each config that trains a stretch of steps is kept
+        exp.save_config(os.path.join(CONFIG_HISTORY, f"from_step_{start}.json"))
+    writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size, resume_step=start)
     return Run(exp, workdir, strategy, state, train_iter, manager, train_step, strategy.predictor(exp.eval_step()),
                writer, validate, start, int(n_params))
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    directory = os.path.join(workdir, CHECKPOINTS)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def check_resume(config, workdir: str) -> bool:
+    """True when `workdir` holds checkpoints to resume. Their run's config (`config.json`) must equal
+    `config` but for `RESUME_MAY_CHANGE` (how long to train, what to log and keep); otherwise a
+    `ConfigError` lists what differs and what to do, before anything is prepared or written,
+    unless `--config.allow_config_change=True` (then a warning lists it)."""
+    steps = _checkpoint_steps(workdir)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not steps or not os.path.exists(path):
+        return bool(steps)
+    with open(path) as f:
+        before = json.load(f)
+    now = json.loads(config.to_json_best_effort())
+    differ = config_differences(before, now, RESUME_MAY_CHANGE, new_keys=False)
+    if not differ:
+        return True
+    flat_before, flat_now = flatten(before), flatten(now)
+    listed = "; ".join(f"{k}: {flat_before.get(k, '(none)')!r} -> {flat_now.get(k, '(none)')!r}" for k in differ[:8])
+    more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+    if not config.get("allow_config_change", False):
+        raise ConfigError(f"{workdir} holds checkpoints (steps {steps}) of a run with another config: {listed}{more}. "
+                          "Train in another --workdir, or resume this run with the new values by "
+                          "--config.allow_config_change=True")
+    print(f"Warning: resuming {workdir} with a changed config (allow_config_change): {listed}{more}", flush=True)
+    return True
+
+
+def check_same_dataset(exp: Experiment) -> None:
+    """A resumed run must read the dataset its checkpoints were trained on: the dataset spec it saved
+    (split sizes, modalities with their statistics and vocabularies, tasks) equals the prepared
+    one's, unless `--config.allow_config_change=True`."""
+    path = exp.path(SPEC_FILE)
+    if not os.path.exists(path):
+        return
+    before, now = DatasetSpec.load(path).to_metadata(), exp.spec.to_metadata()
+    differ = [k for k in now if k != "modalities" and k != "tasks" and before.get(k) != now[k]]
+    for group in ("modalities", "tasks"):
+        old, new = ({d["name"]: d for d in md.get(group, [])} for md in (before, now))
+        differ += [f"{group[:-1] if group == 'tasks' else 'modality'} {n!r}" for n in sorted(set(old) | set(new))
+                   if old.get(n) != new.get(n)]
+    if not differ:
+        return
+    message = (f"{exp.workdir}: the prepared dataset differs from the one its checkpoints were trained on "
+               f"(in {', '.join(differ)})")
+    if not exp.config.get("allow_config_change", False):
+        raise ConfigError(message + ". Train in another --workdir, or resume on the new data by "
+                          "--config.allow_config_change=True")
+    print(f"Warning: {message}; resuming anyway (allow_config_change)", flush=True)
 
 
 def _restore_or_warm_start(config, workdir, state, train_iter, manager, strategy, n_params):
@@ -161,14 +233,19 @@ def _metrics_on(run: Run, split: str) -> tuple:
     return task_metrics.compute_metrics(*collected[:3], run.exp.tasks), collected
 
 
-def _fetch(pending) -> list[dict]:
-    """The pending steps' metrics (one host sync per log interval); fails on non-finite values."""
+def _fetch(pending, manager) -> list[dict]:
+    """The pending steps' metrics (one host sync per log interval); fails on non-finite values,
+    naming the first step that had them and the checkpoint a relaunch resumes from."""
     values = []
     for s, m in jax.device_get(pending):
         m = {k: float(np.mean(v)) for k, v in m.items()}  # pmap metrics carry a device axis
         bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
         if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {s}: {bad}; stopping the run")
+            manager.wait_until_finished()
+            last = manager.latest_step()
+            resume = f"the last checkpoint, step {last}, was saved before it" if last is not None else "no checkpoint"
+            raise checkpoint.NonFiniteState(f"non-finite {', '.join(bad)} at step {s}: {bad}; stopping the run "
+                                            f"({resume}). A learning rate too high is the usual cause")
         values.append(m)
     return values
 
@@ -196,7 +273,7 @@ def fit(run: Run) -> dict:
             run.writer.reset_clock(step)
         last = step in (num_steps, stop_at)
         if step % c.train.log_every == 0 or last or step % c.train.eval_every == 0:
-            values, pending = _fetch(pending), []
+            values, pending = _fetch(pending, run.manager), []
             mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
             rates = run.writer.progress(step, mean["loss"])
             run.writer.write("train", step, {**mean, **rates, "learning_rate": run.exp.learning_rate(step - 1)})
@@ -209,8 +286,12 @@ def fit(run: Run) -> dict:
             run.writer.reset_clock(step)
         if step % c.train.checkpoint_every == 0 or last:
             metric = {c.best_metric: metric_value(val, c.best_metric)} if val else None
-            checkpoint.save(run.manager, step, run.strategy.host_state(run.state), run.train_iter.get_state(),
-                            metric, force=last)
+            try:  # a non-finite state is never saved
+                checkpoint.save(run.manager, step, run.strategy.host_state(run.state), run.train_iter.get_state(),
+                                metric, force=last)
+            except checkpoint.NonFiniteState:
+                _fetch(pending, run.manager)  # names the first step whose loss went non-finite, if one did
+                raise
     run.manager.wait_until_finished()
     return {"step": step, "validation": validation, "wall_seconds": time.perf_counter() - start,
             "data_wait": data_wait, "first_step_s": first_step_s,
@@ -276,13 +357,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     compile_counter()
     run = init_or_restore(config, workdir)
     try:
-        loop = fit(run)
-        if loop["step"] < config.train.num_steps:  # stopped early on purpose (train.stop_at_step)
-            return {"stopped_at_step": loop["step"]}
-        return finish(run, loop)
-    finally:
+        with _sigterm_as_exit():
+            loop = fit(run)
+            if loop["step"] < config.train.num_steps:  # stopped early on purpose (train.stop_at_step)
+                return {"stopped_at_step": loop["step"]}
+            return finish(run, loop)
+    finally:  # an error or a SIGTERM: the checkpoint being written is finished, not left half-written
         run.writer.close()
         run.manager.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (a scheduler's preemption, `kill`) as SystemExit(143) inside the block, so that the
+    `finally` above commits the asynchronous save in flight; the previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _cache_size(fn) -> int:
