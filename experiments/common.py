@@ -112,6 +112,8 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from
     c.init_params = ""  # subtrees to take from init_from: 'image_encoder' or 'xray_encoder=image_encoder,...'; '': all
     c.best_metric = "macro_auroc"  # validation metric that picks the kept best checkpoint ('task.metric' too)
+    # resuming a workdir with another config (beyond mmjax.config.RESUME_MAY_CHANGE) is refused unless True
+    c.allow_config_change = False
     return c
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # Settings no result depends on: a sweep (`mmjax/training/sweep.py`) reads back a finished run whatever
 # its value of them.
-NO_RESULT_DEPENDS = frozenset({"train.figures"})
+NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change"})
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
 # prepared data lies), and prefixes of such groups; any other difference from the config that trained

@@ -277,8 +277,9 @@ class Experiment:
         """The config as JSON in the workdir's file `name`."""
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # replaced whole: another process may be reading it
             f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+        os.replace(path + ".tmp", path)
 
     def best_step(self) -> tuple[int, str]:
         """(step, how it was chosen): the best checkpoint by validation `best_metric`, else the latest."""

@@ -656,7 +656,7 @@ def test_after_a_nan_or_a_corrupt_checkpoint_the_last_good_one_is_the_resume_poi
     # the reproduction: the latest checkpoint's data files truncated; the relaunch (the sane config again)
     # resumes from the previous one and ends as the uninterrupted run
     _truncate_data_files(os.path.join(b, "checkpoints", "4"))
-    config.allow_config_change = True
+    # no flag needed: the failed attempt (from_step_4.json) trained nothing, the checkpoints are the sane config's
     assert train_and_evaluate(config, b)["run"]["steps_run"] == 5  # from step 2
     assert "checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
     assert os.path.isdir(os.path.join(b, "checkpoints.unreadable", "4"))  # set aside, not deleted
@@ -690,6 +690,13 @@ def test_a_resume_with_another_config_is_refused_before_anything_is_written(unin
                                           r".*model\.width: 32 -> 64.*allow_config_change=True"):
         train_and_evaluate(config, b)
     assert {p: p.stat().st_mtime_ns for p in pathlib.Path(b).rglob("*")} == before
+    config = uninterrupted[0].copy_and_resolve_references()
+    config.model.width = 64
+    config.lock()  # as --config.allow_config_change=True sets it: the key must exist
+    config.allow_config_change = True
+    with pytest.raises(ValueError, match=r"checkpoint step 7 .* holds another model's state"):
+        train_and_evaluate(config, b)  # allowed, but another model cannot restore: an error, nothing set aside
+    assert _steps(b) == [6, 7] and not os.path.exists(os.path.join(b, "checkpoints.unreadable"))
 
 
 def test_a_resume_on_other_data_is_refused_and_each_config_is_kept(uninterrupted, tmp_path):
@@ -732,8 +739,10 @@ def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_
     assert not [n for n in names if "tmp" in n], names
     assert _steps(b) == [2]  # committed, none half-written
     train_and_evaluate(config, b)
+    train_and_evaluate(config, b)  # a finished run relaunched evaluates again: its records are written once
     events = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
     assert [e["step"] for e in events if e["event"] == "train"] == [3, 6, 7]
+    assert [e["event"] for e in events].count("test") == [e["event"] for e in events].count("run") == 1
     jax.tree.map(np.testing.assert_array_equal, _final_params(a)[0], _final_params(b)[0])
 
 

@@ -14,7 +14,7 @@ overrides after `--`), kills it with SIGKILL at one of three moments, in turn:
     random      at a uniformly random moment of the uninterrupted run's wall time (start-up, data,
                 compilation, steps, the final evaluation)
 
-then relaunches the same command until it finishes, and compares: the final parameters bitwise with
+then relaunches the same command once, to the end, and compares: the final parameters bitwise with
 the uninterrupted run's, the test metrics in `results.json`, and `metrics.jsonl` (no step written
 twice). It prints a line per trial and "K of N trials ended bitwise equal to the uninterrupted
 run", and writes `W/fault_injection.json`. Exit status 1 when a trial differs.
@@ -87,6 +87,8 @@ def _saving(workdir: str) -> bool:
 
 
 def _evaluating(lines: list[str], eval_every: int) -> bool:
+    if not eval_every:
+        return False
     for line in lines[-3:]:
         parts = line.split()
         if len(parts) > 1 and parts[0] == "step" and "/" in parts[1]:
@@ -114,8 +116,10 @@ def run_trial(workdir: str, args: list[str], env: dict, moment: str, at_seconds:
             raise TimeoutError(f"{workdir}: the run did not finish in {timeout:.0f} s")
         time.sleep(0.005)  # polling the child, not waiting for a result
     first.wait()
+    if not killed and first.proc.returncode != 0:  # it failed by itself: a defect, not a fault survived
+        return {"moment": moment, "killed_at_s": None, "error": "\n".join(first.lines[-15:])}
     relaunches, code = 0, 0
-    if killed or first.proc.returncode != 0:
+    if killed:
         again = _Watched(_command(workdir, args), env)
         code, relaunches = again.wait(), 1
         if code != 0:

@@ -51,7 +51,10 @@ def preparing(builder):
     folder = config_dir(builder)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some NFS, Lustre without flock)
+            print(f"Warning: {folder}: no file lock ({e}); preparing without one", flush=True)
         try:
             for pattern in ("incomplete.*", ".decoded-*"):
                 for leftover in glob.glob(os.path.join(folder, pattern)):

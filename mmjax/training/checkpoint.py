@@ -71,6 +71,11 @@ def make_manager(directory: str, every: int, keep: int, metric: str = "macro_aur
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 
 
+def _read_handlers() -> dict:
+    """Item handlers that also read each item's metadata (names, shapes, dtypes) without its arrays."""
+    return {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
 def _open_read_only(directory: str, options: dict, **kwargs) -> ocp.CheckpointManager:
     """A read-only manager (`options`: more CheckpointManagerOptions). Orbax warns three times on opening
     one (it sets save_interval_steps=0 and create=False, the directory is read-only): what was asked
@@ -150,10 +155,11 @@ def restore(manager, abstract_state: TrainState, step: int | None = None):
     aside to `<checkpoints>.unreadable/<step>` with a warning naming it, and the earlier one is
     restored; training then saves that step anew. When no checkpoint can be read, the newest one's
     error is raised and nothing is moved (the cause is then not one file, e.g. another model)."""
-    if step is not None:
-        return _restore(manager, abstract_state, step)
+    if step is not None or jax.process_count() > 1:  # several processes would each decide alone
+        return _restore(manager, abstract_state, manager.latest_step() if step is None else step)
     unreadable = []
     for s in sorted(manager.all_steps(), reverse=True):
+        _check_structure(manager, s, abstract_state)  # another model's checkpoint: an error, not a bad file
         try:
             restored = _restore(manager, abstract_state, s)
         except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
@@ -168,6 +174,23 @@ def restore(manager, abstract_state: TrainState, step: int | None = None):
     if unreadable:
         raise unreadable[0][1]
     raise FileNotFoundError(f"{manager.directory}: no checkpoint found")
+
+
+def _check_structure(manager, step: int, abstract_state) -> None:
+    """Raises ValueError when checkpoint `step` holds other arrays (by shape) than `abstract_state`; a
+    metadata file that cannot be read is left to the restore (a bad file)."""
+    try:
+        with _open_read_only(os.fspath(manager.directory), {}, item_handlers=_read_handlers()) as reader:
+            saved = reader.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
+        return
+    saved = getattr(saved, "tree", saved)
+    # the shapes, not the names: Orbax's metadata and the live state spell the paths differently
+    saved = sorted(tuple(m.shape) for m in jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, "shape")))
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract_state))
+    if saved != wanted:
+        raise ValueError(f"checkpoint step {step} in {manager.directory} holds another model's state ({len(saved)} "
+                         f"arrays, this run has {len(wanted)}; shapes differ)")
 
 
 def _set_aside(manager, step: int, error: Exception, instead: int) -> None:
@@ -253,8 +276,7 @@ def restore_params(directory: str, params, step: int | None = None, subtrees: Ma
     `params` (arrays, or `jax.ShapeDtypeStruct`s when everything is loaded). Errors name the source
     as `label` + directory (the setting a user gave it)."""
     directory = checkpoint_directory(directory)
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    with _open_read_only(directory, {}, item_handlers=handlers) as manager:
+    with _open_read_only(directory, {}, item_handlers=_read_handlers()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{label}{directory}: no checkpoint found")

@@ -97,8 +97,9 @@ class MetricWriter:
 
 def _drop_after(path: str, step: int) -> None:
     """Rewrites `metrics.jsonl` without the records that a run resumed at `step` writes again: those of
-    later steps, and the end-of-run events (test, run) of `step` itself. A torn last line (the process
-    was killed while writing it) goes too."""
+    later steps, and the end-of-run events (test, run: a finished run relaunched evaluates again, its
+    test record at the best checkpoint's step). A torn last line (the process was killed while writing
+    it) goes too."""
     kept = []
     with open(path) as f:
         for line in f:
@@ -106,8 +107,8 @@ def _drop_after(path: str, step: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            s = record.get("step", 0)
-            if s < step or (s == step and record.get("event") in ("train", "validation")):
+            s, event = record.get("step", 0), record.get("event")
+            if event not in ("test", "run") and (s < step or (s == step and event in ("train", "validation"))):
                 kept.append(json.dumps(record) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

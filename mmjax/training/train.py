@@ -155,22 +155,43 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
+def _trained_config(workdir: str, latest: int) -> str | None:
+    """The config that trained the latest checkpoint: the last start (`configs/from_step_<N>.json`)
+    before it. An attempt that started at `latest` and failed before saving (a NaN, a bad flag) trained
+    nothing and does not count. Workdirs from before the history: `config.json`."""
+    history = os.path.join(workdir, CONFIG_HISTORY)
+    starts = sorted(int(n[len("from_step_"):-len(".json")]) for n in (os.listdir(history) if os.path.isdir(history)
+                                                                      else []) if n.startswith("from_step_"))
+    before = [s for s in starts if s < latest]
+    if before:
+        return os.path.join(history, f"from_step_{before[-1]}.json")
+    path = os.path.join(workdir, CONFIG_FILE)
+    return path if os.path.exists(path) else None
+
+
 def check_resume(config, workdir: str) -> bool:
-    """True when `workdir` holds checkpoints to resume. Their run's config (`config.json`) must equal
+    """True when `workdir` holds checkpoints to resume. The config that trained them must equal
     `config` but for `RESUME_MAY_CHANGE` (how long to train, what to log and keep); otherwise a
     `ConfigError` lists what differs and what to do, before anything is prepared or written,
     unless `--config.allow_config_change=True` (then a warning lists it)."""
     steps = _checkpoint_steps(workdir)
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not steps or not os.path.exists(path):
+    path = _trained_config(workdir, steps[-1]) if steps else None
+    if path is None:
         return bool(steps)
     with open(path) as f:
         before = json.load(f)
     now = json.loads(config.to_json_best_effort())
+    flat_before, flat_now = flatten(before), flatten(now)
+    added = sorted(set(flat_now) - set(flat_before))
+    if added:
+        print(f"Note: settings added to mmjax since {workdir} was started take their values now: "
+              f"{', '.join(f'{k}={flat_now[k]!r}' for k in added)}", flush=True)
+    if flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
+        print(f"Note: train.num_steps {flat_before['train.num_steps']} -> {flat_now['train.num_steps']}: the "
+              "learning-rate schedule follows the new length from the resumed step on", flush=True)
     differ = config_differences(before, now, RESUME_MAY_CHANGE, new_keys=False)
     if not differ:
         return True
-    flat_before, flat_now = flatten(before), flatten(now)
     listed = "; ".join(f"{k}: {flat_before.get(k, '(none)')!r} -> {flat_now.get(k, '(none)')!r}" for k in differ[:8])
     more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
     if not config.get("allow_config_change", False):
@@ -200,7 +221,8 @@ def check_same_dataset(exp: Experiment) -> None:
                f"(in {', '.join(differ)})")
     if not exp.config.get("allow_config_change", False):
         raise ConfigError(message + ". Train in another --workdir, or resume on the new data by "
-                          "--config.allow_config_change=True")
+                          "--config.allow_config_change=True (a manifest dataset prepared before preparation "
+                          "1.1 is prepared anew: docs/own_data.md says how to get its old data back)")
     print(f"Warning: {message}; resuming anyway (allow_config_change)", flush=True)
 
 
