@@ -182,6 +182,15 @@ def check_resume(config, workdir: str) -> bool:
         before = json.load(f)
     now = json.loads(config.to_json_best_effort())
     flat_before, flat_now = flatten(before), flatten(now)
+    differ = config_differences(before, now, RESUME_MAY_CHANGE, new_keys=False)
+    listed = "; ".join(f"{k}: {flat_before.get(k, '(none)')!r} -> {flat_now.get(k, '(none)')!r}" for k in differ[:8])
+    more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+    if differ and not config.get("allow_config_change", False):
+        raise ConfigError(f"{workdir} holds checkpoints (steps {steps}) of a run with another config: {listed}{more}. "
+                          "Train in another --workdir, or resume this run with the new values by "
+                          "--config.allow_config_change=True")
+    if differ:
+        print(f"Warning: resuming {workdir} with a changed config (allow_config_change): {listed}{more}", flush=True)
     added = sorted(set(flat_now) - set(flat_before))
     if added:
         print(f"Note: settings added to mmjax since {workdir} was started take their values now: "
@@ -189,16 +198,6 @@ def check_resume(config, workdir: str) -> bool:
     if flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
         print(f"Note: train.num_steps {flat_before['train.num_steps']} -> {flat_now['train.num_steps']}: the "
               "learning-rate schedule follows the new length from the resumed step on", flush=True)
-    differ = config_differences(before, now, RESUME_MAY_CHANGE, new_keys=False)
-    if not differ:
-        return True
-    listed = "; ".join(f"{k}: {flat_before.get(k, '(none)')!r} -> {flat_now.get(k, '(none)')!r}" for k in differ[:8])
-    more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
-    if not config.get("allow_config_change", False):
-        raise ConfigError(f"{workdir} holds checkpoints (steps {steps}) of a run with another config: {listed}{more}. "
-                          "Train in another --workdir, or resume this run with the new values by "
-                          "--config.allow_config_change=True")
-    print(f"Warning: resuming {workdir} with a changed config (allow_config_change): {listed}{more}", flush=True)
     return True
 
 
