@@ -124,6 +124,13 @@ def ranked_steps(directory: str, metric: str = "macro_auroc", lower_is_better: b
     return with_metric + [s for s in steps if s not in with_metric]
 
 
+def resume_point(manager) -> str:
+    """Which checkpoint a relaunch resumes from, in words (after the saves in flight are committed)."""
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    return f"the last checkpoint, step {last}, is where a relaunch resumes" if last is not None else "no checkpoint"
+
+
 def save(manager, step: int, state: TrainState, data_state: dict | None, metrics: dict | None = None,
          force: bool = False) -> bool:
     """Saves asynchronously when the manager's interval (or `force`) says so; a non-finite state is
@@ -131,12 +138,8 @@ def save(manager, step: int, state: TrainState, data_state: dict | None, metrics
     if not (force or manager.should_save(step)):
         return False
     if not bool(all_finite(state)):
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        resume = (f"the last good checkpoint, step {last}, stays the one a relaunch resumes from" if last is not None
-                  else "no checkpoint was saved before it")
         raise NonFiniteState(f"the parameters or optimizer state at step {step} are not finite (NaN or inf): not "
-                             f"saved; {resume}. A learning rate too high is the usual cause")
+                             f"saved; {resume_point(manager)}. A learning rate too high is the usual cause")
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
     with quiet_absl():  # without metrics (no evaluation at this step) Orbax warns at every save
         return manager.save(step, args=args, metrics=metrics, force=force)

@@ -262,11 +262,9 @@ def _fetch(pending, manager) -> list[dict]:
         m = {k: float(np.mean(v)) for k, v in m.items()}  # pmap metrics carry a device axis
         bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
         if bad:
-            manager.wait_until_finished()
-            last = manager.latest_step()
-            resume = f"the last checkpoint, step {last}, was saved before it" if last is not None else "no checkpoint"
             raise checkpoint.NonFiniteState(f"non-finite {', '.join(bad)} at step {s}: {bad}; stopping the run "
-                                            f"({resume}). A learning rate too high is the usual cause")
+                                            f"({checkpoint.resume_point(manager)}). A learning rate too high is the "
+                                            "usual cause")
         values.append(m)
     return values
 
