@@ -290,9 +290,9 @@ class Experiment:
         """(params, step, how it was chosen) of the workdir's checkpoint `step` (default: the best)."""
         chosen, fallbacks = "--step", ()
         if step is None:  # the best; an unreadable checkpoint falls back to the next best, or the newest
-            step, chosen = self.best_step()
-            fallbacks = checkpoint.ranked_steps(self.workdir, self.config.best_metric,
-                                                lower_is_better(self.config.best_metric))
+            metric = self.config.best_metric
+            order, chosen = checkpoint.ranked_steps(self.path(CHECKPOINTS), metric, lower_is_better(metric))
+            step, fallbacks = order[0], order[1:]
         params, read = checkpoint.restore_params(self.workdir, self.abstract_params(), step=step,
                                                  label="evaluating the checkpoints of ", fallbacks=fallbacks)
         if read != step:

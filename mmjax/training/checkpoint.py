@@ -88,15 +88,8 @@ def _open_read_only(directory: str, options: dict, **kwargs) -> ocp.CheckpointMa
 def best_step(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> tuple[int, str]:
     """(step, how it was chosen): the best checkpoint by the validation `metric` stored with it, else
     (no metric stored: a run without validation, or saved before metrics were stored) the latest."""
-    directory = checkpoint_directory(directory)
-    options = dict(best_fn=_best_fn(metric, lower_is_better), best_mode="max")
-    with _open_read_only(directory, options, item_names=("state", "data")) as manager:
-        step, how = manager.best_step(), f"best by validation {metric}"
-        if step is None or manager.metrics(step) is None:
-            step, how = manager.latest_step(), "latest: no validation metric stored with the checkpoints"
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint found")
-    return int(step), how
+    order, how = ranked_steps(directory, metric, lower_is_better)
+    return order[0], how
 
 
 class NonFiniteState(FloatingPointError, UserError):
@@ -112,16 +105,24 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack(flags).all() if flags else jnp.bool_(True)
 
 
-def ranked_steps(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> list[int]:
-    """Every checkpoint's step, best first by the validation `metric` stored with it, then the rest
-    newest first: the order evaluation falls back in when a checkpoint cannot be read."""
+def ranked_steps(directory: str, metric: str = "macro_auroc", lower_is_better: bool = False) -> tuple[list[int], str]:
+    """(every checkpoint's step in the order evaluation tries them, how the first was chosen): the best
+    by the validation `metric` stored with it (Orbax's choice, as training's), else the latest; then
+    the others with the metric, best first, then the rest, newest first."""
     directory = checkpoint_directory(directory)
     rank = _best_fn(metric, lower_is_better)
-    with _open_read_only(directory, {}, item_names=("state", "data")) as manager:
+    with _open_read_only(directory, dict(best_fn=rank, best_mode="max"), item_names=("state", "data")) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"{directory}: no checkpoint found")
         scored = {s: manager.metrics(s) for s in steps}
-    with_metric = sorted((s for s in steps if scored[s] and metric in scored[s]), key=lambda s: -rank(scored[s]))
-    return with_metric + [s for s in steps if s not in with_metric]
+        best, how = manager.best_step(), f"best by validation {metric}"
+    if best is None or scored.get(best) is None:
+        best, how = steps[0], "latest: no validation metric stored with the checkpoints"
+    others = sorted((s for s in steps if s != best and scored[s] and metric in scored[s]),
+                    key=lambda s: -rank(scored[s]))
+    others += [s for s in steps if s != best and s not in others]
+    return [int(best), *others], how
 
 
 def resume_point(manager) -> str:

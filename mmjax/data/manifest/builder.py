@@ -62,7 +62,7 @@ class ManifestConfig(tfds.core.BuilderConfig):
         self.roots = tuple(roots) or parse_roots("", manifest)
         self.max_pixels, self.text_min_patients = max_pixels, text_min_patients
         self.log = log
-        self.manifest_sha256 = _sha256(self.manifest)
+        self.manifest_sha256, self.schema_sha256 = _sha256(self.manifest), _sha256(schema.path)
         key = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
         name = schema.name + (f"_fold{fold}of{folds}" if folds > 1 else "") + f"-{key}"
         super().__init__(name=name, version=tfds.core.Version("1.0.0"),
@@ -71,7 +71,7 @@ class ManifestConfig(tfds.core.BuilderConfig):
     def settings(self) -> dict:
         """Everything the prepared data depends on but the referenced files' contents: its folder's key."""
         return {"prepared_by": PREPARE_VERSION, "manifest": self.manifest, "manifest_sha256": self.manifest_sha256,
-                "schema_sha256": _sha256(self.schema.path), "on_error": self.schema.on_error,
+                "schema_sha256": self.schema_sha256, "on_error": self.schema.on_error,
                 "fractions": self.fractions, "folds": self.folds, "fold": self.fold, "allowed_roots": list(self.roots),
                 "max_pixels": self.max_pixels, "text_min_patients": self.text_min_patients}
 
