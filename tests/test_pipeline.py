@@ -121,6 +121,19 @@ def test_train_shards_are_disjoint_and_cover_the_split(tiny_builder, tiny_spec):
     assert sorted(a | b) == _all_ids(tiny_builder, "train")
 
 
+@pytest.mark.parametrize("shards", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(tiny_builder, tiny_spec, shards):
+    """Each process's rows of global batch k, stacked, are one process's batch k, augmentation and
+    random crops included, from any start: a run resumes on another process count where it stopped."""
+    one = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, seed=0, shard_index=0, shard_count=1,
+                                     start_batch=5))
+    parts = [iter(pipeline.train_loader(tiny_builder, tiny_spec, 16 // shards, seed=0, shard_index=i,
+                                        shard_count=shards, start_batch=5)) for i in range(shards)]
+    for _ in range(12):  # across the epoch boundary (16 global batches)
+        stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *[next(p) for p in parts])
+        jax.tree.map(np.testing.assert_array_equal, stacked, next(one))
+
+
 def test_shuffling_is_seeded_and_reshuffles_each_epoch(tiny_builder, tiny_spec):
     def ids(seed, n=32):
         it = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, seed=seed, augment=False,

@@ -731,7 +731,7 @@ def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_
     loader = Experiment.train_loader
     # the 4th batch fails: step 3 was logged (log_every=3), step 2 was the last checkpoint
     monkeypatch.setattr(Experiment, "train_loader",
-                        lambda self, *args: _FailingIterator(iter(loader(self, *args)), fail_at=4))
+                        lambda self, *args, **kw: _FailingIterator(iter(loader(self, *args, **kw)), fail_at=4))
     with pytest.raises(RuntimeError, match="injected fault"):
         train_and_evaluate(config, b)
     monkeypatch.undo()

@@ -8,8 +8,17 @@
         ...
 
 Batches follow the contract in `mmjax/batch.py`; `modalities` picks some of the dataset's
-modalities by name (default: all), `tasks` some of its tasks. Each JAX process reads its own shard
-(`jax.process_index()` of `jax.process_count()`); `batch_size` is per process.
+modalities by name (default: all), `tasks` some of its tasks. `batch_size` is per process; each JAX
+process (`jax.process_index()` of `jax.process_count()`) reads only its own rows:
+
+- training: one global order of examples (shuffled by the seed alone), cut into global batches of
+  `batch_size * process_count` rows; a process takes its block of rows of each. The random ops are
+  keyed by an example's (or a batch's) global position, so the global batches, augmentation
+  included, are the same on any number of processes, and batch k starts at `start_batch=k`: the
+  training step is the whole position of the data, and a run resumes on another process or
+  worker count exactly where it stopped.
+- evaluation: a contiguous block of the split per process, so that the rows gathered from every
+  process (`Predictor.collect`) are in the split's order.
 """
 
 from __future__ import annotations
@@ -95,32 +104,43 @@ def _shard(shard_index, shard_count):
     return shard_index, shard_count
 
 
-def _records(source, shard_index, shard_count) -> grain.MapDataset:
-    """This process's records: every shard_count-th, from shard_index (disjoint, covering)."""
+def _check_shard(shard_index, shard_count) -> None:
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} is not in [0, {shard_count})")
-    return grain.MapDataset.source(source)[shard_index::shard_count]
+
+
+def _records(source, shard_index, shard_count) -> grain.MapDataset:
+    """This process's records of an evaluation pass: a contiguous block (disjoint, covering, in order)."""
+    _check_shard(shard_index, shard_count)
+    per_shard = math.ceil(len(source) / shard_count)
+    return grain.MapDataset.source(source)[shard_index * per_shard:(shard_index + 1) * per_shard]
 
 
 def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, split: str = "train",
                  modalities: Sequence[str] | None = None, tasks: Sequence[TaskSpec] | None = None,
                  augment: bool = True, text_max_length: int = 96, spectrogram: bool = False,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0) -> grain.IterDataset:
-    """Infinite, shuffled (differently each epoch, deterministic for `seed`), full batches.
+                 worker_count: int = 0, start_batch: int = 0) -> grain.IterDataset:
+    """Infinite, shuffled (differently each epoch, deterministic for `seed`), full batches of
+    `batch_size` rows: this process's rows of each global batch, from global batch `start_batch` on.
 
-    `iter(loader)` is checkpointable: `it.get_state()` / `it.set_state(state)`. With
-    `worker_count` > 0, preprocessing runs in that many processes (same batches, same order).
+    The batches depend on `seed`, the global batch size and `start_batch`, not on the process count
+    or `worker_count` (> 0: preprocessing in that many processes). `iter(loader)` is also
+    checkpointable by Grain (`it.get_state()` / `it.set_state(state)`).
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
-    ds = _records(_CheckedSource(builder, split), shard_index, shard_count).shuffle(seed=seed).repeat()
+    _check_shard(shard_index, shard_count)
+    ds = grain.MapDataset.source(_CheckedSource(builder, split)).shuffle(seed=seed).repeat()
+    # per-example random ops (crops) seeded by the example's global position
     ds = _apply(ds, preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True),
                 seed + 2)
     images = _image_specs(spec, modalities)
-    ds = ds.batch(batch_size, drop_remainder=True).map(T.ImageToFloat(images))
-    if augment and images:
-        ds = ds.random_map(T.AugmentImages(names=tuple(m.name for m in images)), seed=seed + 1)
-    ds = ds.to_iter_dataset(_READ_OPTIONS)
+    # blocks of batch_size rows; block k * shard_count + shard_index is this process's part of global batch k
+    ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count].map(T.ImageToFloat(images))
+    if augment and images:  # seeded by the global batch; each process draws for all rows and keeps its own
+        ds = ds.random_map(T.AugmentImages(names=tuple(m.name for m in images),
+                                           rows=(shard_index * batch_size, shard_count * batch_size)), seed=seed + 1)
+    ds = ds[start_batch:].to_iter_dataset(_READ_OPTIONS)
     if worker_count:
         from absl import flags
 

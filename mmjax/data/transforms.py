@@ -307,6 +307,10 @@ class AugmentImages(grain.transforms.RandomMap):
     flip_probability: float = 0.5
     intensity: float = 0.1
     names: Sequence[str] = ("image",)  # the image modalities to augment
+    # (offset, rows): the batch is rows [offset, offset + B) of a global batch of `rows` rows (one
+    # process's part): the draws are made for every row and this part's kept, so that a global batch
+    # is augmented alike on any number of processes. (): the batch is the whole global batch.
+    rows: tuple = ()
 
     def random_map(self, batch, rng: np.random.Generator):
         for name in self.names:
@@ -317,10 +321,12 @@ class AugmentImages(grain.transforms.RandomMap):
         x = entry["values"]  # [B, H, W, C]
         b, h, w, _ = x.shape
         f32 = np.float32
-        zoom = rng.uniform(1.0, self.max_zoom, b).astype(f32)
-        theta = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees, b)).astype(f32)
-        flip = np.where(rng.random(b) < self.flip_probability, -1.0, 1.0).astype(f32)
-        shift = rng.uniform(-self.max_shift, self.max_shift, (2, b)).astype(f32)
+        offset, n = self.rows or (0, b)
+        mine = slice(offset, offset + b)  # this batch's rows of the draws
+        zoom = rng.uniform(1.0, self.max_zoom, n)[mine].astype(f32)
+        theta = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees, n)[mine]).astype(f32)
+        flip = np.where(rng.random(n)[mine] < self.flip_probability, -1.0, 1.0).astype(f32)
+        shift = rng.uniform(-self.max_shift, self.max_shift, (2, n))[:, mine].astype(f32)
         # Source pixel coordinates as an affine map of output pixel indices: src = A @ (i, j) + t.
         cos, sin = np.cos(theta) / zoom, np.sin(theta) / zoom
         sy, sx = (h - 1) / 2, (w - 1) / 2
@@ -335,8 +341,8 @@ class AugmentImages(grain.transforms.RandomMap):
         src_x = ax * j + (bx * i + cx)
         src_y = ay * j + (by * i + cy)
         out = _bilinear(x, src_y, src_x)
-        gain = (1.0 + rng.uniform(-self.intensity, self.intensity, b)).astype(f32)
-        bias = rng.uniform(-self.intensity, self.intensity, b).astype(f32)
+        gain = (1.0 + rng.uniform(-self.intensity, self.intensity, n)[mine]).astype(f32)
+        bias = rng.uniform(-self.intensity, self.intensity, n)[mine].astype(f32)
         out = out * gain[:, None, None, None] + bias[:, None, None, None]
         present = entry["present"].astype(np.float32)[:, None, None, None]
         return {"values": (out * present).astype(np.float32), "present": entry["present"]}

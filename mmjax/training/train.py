@@ -119,7 +119,6 @@ def init_or_restore(config, workdir: str) -> Run:
         note = exp.describe_splits()
         if note:
             print(note, flush=True)
-    train_iter = iter(exp.train_loader(config.train.batch_size // jax.process_count()))
     validate = "validation" in exp.splits
     if validate and config.train.checkpoint_every % config.train.eval_every:
         print(f"Warning: train.checkpoint_every={config.train.checkpoint_every} is not a multiple of "
@@ -135,13 +134,15 @@ def init_or_restore(config, workdir: str) -> Run:
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
     try:
-        state = _restore_or_warm_start(config, workdir, state, train_iter, manager, strategy, n_params)
+        state = _restore_or_warm_start(config, workdir, state, manager, strategy, n_params)
     except BaseException:
         manager.close()
         raise
     state = strategy.place(state)
     train_step = strategy.train_step(lambda axis, shards: exp.train_step(axis_name=axis, num_shards=shards))
     start = int(jax.device_get(strategy.host_state(state).step))
+    # the data's position is the step: global batch `start` next, on any number of processes and workers
+    train_iter = iter(exp.train_loader(config.train.batch_size // jax.process_count(), start_batch=start))
     if is_main:  # each config that trains a stretch of steps is kept
         exp.save_config(os.path.join(CONFIG_HISTORY, f"from_step_{start}.json"))
     writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size, resume_step=start)
@@ -225,12 +226,41 @@ def check_same_dataset(exp: Experiment) -> None:
     print(f"Warning: {message}; resuming anyway (allow_config_change)", flush=True)
 
 
-def _restore_or_warm_start(config, workdir, state, train_iter, manager, strategy, n_params):
-    """The state of this workdir's latest checkpoint (and the data iterator's position), else `init_from`'s
-    parameters in `state`, else `state` as it is."""
+def data_position(config, step: int) -> dict:
+    """What a checkpoint records of the data besides the step (which is the data's whole position)."""
+    return {"global_batches_read": step, "global_batch_size": config.train.batch_size, "seed": config.seed,
+            "processes": jax.process_count(), "worker_count": config.data.get("worker_count", 0)}
+
+
+def check_data_position(config, data_state: dict, step: int) -> None:
+    """The saved data position must be the one the resumed step implies: the same global batch size
+    and seed (the process and worker counts may change: the global batches do not). Checkpoints
+    written before the position was recorded hold Grain's iterator state, which for one process is
+    the same position."""
+    if "global_batch_size" not in data_state:
+        return
+    now = data_position(config, step)
+    differ = [k for k in ("global_batch_size", "seed", "global_batches_read") if data_state.get(k) != now[k]]
+    if differ:
+        saved, wanted = ({k: d.get(k) for k in differ} for d in (data_state, now))
+        message = f"the checkpoint of step {step} was written at data position {saved}; this run reads {wanted}"
+        if not config.get("allow_config_change", False):
+            raise ConfigError(message + ". Resume with the run's own train.batch_size and seed, or train in another "
+                              "--workdir")
+        print(f"Warning: {message}: the data order is not the one the checkpoints were trained in "
+              "(allow_config_change)", flush=True)
+    moved = [f"{k} {data_state[k]} -> {now[k]}" for k in ("processes", "worker_count")
+             if k in data_state and data_state[k] != now[k]]
+    if moved:
+        print(f"Note: resuming on another layout ({', '.join(moved)}): the global batches are the same", flush=True)
+
+
+def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
+    """The state of this workdir's latest checkpoint, else `init_from`'s parameters in `state`, else
+    `state` as it is."""
     if manager.latest_step() is not None:
         state, data_state = checkpoint.restore(manager, parallel.abstract_state(state))
-        train_iter.set_state(data_state)
+        check_data_position(config, data_state or {}, int(state.step))
         logging.info("resumed from %s at step %d", workdir, int(state.step))
         print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
     elif config.init_from:
@@ -306,7 +336,7 @@ def fit(run: Run) -> dict:
         if step % c.train.checkpoint_every == 0 or last:
             metric = {c.best_metric: metric_value(val, c.best_metric)} if val else None
             try:  # a non-finite state is never saved
-                checkpoint.save(run.manager, step, run.strategy.host_state(run.state), run.train_iter.get_state(),
+                checkpoint.save(run.manager, step, run.strategy.host_state(run.state), data_position(c, step),
                                 metric, force=last)
             except checkpoint.NonFiniteState:
                 _fetch(pending, run.manager)  # names the first step whose loss went non-finite, if one did
