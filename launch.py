@@ -42,6 +42,13 @@ _CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scale
                                 "validation).")
 _PATIENTS = flags.DEFINE_list("patients", [], "evaluate/report: explain these patient ids of the split instead "
                               "of the first --explain ones.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "train: several processes without a cluster "
+                                   "environment (SLURM and Open MPI are read from theirs): process 0's host:port; "
+                                   "with --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "train: with --coordinator_address, the process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "train: with --coordinator_address, this process's index.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 20, "train, several processes: a process silent this long "
+                                  "(killed, its node lost) ends the job in every process.")
 _OUTPUT = flags.DEFINE_string("explain_output", "", "evaluate: the output explained, 'task' or 'task.label' "
                               "(default: the first classification output).")
 
@@ -96,8 +103,11 @@ def main(argv):
                             output=_OUTPUT.value, patients=_PATIENTS.value)
         print(f"Report written to {path}")
         return
+    from mmjax.training import parallel
     from mmjax.training.train import train_and_evaluate
 
+    parallel.maybe_initialize_distributed(_CONFIG.value.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value, _HEARTBEAT.value)
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Exception:

@@ -108,7 +108,9 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         calibration_bins=10,  # equal-width bins of the ECE and the reliability diagram
         operating_point="youden", target_sensitivity=0.9))  # threshold chosen on validation: youden | sensitivity
     c.parallel = "mesh"  # or "pmap"
-    c.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    # jax.distributed.initialize(): also without this under srun or mpirun with several processes, with
+    # JAX_COORDINATOR_ADDRESS, or launch.py's --coordinator_address (docs/training.md, "Several processes")
+    c.distributed = False
     c.init_from = ""  # a workdir or checkpoint dir to warm-start parameters from
     c.init_params = ""  # subtrees to take from init_from: 'image_encoder' or 'xray_encoder=image_encoder,...'; '': all
     c.best_metric = "macro_auroc"  # validation metric that picks the kept best checkpoint ('task.metric' too)

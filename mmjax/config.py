@@ -13,12 +13,14 @@ from __future__ import annotations
 NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change"})
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
-# prepared data lies), and prefixes of such groups; any other difference from the config that trained
+# prepared data lies, on how many processes and devices), and prefixes of such groups; any other difference from the config that trained
 # the checkpoints stops a resume unless `--config.allow_config_change=True`.
 RESUME_MAY_CHANGE = NO_RESULT_DEPENDS | frozenset({
     "train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.final_checkpoint", "eval_batch_size", "allow_config_change", "init_from",
-    "init_params", "data.data_dir", "data.allowed_roots", "data.prepare_workers", "eval.", "sweep."})
+    "init_params", "data.data_dir", "data.allowed_roots", "data.prepare_workers", "eval.", "sweep.",
+    # how the same computation is laid out: the global batches and the state do not depend on them
+    "distributed", "parallel", "sharding", "data.worker_count"})
 
 
 def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:

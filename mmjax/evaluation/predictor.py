@@ -64,7 +64,7 @@ class Predictor:
 
     def collect(self, batches, transform=None) -> tuple:
         """(preds, labels, masks, patient ids) over host batches (each through `transform` first, if
-        given), every process's rows in several processes (ids then as `task_metrics.id_codes`)."""
+        given), every process's rows in several processes, in the split's order."""
         predict = self._predict if transform is None else (lambda b: self._predict(transform(b)))
         if jax.process_count() == 1:
             return task_metrics.collect(predict, batches, self.tasks, with_ids=True)
@@ -72,11 +72,28 @@ class Predictor:
 
         preds, labels, masks, ids, rows = task_metrics.collect(predict, batches, self.tasks, with_ids=True,
                                                                keep_padding=True)
-        # strings do not gather; stable 64-bit codes do, as 8 bytes each (int64 is cut to int32 without x64)
-        codes = task_metrics.id_codes(ids).view(np.uint8).reshape(-1, 8)
-        preds, labels, masks, codes, rows = multihost_utils.process_allgather((preds, labels, masks, codes, rows),
-                                                                              tiled=True)
-        rows = np.asarray(rows, bool)
-        ids = np.ascontiguousarray(np.asarray(codes, np.uint8)).view(np.int64).ravel()
-        keep = lambda d: {k: np.asarray(v)[rows] for k, v in d.items()}
-        return keep(preds), keep(labels), keep(masks), ids[rows]
+        # Every process's padded rows with their example mask (the same row count on each: a tiled gather
+        # of unequal shapes fails), then the padding dropped; strings as their UTF-8 bytes padded to the
+        # longest id of any process.
+        encoded = [str(i).encode() for i in ids]
+        width = int(np.max(multihost_utils.process_allgather(np.array([max(map(len, encoded), default=0)]))))
+        text = np.zeros((len(encoded), max(width, 1)), np.uint8)
+        for k, e in enumerate(encoded):
+            text[k, :len(e)] = np.frombuffer(e, np.uint8)
+        preds, labels, masks, text, rows = gather_rows((preds, labels, masks, text, rows))
+        ids = np.array([bytes(t).rstrip(b"\0").decode() for t in text[rows]])
+        keep = lambda d: {k: v[rows] for k, v in d.items()}
+        return keep(preds), keep(labels), keep(masks), ids
+
+
+def gather_rows(tree):
+    """Every process's rows of each array (the same count on each), concatenated in process order, bit
+    for bit: the arrays travel as bytes, since JAX without x64 would cut float64 to float32."""
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(tree)
+    as_bytes = [np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8) for x in map(np.asarray, leaves)]
+    gathered = multihost_utils.process_allgather(as_bytes, tiled=True)
+    out = [np.ascontiguousarray(np.asarray(g, np.uint8)).view(x.dtype).reshape(-1, *np.shape(x)[1:])
+           for g, x in zip(gathered, map(np.asarray, leaves), strict=True)]
+    return jax.tree.unflatten(treedef, out)

@@ -10,6 +10,7 @@ it owns jitting, device placement, host transfer and restore, so the loop never 
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -22,11 +23,62 @@ from mmjax.training import checkpoint
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(requested: bool) -> None:
-    """`jax.distributed.initialize()` when the config asks or the environment names a coordinator."""
-    env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
-    if (requested or env) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+# The environments jax.distributed.initialize() reads a multi-process job from (its own cluster detection):
+# the variables present in every process of a SLURM step (srun) and of an Open MPI job (mpirun).
+CLUSTER_ENVIRONMENTS = {
+    "SLURM": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+}
+# A peer that stops answering (killed, its node lost) ends the job after this long: JAX's coordination
+# service stops every process (JAX's default: 100 s).
+HEARTBEAT_TIMEOUT_S = 20
+
+
+def cluster_environment() -> str | None:
+    """The cluster whose multi-process job this process is part of (its environment names more than one
+    process), or None."""
+    for name, names in CLUSTER_ENVIRONMENTS.items():
+        if all(k in os.environ for k in names):
+            count = os.environ[names[2] if name == "SLURM" else names[1]]
+            if count.isdigit() and int(count) > 1:
+                return name
+    return None
+
+
+def maybe_initialize_distributed(requested: bool = False, coordinator_address: str = "", num_processes: int = 0,
+                                 process_id: int = -1, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> bool:
+    """`jax.distributed.initialize` when a multi-process job is asked for: explicitly (the address, process
+    count and id: launch.py's `--coordinator_address`, `--num_processes`, `--process_id`), by
+    `config.distributed`, by `JAX_COORDINATOR_ADDRESS`, or by a SLURM step or Open MPI job of more than
+    one process (JAX then reads everything from their environment). CPU processes reduce over gloo.
+    Returns whether this process is part of a multi-process job."""
+    if jax.distributed.is_initialized():
+        return True
+    explicit = bool(coordinator_address)
+    if not (explicit or requested or "JAX_COORDINATOR_ADDRESS" in os.environ or cluster_environment()):
+        return False
+    if explicit and (num_processes < 1 or not 0 <= process_id < num_processes):
+        raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes (>= 1) and "
+                         f"--process_id (0 to num_processes - 1); got {num_processes} and {process_id}")
+    try:  # collectives between CPU processes (the default before some jax versions is none)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # a jax without the option has gloo by default
+        pass
+    kwargs = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_s
+    if explicit:
+        kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have come (a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def make_mesh() -> jax.sharding.Mesh:

@@ -108,7 +108,11 @@ def init_or_restore(config, workdir: str) -> Run:
     is_main = jax.process_index() == 0
     check_divisible(config)
     resuming = check_resume(config, workdir)  # before the data is prepared or anything written
+    if not is_main:  # one process prepares the dataset; the others wait for it, then read it
+        parallel.barrier("mmjax: dataset prepared")
     exp = Experiment.from_config(config, workdir)
+    if is_main:
+        parallel.barrier("mmjax: dataset prepared")
     exp.check()  # config errors and warnings before anything is written or compiled
     if resuming:
         check_same_dataset(exp)
