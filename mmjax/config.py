@@ -13,8 +13,9 @@ from __future__ import annotations
 NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change"})
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
-# prepared data lies, on how many processes and devices), and prefixes of such groups; any other difference from the config that trained
-# the checkpoints stops a resume unless `--config.allow_config_change=True`.
+# prepared data lies, on how many processes and devices), and prefixes of such groups; any other
+# difference from the config that trained the checkpoints stops a resume unless
+# `--config.allow_config_change=True`.
 RESUME_MAY_CHANGE = NO_RESULT_DEPENDS | frozenset({
     "train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.final_checkpoint", "eval_batch_size", "allow_config_change", "init_from",
