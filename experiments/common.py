@@ -96,6 +96,7 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         clip_norm=1.0))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=64, num_steps=1500, log_every=50, eval_every=500, checkpoint_every=500,
+        accum_steps=1,  # K > 1: each batch in K microbatches, gradients summed (a K-th of the activation memory)
         keep_checkpoints=2, stop_at_step=0,  # stop_at_step > 0 stops there, as a preemption would
         # the checkpoint the final validation and test evaluation use: 'best' (by best_metric on
         # validation, the usual model selection; the last one when there is no validation split) or 'last'
@@ -108,6 +109,9 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         calibration_bins=10,  # equal-width bins of the ECE and the reliability diagram
         operating_point="youden", target_sensitivity=0.9))  # threshold chosen on validation: youden | sensitivity
     c.parallel = "mesh"  # or "pmap"
+    # mesh only: "replicated" (each device holds the whole state) or "fsdp" (parameters and optimizer state
+    # sharded over the devices, gathered layer by layer in the step: a device-count-th of the state's memory)
+    c.sharding = "replicated"
     # jax.distributed.initialize(): also without this under srun or mpirun with several processes, with
     # JAX_COORDINATOR_ADDRESS, or launch.py's --coordinator_address (docs/training.md, "Several processes")
     c.distributed = False

@@ -216,7 +216,7 @@ class Experiment:
     def train_step(self, axis_name: str | None = None, num_shards: int = 1):
         """The pure train step (`mmjax/training/step.py`); `axis_name` under pmap."""
         return make_train_step(self.model, self.optimizer, self.tasks, self.loss_weights, axis_name=axis_name,
-                               num_shards=num_shards, **self.loss_settings)
+                               num_shards=num_shards, accum_steps=accum_steps(self.config), **self.loss_settings)
 
     def eval_step(self):
         """The pure eval step: params, batch -> predictions (probabilities or values) per task."""
@@ -321,9 +321,21 @@ def loss_settings(config) -> dict:
                 focal_gamma=gamma, focal_alpha=None if alpha == -1.0 else alpha)
 
 
+def accum_steps(config) -> int:
+    """`train.accum_steps`: microbatches per step (1: none)."""
+    k = int(config.train.get("accum_steps", 1))
+    if k < 1:
+        raise ConfigError(f"--config.train.accum_steps={k} must be >= 1")
+    return k
+
+
 def check_divisible(config) -> None:
-    """Batch sizes must split evenly over the devices."""
-    n_dev = jax.device_count()
-    for name, size in (("train.batch_size", config.train.batch_size), ("eval_batch_size", config.eval_batch_size)):
-        if size % n_dev:
-            raise ConfigError(f"--config.{name}={size} must be divisible by the {n_dev} devices")
+    """Batch sizes must split evenly over the devices (a training batch into `accum_steps` microbatches
+    that each do)."""
+    n_dev, k = jax.device_count(), accum_steps(config)
+    if config.train.batch_size % (n_dev * k):
+        raise ConfigError(f"--config.train.batch_size={config.train.batch_size} must be divisible by the {n_dev} "
+                          f"devices{f' times train.accum_steps={k}' if k > 1 else ''}")
+    if config.eval_batch_size % n_dev:
+        raise ConfigError(f"--config.eval_batch_size={config.eval_batch_size} must be divisible by the {n_dev} "
+                          "devices")

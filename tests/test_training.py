@@ -57,10 +57,11 @@ def test_learning_rate_warms_up_and_decays(tiny_builder):
     assert float(lr(99)) == pytest.approx(1e-3 * c.end_lr_factor, rel=0.05)
 
 
-def _setup(tiny_builder, tiny_spec):
+def _setup(tiny_builder, tiny_spec, task_weighting="fixed"):
     # One modality, every task: what is tested is the parallel paths (the same computation on 1 device, on a
     # mesh of 8 and under pmap), and compiling the 4-modality model three times took 179 s of the suite.
     config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.loss.task_weighting = task_weighting
     config.model.modality_dropout = 0.0  # the paths then see identical computations
     exp = Experiment.from_spec(tiny_spec, config)
     tasks, model = exp.tasks, exp.model
@@ -96,6 +97,59 @@ def test_mesh_and_pmap_match_one_device(tiny_builder, tiny_spec):
             np.testing.assert_allclose(float(m[k]), float(m1[k]), rtol=1e-5, err_msg=k)
     for s in (s2, s3):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), s.params, s1.params)
+
+
+@pytest.mark.parametrize("weighting,k,mesh", [("fixed", 2, True), ("uncertainty", 4, False), ("pcgrad", 2, False)])
+def test_accumulated_microbatches_equal_the_whole_batch(tiny_builder, tiny_spec, weighting, k, mesh):
+    """accum_steps=k: the same loss, per-task losses and update as the whole batch in one pass, with the
+    auxiliary heads' counts (which the model's masks decide) and each weighting's terms."""
+    model, tx, tasks, batch, state, weights = _setup(tiny_builder, tiny_spec, weighting)
+    batch = {**batch, "label_mask": {**batch["label_mask"]}}
+    batch["label_mask"]["mortality"] = batch["label_mask"]["mortality"].copy()
+    batch["label_mask"]["mortality"][1::3] = False  # unequal label counts across the microbatches
+    host = jax.device_get(state)
+    steps = [make_train_step(model, tx, tasks, weights, task_weighting=weighting, accum_steps=n) for n in (1, k)]
+    if mesh:
+        m = parallel.make_mesh()
+        repl, shard = parallel.replicated(m), parallel.batch_sharding(m)
+        run = [jax.jit(f, in_shardings=(repl, shard), out_shardings=(repl, repl)) for f in steps]
+        args = lambda: (jax.device_put(host, repl), parallel.global_batch(batch, shard))
+    else:
+        run = [jax.jit(f) for f in steps]
+        args = lambda: jax.device_put((host, batch), jax.devices()[0])
+    (s1, m1), (sk, mk) = (f(*args()) for f in run)
+    for key in ("loss", "loss_diagnosis", "loss_severity", "loss_mortality", "grad_norm"):
+        np.testing.assert_allclose(float(mk[key]), float(m1[key]), rtol=2e-5, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), sk.params, s1.params)
+
+
+def test_fsdp_creates_the_state_sharded_and_trains_as_replicated(tiny_builder, tiny_spec, tmp_path):
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.train.update(num_steps=4, eval_every=2, checkpoint_every=2, log_every=1)
+    exp = Experiment.from_spec(tiny_spec, config)
+    strategy = parallel.make_strategy("mesh", "fsdp")
+    state = strategy.create_state(exp.init_state, jax.random.PRNGKey(0))
+    big = max(jax.tree.leaves(state.params), key=lambda x: x.size)
+    assert [s.data.size for s in big.addressable_shards] == [big.size // 8] * 8  # an eighth on each device
+    mu = jax.tree.leaves(state.opt_state)
+    assert any(x.shape == big.shape and x.sharding == big.sharding for x in mu)  # Adam's moments alike
+
+    runs = {}
+    for name in ("replicated", "fsdp"):
+        config.sharding = name
+        runs[name] = train_and_evaluate(config, str(tmp_path / name))
+    losses = {n: [e["loss"] for e in map(json.loads, open(tmp_path / n / "metrics.jsonl")) if e["event"] == "train"]
+              for n in runs}
+    np.testing.assert_allclose(losses["fsdp"], losses["replicated"], rtol=1e-5)
+    assert runs["fsdp"]["test"]["macro_auroc"] == pytest.approx(runs["replicated"]["test"]["macro_auroc"], abs=1e-6)
+    r, f = (runs[n]["run"]["state_bytes_per_device"] for n in ("replicated", "fsdp"))
+    assert f < r / 4, (f, r)
+    # an FSDP run resumes replicated (and back): the checkpoint holds whole arrays, saved by shard
+    config.sharding, config.train.stop_at_step = "fsdp", 2
+    assert train_and_evaluate(config, str(tmp_path / "mixed")) == {"stopped_at_step": 2}
+    config.sharding, config.train.stop_at_step = "replicated", 0
+    mixed = train_and_evaluate(config, str(tmp_path / "mixed"))
+    assert mixed["test"]["macro_auroc"] == pytest.approx(runs["replicated"]["test"]["macro_auroc"], abs=1e-6)
 
 
 def test_checkpoint_round_trip(tiny_builder, tiny_spec, tmp_path):

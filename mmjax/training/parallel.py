@@ -4,13 +4,14 @@ Mesh path: parameters replicated, the batch sharded on the `data` axis, the step
 with the state donated. Pmap path: the state replicated on every local device, the batch split
 into `[devices, B / devices, ...]`, the same step function reducing with `psum`.
 
-`make_strategy(config.parallel)` gives the object the train loop and evaluation use for either:
+`make_strategy(config.parallel, config.sharding)` gives the object the train loop and evaluation use for either:
 it owns jitting, device placement, host transfer and restore, so the loop never asks which.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import jax
@@ -150,26 +151,58 @@ def abstract_state(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+# FSDP leaves arrays smaller than this replicated: their gathers would cost more than they save
+FSDP_MIN_SIZE = 2**10
+
+
+def fsdp_spec(shape: tuple, n: int) -> P:
+    """The `data` axis on the array's largest dimension that `n` devices divide (the last of equals:
+    a kernel's output features), else replicated."""
+    dims = [d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n]
+    if n == 1 or not dims or math.prod(shape) < FSDP_MIN_SIZE:
+        return P()
+    d = max(dims, key=lambda i: (shape[i], i))
+    return P(*([None] * d), DATA_AXIS)
+
+
 class MeshStrategy:
-    """jit over a named mesh: the state replicated, the batch sharded on `data`, the state donated."""
+    """jit over a named mesh: the batch sharded on `data`, the state donated, and the state replicated
+    (`sharding='replicated'`) or sharded over `data` too (`'fsdp'`: each parameter and its optimizer
+    moments split on one dimension; XLA gathers them where the step needs them whole)."""
 
     name = "mesh"
 
-    def __init__(self):
+    def __init__(self, sharding: str = "replicated"):
+        if sharding not in ("replicated", "fsdp"):
+            raise ValueError(f"sharding={sharding!r}: use 'replicated' or 'fsdp'")
+        self.sharding = sharding
         self.mesh = make_mesh()
         self.replicated = replicated(self.mesh)
         self.batch_sharding = batch_sharding(self.mesh)
+        self.state_sharding = None  # set by create_state: the state's shardings, leaf by leaf
+
+    def shardings(self, abstract):
+        """The sharding of each array of `abstract` (shapes) under this strategy."""
+        if self.sharding == "replicated":
+            return jax.tree.map(lambda _: self.replicated, abstract)
+        n = self.mesh.shape[DATA_AXIS]
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(tuple(x.shape), n)), abstract)
 
     def create_state(self, init, rng):
-        """`init(rng)` jitted with the state created replicated (never whole on the host)."""
-        return jax.jit(init, out_shardings=self.replicated)(rng)
+        """`init(rng)` jitted with the state created in its shardings (never whole on one device or the host)."""
+        self.state_sharding = self.shardings(jax.eval_shape(init, rng))
+        return jax.jit(init, out_shardings=self.state_sharding)(rng)
 
     def place(self, state):
         """The state (created or restored by `create_state`'s shardings) as the step takes it."""
         return state
 
+    def put_params(self, params):
+        """Parameters from elsewhere (a warm start) in the state's shardings."""
+        return jax.device_put(params, self.state_sharding.params if self.state_sharding else self.replicated)
+
     def host_state(self, state):
-        """The state as checkpoints hold it: one copy of each array."""
+        """The state as checkpoints hold it: one copy of each array (sharded arrays are saved by shard)."""
         return state
 
     def put(self, local_batch: dict) -> dict:
@@ -177,16 +210,18 @@ class MeshStrategy:
 
     def train_step(self, make_step):
         """`make_step(axis_name, num_shards)` -> the pure step; returns it compiled, state donated."""
-        return jax.jit(make_step(None, 1), in_shardings=(self.replicated, self.batch_sharding),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        state = self.state_sharding or self.replicated
+        return jax.jit(make_step(None, 1), in_shardings=(state, self.batch_sharding),
+                       out_shardings=(state, self.replicated), donate_argnums=0)
 
     def predictor(self, eval_step):
         """predict(params, host batch) -> this process's rows of the predictions, on the host."""
-        step = jax.jit(eval_step, in_shardings=(self.replicated, self.batch_sharding))
+        params = self.state_sharding.params if self.state_sharding else self.replicated
+        step = jax.jit(eval_step, in_shardings=(params, self.batch_sharding))
         return lambda params, batch: jax.tree.map(local_rows, step(params, self.put(batch)))
 
     def restore(self, manager, state, step: int | None = None):
-        """(state, data iterator state) of checkpoint `step` (default: the latest), placed as `state` is."""
+        """(state, data state) of checkpoint `step` (default: the latest), placed as `state` is."""
         return checkpoint.restore(manager, abstract_state(state), step)
 
 
@@ -220,9 +255,25 @@ class PmapStrategy(MeshStrategy):
         return self.place(restored), data
 
 
-def make_strategy(name: str) -> MeshStrategy:
-    """`config.parallel`: 'mesh' (jit over a named mesh) or 'pmap'."""
+def make_strategy(name: str, sharding: str = "replicated") -> MeshStrategy:
+    """`config.parallel`: 'mesh' (jit over a named mesh) or 'pmap'; `config.sharding` (mesh only):
+    'replicated' or 'fsdp'."""
     strategies = {s.name: s for s in (MeshStrategy, PmapStrategy)}
     if name not in strategies:
         raise ValueError(f"parallel={name!r}: use 'mesh' or 'pmap'")
-    return strategies[name]()
+    if name == "pmap":
+        if sharding != "replicated":
+            raise ValueError(f"sharding={sharding!r} needs parallel='mesh' (pmap keeps a whole copy per device)")
+        return PmapStrategy()
+    return MeshStrategy(sharding)
+
+
+def state_bytes_per_device(state) -> int:
+    """Bytes of `state`'s arrays held on the first device (a pmap state: its first copy)."""
+    device, total = jax.devices()[0], 0
+    for x in jax.tree.leaves(state):
+        if isinstance(x, jax.Array):
+            total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+        else:
+            total += np.asarray(x).nbytes
+    return total

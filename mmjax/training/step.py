@@ -26,11 +26,11 @@ def _reducer(axis_name):
     return (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
 
 
-def _loss_fns(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight, class_weights, focal_gamma,
+def _loss_fns(model, tasks, loss_weights, count_reduce, num_shards, modality_heads_weight, class_weights, focal_gamma,
               focal_alpha):
-    """(loss_fn, objectives): the joint loss, and the `[K]` vector of each task's term of it (PCGrad)."""
-    reduce = _reducer(axis_name)
-    kw = dict(count_reduce=reduce, weights=class_weights, focal_gamma=focal_gamma, focal_alpha=focal_alpha)
+    """(loss_fn, objectives): the joint loss, and the `[K]` vector of each task's term of it (PCGrad).
+    `count_reduce`: a shard's label count -> the count of the whole batch (each mean's denominator)."""
+    kw = dict(count_reduce=count_reduce, weights=class_weights, focal_gamma=focal_gamma, focal_alpha=focal_alpha)
 
     def parts(params, batch, rng, task_scale):
         outputs, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
@@ -67,8 +67,8 @@ def make_loss_fn(model, tasks: Sequence[TaskSpec], loss_weights=None, axis_name:
     """loss_fn(params, batch, rng, task_scale=None) -> (this shard's joint loss, {task: its loss}) in train
     mode. `class_weights`: {task: class or positive weights} (`losses.class_weights`); `task_scale`: `[K]`
     factors on the fixed task weights (DWA)."""
-    return _loss_fns(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight, class_weights,
-                     focal_gamma, focal_alpha)[0]
+    return _loss_fns(model, tasks, loss_weights, _reducer(axis_name), num_shards, modality_heads_weight,
+                     class_weights, focal_gamma, focal_alpha)[0]
 
 
 def step_keys(state: TrainState, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
@@ -80,41 +80,97 @@ def step_keys(state: TrainState, axis_name: str | None = None) -> tuple[jax.Arra
     return key, (jax.random.fold_in(key, jax.lax.axis_index(axis_name)) if axis_name else key)
 
 
+def microbatches(batch, k: int):
+    """[B, ...] -> [k, B / k, ...], microbatch j holding rows j, j + k, j + 2k, ...: a device's contiguous
+    rows of a sharded batch split alike, so no row moves between devices."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into accum_steps={k} microbatches")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(contributions, params, batch, rng, k: int, reduce):
+    """The sums over `k` microbatches of `contributions(params, microbatch, rng, count_reduce)` (a loss or
+    the task terms, the per-task losses, the gradients), equal to one pass over the whole batch.
+
+    Each mean's denominator must be the whole batch's count, known before any microbatch's loss: a first
+    pass records every count a microbatch's loss takes (in the order the loss asks for them: labels,
+    then the masks of the model's own, e.g. after modality dropout), summed over the microbatches and
+    `reduce`d over devices; XLA keeps of that pass only what the counts need, not the model's arithmetic.
+    The second pass replays the totals in the same order while it sums the microbatches' gradients."""
+    parts = microbatches(batch, k)
+    keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(k))
+
+    def counts(x):
+        seen = []
+        contributions(params, x[0], x[1], lambda c: seen.append(c) or c)
+        return jnp.stack(seen)
+
+    totals = reduce(jnp.sum(jax.lax.map(counts, (parts, keys)), axis=0))
+
+    def body(acc, x):
+        order = iter(range(totals.shape[0]))
+        out = contributions(params, x[0], x[1], lambda c: totals[next(order)])
+        return jax.tree.map(jnp.add, acc, out), None
+
+    first = jax.tree.map(lambda a: a[0], parts)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(lambda: contributions(params, first, rng, lambda c: c)))
+    return jax.lax.scan(body, zeros, (parts, keys))[0]
+
+
 def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
                     num_shards: int = 1, modality_heads_weight: float = 0.0, class_weights=None,
                     task_weighting: losses.TaskWeighting | str = "fixed", focal_gamma: float = 0.0,
-                    focal_alpha=None):
+                    focal_alpha=None, accum_steps: int = 1):
     """train_step(state, batch) -> (state, metrics). `task_weighting`: 'fixed' and 'uncertainty' (the
     model's `task_log_vars`) differentiate the joint loss; 'dwa' scales the fixed weights by DWA's
     (`state.loss_state` carries the window statistics); 'pcgrad' takes each task's gradient (one
-    forward pass, K backward passes under vmap), sums them over devices under pmap, then projects."""
+    forward pass, K backward passes under vmap), sums them over devices under pmap, then projects.
+    `accum_steps` = k > 1: the batch in k microbatches, their gradients summed before the one update
+    (the same loss and update as the whole batch at a k-th of the activation memory; dropout and
+    modality dropout draw other masks, from a key per microbatch)."""
     weighting = losses.TaskWeighting(task_weighting) if isinstance(task_weighting, str) else task_weighting
     reduce = _reducer(axis_name)
-    loss_fn, objectives = _loss_fns(model, tasks, loss_weights, axis_name, num_shards, modality_heads_weight,
-                                    class_weights, focal_gamma, focal_alpha)
+    settings = (modality_heads_weight, class_weights, focal_gamma, focal_alpha)
+
+    def contributions(params, batch, rng, scale, count_reduce, shards):
+        """What is summed over devices (and microbatches): the loss, or PCGrad's task terms; the
+        per-task losses; the gradients, or each task's."""
+        loss_fn, objectives = _loss_fns(model, tasks, loss_weights, count_reduce, shards, *settings)
+        if weighting.kind == "pcgrad":
+            terms, task_vjp, per_task = jax.vjp(lambda p: objectives(p, batch, rng), params, has_aux=True)
+            (task_grads,) = jax.vmap(task_vjp)(jnp.eye(len(tasks), dtype=terms.dtype))  # leaves [K, ...]
+            return terms, per_task, task_grads
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, scale)
+        return loss, per_task, grads
 
     def train_step(state: TrainState, batch):
         key, rng = step_keys(state, axis_name)
-        extra = {}
+        extra, scale = {}, None
+        if weighting.kind == "dwa":
+            if "dwa_window_means" not in state.loss_state:
+                raise ValueError("task_weighting='dwa' needs the state's loss_state from "
+                                 "losses.init_loss_state (create_state(..., loss_state=...))")
+            ready = state.step >= 2 * weighting.dwa_window
+            scale = losses.dwa_weights(state.loss_state["dwa_window_means"], ready, weighting.dwa_temperature)
+            extra.update({f"task_weight_{t.name}": scale[i] for i, t in enumerate(tasks)})
+        if accum_steps == 1:
+            out = contributions(state.params, batch, rng, scale, reduce, num_shards)
+        else:  # a log-variance term per shard and microbatch: each adds its share
+            out = _accumulate(lambda p, b, r, count: contributions(p, b, r, scale, count, num_shards * accum_steps),
+                              state.params, batch, rng, accum_steps, reduce)
+        first, per_task, grads = reduce(out)
         if weighting.kind == "pcgrad":
-            terms, task_vjp, per_task = jax.vjp(lambda p: objectives(p, batch, rng), state.params, has_aux=True)
-            (task_grads,) = jax.vmap(task_vjp)(jnp.eye(len(tasks), dtype=terms.dtype))  # leaves [K, ...]
-            terms, per_task, task_grads = reduce(terms), reduce(per_task), reduce(task_grads)
             # The projection order comes from the step's key, folded apart from dropout's use of it.
-            grads, extra["pcgrad_conflicts"] = losses.pcgrad(task_grads, jax.random.fold_in(key, 0x5C),
+            grads, extra["pcgrad_conflicts"] = losses.pcgrad(grads, jax.random.fold_in(key, 0x5C),
                                                               losses.shared_parameters(state.params))
-            loss = jnp.sum(terms)
+            loss = jnp.sum(first)
         else:
-            scale = None
-            if weighting.kind == "dwa":
-                if "dwa_window_means" not in state.loss_state:
-                    raise ValueError("task_weighting='dwa' needs the state's loss_state from "
-                                     "losses.init_loss_state (create_state(..., loss_state=...))")
-                ready = state.step >= 2 * weighting.dwa_window
-                scale = losses.dwa_weights(state.loss_state["dwa_window_means"], ready, weighting.dwa_temperature)
-                extra.update({f"task_weight_{t.name}": scale[i] for i, t in enumerate(tasks)})
-            (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, scale)
-            loss, per_task, grads = reduce(loss), reduce(per_task), reduce(grads)
+            loss = first
         loss_state = state.loss_state
         if weighting.kind == "dwa":  # the per-task losses are global here (after psum), as the weights need
             loss_state = losses.dwa_update(loss_state, jnp.stack([per_task[t.name] for t in tasks]), state.step,

@@ -86,6 +86,7 @@ class Run:
     validate: bool
     start_step: int
     n_params: int
+    state_bytes: int  # the state's bytes on one device
 
 
 def report_truncation(exp: Experiment) -> None:
@@ -104,7 +105,7 @@ def init_or_restore(config, workdir: str) -> Run:
     """The experiment, its strategy and state; resumed from this workdir's latest checkpoint, else
     warm-started from `init_from`, else fresh."""
     parallel.maybe_initialize_distributed(config.distributed)
-    strategy = parallel.make_strategy(config.parallel)
+    strategy = parallel.make_strategy(config.parallel, config.get("sharding", "replicated"))
     is_main = jax.process_index() == 0
     check_divisible(config)
     resuming = check_resume(config, workdir)  # before the data is prepared or anything written
@@ -134,6 +135,11 @@ def init_or_restore(config, workdir: str) -> Run:
 
     state = strategy.create_state(exp.init_state, jax.random.PRNGKey(config.seed))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    state_bytes = parallel.state_bytes_per_device(state)
+    if getattr(strategy, "sharding", "replicated") == "fsdp" and is_main:
+        whole = sum(x.nbytes for x in jax.tree.leaves(state))
+        print(f"FSDP over {jax.device_count()} devices: the state (parameters and optimizer) takes "
+              f"{state_bytes / 2**20:.2f} MiB per device, {whole / 2**20:.2f} MiB whole", flush=True)
     manager = checkpoint.make_manager(exp.path(CHECKPOINTS), config.train.checkpoint_every,
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
@@ -151,7 +157,7 @@ def init_or_restore(config, workdir: str) -> Run:
         exp.save_config(os.path.join(CONFIG_HISTORY, f"from_step_{start}.json"))
     writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size, resume_step=start)
     return Run(exp, workdir, strategy, state, train_iter, manager, train_step, strategy.predictor(exp.eval_step()),
-               writer, validate, start, int(n_params))
+               writer, validate, start, int(n_params), state_bytes)
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -270,7 +276,7 @@ def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
     elif config.init_from:
         subtrees = checkpoint.parse_subtrees(config.init_params)  # {}: every parameter
         params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
-        state = state.replace(params=jax.device_put(params, strategy.replicated))
+        state = state.replace(params=strategy.put_params(params))
         loaded = sum(x.size for name in (subtrees or params) for x in jax.tree.leaves(params[name]))
         what = ", ".join(t if s == t else f"{t} (from {s})" for t, s in subtrees.items()) or "all parameters"
         print(f"Initialized {what} ({loaded:,} of {n_params:,} parameters) from {config.init_from} "
@@ -375,7 +381,8 @@ def finish(run: Run, loop: dict) -> dict:
     run_info = {
         "steps_run": step - run.start_step, "evaluated_step": int(evaluated_step), "parameters": run.n_params,
         "devices": jax.device_count(), "processes": n_proc,
-        "parallel": c.parallel, "wall_seconds": round(loop["wall_seconds"], 2),
+        "parallel": c.parallel, "sharding": c.get("sharding", "replicated"), "state_bytes_per_device": run.state_bytes,
+        "accum_steps": c.train.get("accum_steps", 1), "wall_seconds": round(loop["wall_seconds"], 2),
         "first_step_seconds_incl_compile": round(loop["first_step_s"] or 0.0, 3),
         "compilations_in_first_step": loop["first_step_compiles"],
         "train_step_recompilations_after_first_step": _cache_size(run.train_step) - 1,
