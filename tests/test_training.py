@@ -57,17 +57,20 @@ def test_learning_rate_warms_up_and_decays(tiny_builder):
     assert float(lr(99)) == pytest.approx(1e-3 * c.end_lr_factor, rel=0.05)
 
 
-def _setup(tiny_builder, tiny_spec, task_weighting="fixed"):
+def _setup(tiny_builder, tiny_spec, task_weighting="fixed", dropout=False, modalities="tabular"):
     # One modality, every task: what is tested is the parallel paths (the same computation on 1 device, on a
     # mesh of 8 and under pmap), and compiling the 4-modality model three times took 179 s of the suite.
-    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config = smoke_config(tiny_builder, f"smoke,modalities={modalities}")
     config.loss.task_weighting = task_weighting
-    config.model.modality_dropout = 0.0  # the paths then see identical computations
+    if dropout:
+        config.model.update(modality_dropout=0.5, dropout=0.2)
+    else:  # pmap draws its masks per device, as it must: the paths then see identical computations
+        config.model.modality_dropout = 0.0
     exp = Experiment.from_spec(tiny_spec, config)
     tasks, model = exp.tasks, exp.model
     tx = make_optimizer(config.optimizer, 10)
     batch = next(iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, 0, shard_index=0, shard_count=1,
-                                            modalities=("tabular",),
+                                            modalities=tuple(modalities.split("+")),
                                             text_max_length=config.data.text_max_length)))
     batch = parallel.device_batch(batch)
     state = create_state(model, tx, batch, jax.random.PRNGKey(0))
@@ -150,6 +153,24 @@ def test_fsdp_creates_the_state_sharded_and_trains_as_replicated(tiny_builder, t
     config.sharding, config.train.stop_at_step = "replicated", 0
     mixed = train_and_evaluate(config, str(tmp_path / "mixed"))
     assert mixed["test"]["macro_auroc"] == pytest.approx(runs["replicated"]["test"]["macro_auroc"], abs=1e-6)
+
+
+def test_mesh_draws_the_dropout_masks_of_one_device(tiny_builder, tiny_spec):
+    """With dropout and modality dropout on, the mesh step (the global batch's masks, drawn sharded) is
+    the one-device step: a run's randomness does not depend on the device count."""
+    model, tx, tasks, batch, state, weights = _setup(tiny_builder, tiny_spec, dropout=True, modalities="tabular+text")
+    step = make_train_step(model, tx, tasks, weights)
+    host = jax.device_get(state)
+    s1, m1 = jax.jit(step)(*jax.device_put((host, batch), jax.devices()[0]))
+    mesh = parallel.make_mesh()
+    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    s2, m2 = jax.jit(step, in_shardings=(repl, shard), out_shardings=(repl, repl))(
+        jax.device_put(host, repl), parallel.global_batch(batch, shard))
+    _, m0 = jax.jit(step)(*jax.device_put((host.replace(rng=jax.random.PRNGKey(7)), batch), jax.devices()[0]))
+    assert abs(float(m0["loss"]) - float(m1["loss"])) > 1e-3  # the masks are drawn and do change the loss
+    for k in ("loss", "loss_diagnosis", "grad_norm"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), s2.params, s1.params)
 
 
 def test_checkpoint_round_trip(tiny_builder, tiny_spec, tmp_path):
