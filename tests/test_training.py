@@ -245,6 +245,25 @@ def test_best_checkpoint_is_kept_with_the_latest(tiny_builder, tmp_path, paralle
     assert again["test"]["macro_auroc"] == pytest.approx(results["test"]["macro_auroc"], abs=1e-12)
 
 
+def test_an_unreadable_best_checkpoint_leaves_the_final_evaluation_on_the_last_step(tiny_builder, tmp_path,
+                                                                                     monkeypatch, capsys):
+    config = smoke_config(tiny_builder, "smoke,modalities=tabular")
+    config.train.update(num_steps=4, checkpoint_every=2, eval_every=2, log_every=2)
+    monkeypatch.setattr(ocp.CheckpointManager, "best_step", lambda self: 2)
+    read = checkpoint.restore
+
+    def restore(manager, abstract, step=None):
+        if step == 2:
+            raise ValueError("OUT_OF_RANGE: a truncated file\n(the rest of a long message)")
+        return read(manager, abstract, step)
+
+    monkeypatch.setattr(checkpoint, "restore", restore)
+    results = train_and_evaluate(config, str(tmp_path))
+    assert results["run"]["evaluated_step"] == 4
+    out = capsys.readouterr().out
+    assert "step 2, cannot be read (OUT_OF_RANGE: a truncated file): the final evaluation uses the last step, 4" in out
+
+
 @pytest.mark.parametrize("lower", [False, True])
 def test_manager_keeps_the_best_by_metric_besides_the_latest(tmp_path, lower):
     values = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7}  # higher is better: 2 is the best; lower: 1

@@ -167,7 +167,7 @@ def restore(manager, abstract_state: TrainState, step: int | None = None):
         try:
             restored = _restore(manager, abstract_state, s)
         except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
-            _collect_failed_read()
+            collect_failed_read()
             unreadable.append((s, e))
             continue
         for bad, error in unreadable:
@@ -205,10 +205,10 @@ def _set_aside(manager, step: int, error: Exception, instead: int) -> None:
         aside += f".{int(time.time())}"
     os.replace(os.path.join(directory, str(step)), aside)
     logging.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, resuming from step %d",
-                    step, directory, type(error).__name__, _first_line(error), aside, instead)
+                    step, directory, type(error).__name__, first_line(error), aside, instead)
 
 
-def _collect_failed_read() -> None:
+def collect_failed_read() -> None:
     """The aftermath of a failed read, kept off the console: Orbax leaves the futures of the other
     arrays holding their errors (collected later, each would log a traceback: collected now, without
     the log), and TensorStore's threads, finishing those reads after Orbax closed its event loop,
@@ -234,7 +234,7 @@ def _drop_closed_loop_errors() -> None:
     sys.unraisablehook = hook
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else ""
 
@@ -311,11 +311,11 @@ def _or_warn(read, step: int, directory: str, after: int | None):
     try:
         return read()
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for a bad file)
-        _collect_failed_read()
+        collect_failed_read()
         if after is None:
             raise
         logging.warning("checkpoint step %d in %s cannot be read (%s: %s); using step %d instead",
-                        step, directory, type(e).__name__, _first_line(e), after)
+                        step, directory, type(e).__name__, first_line(e), after)
         return None
 
 

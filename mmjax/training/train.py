@@ -272,7 +272,8 @@ def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
         state, data_state = checkpoint.restore(manager, parallel.abstract_state(state))
         check_data_position(config, data_state or {}, int(state.step))
         logging.info("resumed from %s at step %d", workdir, int(state.step))
-        print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
+        if jax.process_index() == 0:
+            print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
     elif config.init_from:
         subtrees = checkpoint.parse_subtrees(config.init_params)  # {}: every parameter
         params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
@@ -341,7 +342,8 @@ def fit(run: Run) -> dict:
             val, collected = _metrics_on(run, "validation")
             validation = (step, val, collected)
             run.writer.write("validation", step, val)
-            print(f"step {step}: validation {c.best_metric} {metric_value(val, c.best_metric):.4f}", flush=True)
+            if jax.process_index() == 0:
+                print(f"step {step}: validation {c.best_metric} {metric_value(val, c.best_metric):.4f}", flush=True)
             run.writer.reset_clock(step)
         if step % c.train.checkpoint_every == 0 or last:
             metric = {c.best_metric: metric_value(val, c.best_metric)} if val else None
@@ -367,12 +369,22 @@ def finish(run: Run, loop: dict) -> dict:
     evaluated_step, collected, results = step, {}, {}
     if loop["validation"] and loop["validation"][0] == step:  # the last step's validation is this state's
         results["validation"], collected["validation"] = loop["validation"][1:]
-    if final == "best" and run.validate and run.manager.best_step() not in (None, step):
-        evaluated_step = run.manager.best_step()
-        run.state = run.strategy.restore(run.manager, run.state, evaluated_step)[0]
-        results.pop("validation", None)
-        print(f"Final evaluation with the best checkpoint by validation {c.best_metric}: step "
-              f"{evaluated_step} of {step}", flush=True)
+    best = run.manager.best_step() if final == "best" and run.validate else None
+    if best not in (None, step):
+        try:
+            run.state = run.strategy.restore(run.manager, run.state, best)[0]
+        except Exception as e:  # noqa: BLE001  (an unreadable best checkpoint: the last step is in memory)
+            if jax.process_count() > 1:
+                raise
+            checkpoint.collect_failed_read()
+            print(f"Warning: the best checkpoint by validation, step {best}, cannot be read "
+                  f"({checkpoint.first_line(e)}): the final evaluation uses the last step, {step}", flush=True)
+        else:
+            evaluated_step = best
+            results.pop("validation", None)
+            if jax.process_index() == 0:
+                print(f"Final evaluation with the best checkpoint by validation {c.best_metric}: step "
+                      f"{evaluated_step} of {step}", flush=True)
     if run.validate and "validation" not in results:
         results["validation"], collected["validation"] = _metrics_on(run, "validation")
     if "test" in exp.splits:
