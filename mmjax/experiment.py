@@ -227,8 +227,24 @@ class Experiment:
     def builder(self):
         """The prepared dataset the config names (prepared on first use)."""
         if self._builder is None:
-            self._builder = sources.builder_from_config(self.config.data)
+            builder = sources.builder_from_config(self.config.data)
+            if self.workdir is not None:  # a trained run's: the data it recorded, not data changed since
+                self._check_recorded_splits(DatasetSpec.from_builder(builder))
+            self._builder = builder
         return self._builder
+
+    def _check_recorded_splits(self, prepared: DatasetSpec) -> None:
+        """The prepared dataset must have the split sizes and tasks this workdir's run recorded (its
+        preprocessing statistics and vocabularies come from the record itself): otherwise the manifest
+        or its files changed since training, and a split would hold other patients."""
+        differ = [what for what, same in (("split sizes", dict(self.spec.split_sizes) == dict(prepared.split_sizes)),
+                                          ("tasks", tuple(self.spec.tasks) == tuple(prepared.tasks))) if not same]
+        if differ:
+            raise ConfigError(f"{self.workdir} was trained on a dataset with other {' and '.join(differ)} than "
+                              f"{self.config.data.get('manifest') or self.config.data.name} prepares now "
+                              f"(split sizes recorded {dict(self.spec.split_sizes)}, now "
+                              f"{dict(prepared.split_sizes)}): the data changed since training; evaluate on the "
+                              "data the run was trained on")
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -799,23 +799,44 @@ def test_a_resume_on_other_data_is_refused_and_each_config_is_kept(uninterrupted
     b = str(tmp_path / "b")
     config.train.stop_at_step = 3
     train_and_evaluate(config, b)
-    spec = json.loads(pathlib.Path(b, "dataset_spec.json").read_text())
-    spec["split_sizes"]["train"] += 1  # as if the dataset had been rebuilt with other fractions
-    pathlib.Path(b, "dataset_spec.json").write_text(json.dumps(spec))
+    # the spec of the start that trained the checkpoints, kept beside its config; dataset_spec.json (which an
+    # attempt that failed before saving may have rewritten) is not what a resume compares with
+    trained = pathlib.Path(b, "configs", "dataset_spec_from_step_0.json")
+    spec = json.loads(trained.read_text())
+    assert spec == json.loads(pathlib.Path(b, "dataset_spec.json").read_text())
+    spec["split_sizes"]["train"] += 1  # as if the checkpoints had been trained on a dataset with other fractions
+    trained.write_text(json.dumps(spec))
     config.train.stop_at_step = 5  # a key a resume may change
     with pytest.raises(ConfigError, match=r"prepared dataset differs .*\(in split_sizes\)"):
         train_and_evaluate(config, b)
-    pathlib.Path(b, "dataset_spec.json").write_text(json.dumps({**spec, "split_sizes": {
-        **spec["split_sizes"], "train": spec["split_sizes"]["train"] - 1}}))
+    trained.write_text(json.dumps({**spec, "split_sizes": {**spec["split_sizes"],
+                                                           "train": spec["split_sizes"]["train"] - 1}}))
     config.optimizer.learning_rate *= 0.5
     with pytest.raises(ConfigError, match=r"optimizer\.learning_rate"):
         train_and_evaluate(config, b)
     config.allow_config_change = True
     assert train_and_evaluate(config, b) == {"stopped_at_step": 5}
     kept = {p.name: json.loads(p.read_text())["optimizer"]["learning_rate"]
-            for p in pathlib.Path(b, "configs").iterdir()}
+            for p in pathlib.Path(b, "configs").glob("from_step_*.json")}
     lr = config.optimizer.learning_rate
     assert kept == {"from_step_0.json": lr * 2, "from_step_3.json": lr}
+    assert sorted(p.name for p in pathlib.Path(b, "configs").glob("dataset_spec_*")) == [
+        "dataset_spec_from_step_0.json", "dataset_spec_from_step_3.json"]
+
+
+def test_evaluation_refuses_data_that_changed_since_training(uninterrupted, tmp_path):
+    """--mode=evaluate, report and predict prepare the data the run's config names: a manifest edited since
+    training prepares another partition (a new keyed folder), which must not be evaluated as the run's."""
+    from mmjax.evaluation.predictor import Predictor
+
+    _, a, _ = uninterrupted
+    w = shutil.copytree(a, tmp_path / "w")
+    assert Predictor.from_workdir(w).experiment.splits  # unchanged: reads the data
+    spec = json.loads((w / "dataset_spec.json").read_text())
+    spec["split_sizes"]["test"] += 1  # as if the run had been trained before rows moved between splits
+    (w / "dataset_spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=r"trained on a dataset with other split sizes .*'test': 121.*'test': 120"):
+        Predictor.from_workdir(w).batches("test")
 
 
 def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_step(uninterrupted, tmp_path,

@@ -155,6 +155,7 @@ def init_or_restore(config, workdir: str) -> Run:
     train_iter = iter(exp.train_loader(config.train.batch_size // jax.process_count(), start_batch=start))
     if is_main:  # each config that trains a stretch of steps is kept
         exp.save_config(os.path.join(CONFIG_HISTORY, f"from_step_{start}.json"))
+        exp.spec.save(exp.path(CONFIG_HISTORY, f"dataset_spec_from_step_{start}.json"))
     writer = MetricWriter(workdir, config.train.num_steps, config.train.batch_size, resume_step=start)
     return Run(exp, workdir, strategy, state, train_iter, manager, train_step, strategy.predictor(exp.eval_step()),
                writer, validate, start, int(n_params), state_bytes)
@@ -166,17 +167,19 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def _trained_config(workdir: str, latest: int) -> str | None:
+def _trained_config(workdir: str, latest: int, prefix: str = "from_step_", fallback: str = CONFIG_FILE) -> str | None:
     """The config that trained the latest checkpoint: the last start (`configs/from_step_<N>.json`)
     before it. An attempt that started at `latest` and failed before saving (a NaN, a bad flag) trained
-    nothing and does not count. Workdirs from before the history: `config.json`."""
+    nothing and does not count. Workdirs from before the history: `config.json`. With `prefix`
+    'dataset_spec_from_step_' and `fallback` SPEC_FILE: the dataset spec of that start."""
     history = os.path.join(workdir, CONFIG_HISTORY)
-    starts = sorted(int(n[len("from_step_"):-len(".json")]) for n in (os.listdir(history) if os.path.isdir(history)
-                                                                      else []) if n.startswith("from_step_"))
+    names = os.listdir(history) if os.path.isdir(history) else []
+    starts = sorted(int(n[len(prefix):-len(".json")]) for n in names
+                    if n.startswith(prefix) and n[len(prefix):-len(".json")].isdigit())
     before = [s for s in starts if s < latest]
     if before:
-        return os.path.join(history, f"from_step_{before[-1]}.json")
-    path = os.path.join(workdir, CONFIG_FILE)
+        return os.path.join(history, f"{prefix}{before[-1]}.json")
+    path = os.path.join(workdir, fallback)
     return path if os.path.exists(path) else None
 
 
@@ -213,11 +216,12 @@ def check_resume(config, workdir: str) -> bool:
 
 
 def check_same_dataset(exp: Experiment) -> None:
-    """A resumed run must read the dataset its checkpoints were trained on: the dataset spec it saved
-    (split sizes, modalities with their statistics and vocabularies, tasks) equals the prepared
-    one's, unless `--config.allow_config_change=True`."""
-    path = exp.path(SPEC_FILE)
-    if not os.path.exists(path):
+    """A resumed run must read the dataset its checkpoints were trained on: the dataset spec saved by
+    the start that trained the latest checkpoint (split sizes, modalities with their statistics and
+    vocabularies, tasks) equals the prepared one's, unless `--config.allow_config_change=True`."""
+    steps = _checkpoint_steps(exp.workdir)
+    path = _trained_config(exp.workdir, steps[-1], "dataset_spec_from_step_", SPEC_FILE) if steps else None
+    if path is None:
         return
     before, now = DatasetSpec.load(path).to_metadata(), exp.spec.to_metadata()
     differ = [k for k in now if k != "modalities" and k != "tasks" and before.get(k) != now[k]]
