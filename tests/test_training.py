@@ -878,3 +878,24 @@ def test_pmap_draws_other_dropout_masks_on_each_device(tiny_builder, tiny_spec):
     one_shared, one_dropout = step_keys(state)  # jitted over a mesh: one key, as before
     np.testing.assert_array_equal(one_shared, one_dropout)
     np.testing.assert_array_equal(shared[0], np.asarray(one_shared))
+
+
+def test_a_run_killed_inside_a_save_resumes_to_the_same_parameters(uninterrupted, tmp_path, capsys):
+    """The fault-injection script (`mmjax/benchmarks/fault_injection.py`; 20 trials by hand, in
+    docs/results.md), small: one trial killed with SIGKILL inside an asynchronous checkpoint save, resumed,
+    and compared bitwise with the session's uninterrupted run (trained in this process, same command)."""
+    from mmjax.benchmarks import fault_injection
+
+    config, reference, _ = uninterrupted
+    t = config.train
+    code = fault_injection.main([f"--workdir={tmp_path}", "--trials=1", "--moments=save", f"--reference={reference}",
+                                 "--", "--config=experiments/synthetic_patients.py:smoke",
+                                 f"--config.data.data_dir={config.data.data_dir}", f"--config.train.num_steps={t.num_steps}",
+                                 f"--config.train.checkpoint_every={t.checkpoint_every}",
+                                 f"--config.train.eval_every={t.eval_every}", f"--config.train.log_every={t.log_every}"])
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "fault_injection.json").read_text())
+    (trial,) = summary["trials"]
+    assert trial["killed"] and trial["relaunches"] == 1, (trial, out)  # it died inside the save, then resumed
+    assert trial["differences"] == [] and code == 0, out
+    assert "1 of 1 trials ended bitwise equal to the uninterrupted run (1 killed" in out

@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the random moments")
     parser.add_argument("--moments", default=",".join(MOMENTS), help="which kill moments, in turn")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one launch may take")
+    parser.add_argument("--reference", default="", help="a finished uninterrupted run of the same command to "
+                        "compare with, instead of running one (the random moments still time a run)")
     parser.add_argument("overrides", nargs="*", help="launch.py flags after '--' (default: the smoke run)")
     a = parser.parse_args(argv)
     args = SMOKE + a.overrides if not any(o.startswith("--config=") for o in a.overrides) else a.overrides
@@ -174,16 +176,21 @@ def main(argv=None) -> int:
     # one persistent compilation cache for every launch: each trial compiles nothing new
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get(
         "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(a.workdir), "jax_cache"))}
-    reference = os.path.join(a.workdir, "reference")
-    shutil.rmtree(reference, ignore_errors=True)
-    t0 = time.perf_counter()
-    ref = _Watched(_command(reference, args), env)
-    if ref.wait() != 0:
-        print("\n".join(ref.lines[-20:]))
-        raise SystemExit("the uninterrupted run failed")
-    ref_seconds = time.perf_counter() - t0
-    ref_params = final_params(reference)
-    print(f"uninterrupted run: {ref_seconds:.1f} s, {len(ref_params)} parameter arrays", flush=True)
+    if a.reference:
+        reference, ref_seconds = a.reference, 0.0
+        ref_params = final_params(reference)
+        print(f"uninterrupted run: {reference}, {len(ref_params)} parameter arrays", flush=True)
+    else:
+        reference = os.path.join(a.workdir, "reference")
+        shutil.rmtree(reference, ignore_errors=True)
+        t0 = time.perf_counter()
+        ref = _Watched(_command(reference, args), env)
+        if ref.wait() != 0:
+            print("\n".join(ref.lines[-20:]))
+            raise SystemExit("the uninterrupted run failed")
+        ref_seconds = time.perf_counter() - t0
+        ref_params = final_params(reference)
+        print(f"uninterrupted run: {ref_seconds:.1f} s, {len(ref_params)} parameter arrays", flush=True)
     if "random" in moments:  # random moments fall within a run that compiles nothing (the cache is warm)
         warm = os.path.join(a.workdir, "warm")
         shutil.rmtree(warm, ignore_errors=True)
