@@ -888,11 +888,10 @@ def test_a_run_killed_inside_a_save_resumes_to_the_same_parameters(uninterrupted
 
     config, reference, _ = uninterrupted
     t = config.train
+    same = [f"--config.train.{k}={t[k]}" for k in ("num_steps", "checkpoint_every", "eval_every", "log_every")]
     code = fault_injection.main([f"--workdir={tmp_path}", "--trials=1", "--moments=save", f"--reference={reference}",
                                  "--", "--config=experiments/synthetic_patients.py:smoke",
-                                 f"--config.data.data_dir={config.data.data_dir}", f"--config.train.num_steps={t.num_steps}",
-                                 f"--config.train.checkpoint_every={t.checkpoint_every}",
-                                 f"--config.train.eval_every={t.eval_every}", f"--config.train.log_every={t.log_every}"])
+                                 f"--config.data.data_dir={config.data.data_dir}", *same])
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "fault_injection.json").read_text())
     (trial,) = summary["trials"]
