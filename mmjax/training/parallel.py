@@ -1,11 +1,13 @@
 """Data parallelism: a named mesh (the main path) or pmap (the alternative), and multi-process setup.
 
-Mesh path: parameters replicated, the batch sharded on the `data` axis, the step jitted once
-with the state donated. Pmap path: the state replicated on every local device, the batch split
-into `[devices, B / devices, ...]`, the same step function reducing with `psum`.
+Mesh path: the state replicated (or FSDP: sharded over the devices, `MeshStrategy('fsdp')`), the
+batch sharded on the `data` axis, the step jitted once with the state donated. Pmap path: the state
+replicated on every local device, the batch split into `[devices, B / devices, ...]`, the same step
+function reducing with `psum`.
 
-`make_strategy(config.parallel, config.sharding)` gives the object the train loop and evaluation use for either:
-it owns jitting, device placement, host transfer and restore, so the loop never asks which.
+`make_strategy(config.parallel, config.sharding)` gives the object the train loop and evaluation
+use for either: it owns jitting, device placement, host transfer and restore, so the loop never
+asks which.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ class MeshStrategy:
         self.mesh = make_mesh()
         self.replicated = replicated(self.mesh)
         self.batch_sharding = batch_sharding(self.mesh)
-        self.state_sharding = None  # set by create_state: the state's shardings, leaf by leaf
+        self.state_sharding = None  # FSDP: the state's shardings, leaf by leaf (set by create_state)
 
     def shardings(self, abstract):
         """The sharding of each array of `abstract` (shapes) under this strategy."""
@@ -190,8 +192,9 @@ class MeshStrategy:
 
     def create_state(self, init, rng):
         """`init(rng)` jitted with the state created in its shardings (never whole on one device or the host)."""
-        self.state_sharding = self.shardings(jax.eval_shape(init, rng))
-        return jax.jit(init, out_shardings=self.state_sharding)(rng)
+        if self.sharding == "fsdp":  # per array, from the shapes (a replicated state needs no trace for it)
+            self.state_sharding = self.shardings(jax.eval_shape(init, rng))
+        return jax.jit(init, out_shardings=self.state_sharding or self.replicated)(rng)
 
     def place(self, state):
         """The state (created or restored by `create_state`'s shardings) as the step takes it."""
