@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -133,6 +134,15 @@ def test_two_processes_from_a_slurm_environment_train_as_one(tmp_path):
         np.testing.assert_allclose(p["pred/dead"], q["pred/dead"], rtol=1e-5)
         assert p["pred/dead"].dtype == q["pred/dead"].dtype
     # the intervals: the same patients resampled, so the same bounds up to the predictions' float noise
+    # a run started on 2 processes resumes on 1 where it stopped: the global batches do not depend on the
+    # process count (the checkpoint of step 3, kept with the last; the later one removed)
+    moved = shutil.copytree(two, tmp_path / "moved")
+    shutil.rmtree(moved / "checkpoints" / "6")
+    resumed = train_and_evaluate(_config(overrides), str(moved))
+    assert resumed["run"]["steps_run"] == 3 and resumed["run"]["processes"] == 1
+    c = _events(str(moved), "train")
+    np.testing.assert_allclose([c[s]["loss"] for s in range(1, 7)], [b[s]["loss"] for s in range(1, 7)], rtol=1e-5)
+    assert resumed["test"]["dead"]["auroc"] == pytest.approx(one["test"]["dead"]["auroc"], abs=1e-6)
     ci = [json.loads(pathlib.Path(w, "eval", "test.json").read_text())["ci"]["macro_auroc"] for w in (two, ref)]
     assert ci[0]["low"] == pytest.approx(ci[1]["low"], abs=1e-6) and ci[0]["high"] == pytest.approx(ci[1]["high"],
                                                                                                       abs=1e-6)
