@@ -49,7 +49,6 @@ import mmjax.models.build  # noqa: E402,F401  (imports every encoder and fusion 
 from mmjax.benchmarks import train_step as step_benchmark  # noqa: E402
 from mmjax.models import layers  # noqa: E402
 from mmjax.training.optimizer import decay_mask, learning_rate_schedule  # noqa: E402
-from mmjax.training.step import make_loss_fn  # noqa: E402
 
 try:  # optional: without it only the JAX variants run (e.g. on a GPU machine without PyTorch)
     import torch
@@ -124,42 +123,6 @@ def _ms(seconds):
     return round(seconds * 1e3, 1)
 
 
-def check_equivalence(s, net):
-    """With modality dropout off, mmjax and the PyTorch port agree on outputs, loss and gradients."""
-    model = s.model.clone(modality_dropout=0.0)
-    weights = dict(s.config.loss.weights)
-    loss_fn = make_loss_fn(model, s.tasks, weights, modality_heads_weight=s.config.loss.modality_heads_weight)
-    (loss, per_task), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        s.state.params, s.batch, jax.random.PRNGKey(0))
-    outputs, _ = jax.jit(lambda p, b: model.apply({"params": p}, b))(s.state.params, s.batch)
-
-    tb = torch_model.to_torch(s.host_batch)
-    net.modality_dropout = 0.0
-    net.zero_grad(set_to_none=True)
-    out = net(tb, train=True)
-    t_loss, t_per_task = torch_model.joint_loss(out, tb, s.tasks, weights, s.config.loss.modality_heads_weight)
-    t_loss.backward()
-    net.modality_dropout = s.model.modality_dropout
-
-    report = {"loss_jax": float(loss), "loss_torch": t_loss.item()}
-    np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-5)
-    for t in s.tasks:
-        np.testing.assert_allclose(out[0][t.name].detach().numpy(), np.asarray(outputs[t.name]), rtol=1e-4,
-                                   atol=1e-5, err_msg=f"outputs[{t.name}]")
-        np.testing.assert_allclose(t_per_task[t.name].item(), float(per_task[t.name]), rtol=1e-5)
-    flat = {torch_model.torch_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    worst = 0.0
-    for name, p in net.named_parameters():
-        g = torch_model.swap_layout(net, name, p.grad.numpy())
-        scale = max(np.abs(flat[name]).max(), 1e-6)
-        err = float(np.abs(g - flat[name]).max() / scale)
-        if err > 1e-3:
-            raise AssertionError(f"gradient of {name} differs: max error {err:.2e} of its largest entry")
-        worst = max(worst, err)
-    report["max_grad_rel_error"] = worst
-    return report
-
-
 def torch_step_fn(s, net, names):
     """One PyTorch training step on a fixed batch: forward, loss, backward, clip, AdamW. `names`:
     what `load_flax_params` returned when it loaded mmjax's initial parameters into `net`."""
@@ -173,7 +136,7 @@ def torch_step_fn(s, net, names):
     schedule = learning_rate_schedule(cfg, s.config.train.num_steps)
     lrs = np.asarray(schedule(np.arange(s.config.train.num_steps))).tolist()
     tb = torch_model.to_torch(s.host_batch)
-    weights, aux_w = dict(s.config.loss.weights), s.config.loss.modality_heads_weight
+    weights, aux_w = s.loss_weights, s.config.loss.modality_heads_weight
     step = [0]
 
     def run():
@@ -233,7 +196,7 @@ def main(argv):
     for name, net in nets.items():
         loaded[name] = torch_model.load_flax_params(net, s.state.params)
         if _CHECK.value:
-            result[f"check_{name}"] = check_equivalence(s, net)
+            result[f"check_{name}"] = torch_model.check_equivalence(s, net)
             print(f"{name}: same outputs, losses and gradients as mmjax", result[f"check_{name}"], flush=True)
 
     runs, compile_s = {}, {}

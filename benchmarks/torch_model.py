@@ -177,28 +177,32 @@ class SignalEncoder(nn.Module):
 
 
 class CrossAttentionLayer(nn.Module):
-    def __init__(self, d, heads, ratio, sdpa):
+    def __init__(self, d, heads, ratio, sdpa, cross_gate):
         super().__init__()
         self.ln_cross, self.ln_self, self.ln_mlp = _layer_norm(d), _layer_norm(d), _layer_norm(d)
         self.cross_attn = Attention(d, heads, sdpa)
         self.self_attn = Attention(d, heads, sdpa)  # one projection, shared by all modalities, as in mmjax
         self.mlp = MLP(d, ratio * d)
+        # ReZero-style gate on the cross-modal branch, starting closed (mmjax's `cross_gate`)
+        self.gate = nn.Parameter(torch.zeros(())) if cross_gate else None
 
     def forward(self, x, pair_mask, cross_mask, bounds):
-        x = x + self.cross_attn(self.ln_cross(x), cross_mask)
+        h = self.cross_attn(self.ln_cross(x), cross_mask)
+        x = x + (h * self.gate if self.gate is not None else h)
         x = x + self.self_attn(self.ln_self(x), pair_mask, segments=bounds)
         return x + self.mlp(self.ln_mlp(x))
 
 
 class CrossAttentionFusion(nn.Module):
-    def __init__(self, token_counts, d, depth, heads, ratio, sdpa):
+    def __init__(self, token_counts, d, depth, heads, ratio, sdpa, skip=True, cross_gate=True):
         super().__init__()
-        m = len(token_counts)
+        m, summary = len(token_counts), (2 if skip else 1) * d
+        self.skip = skip  # each modality's pooled encoder output beside its attended summary
         self.modality_embedding = nn.Parameter(torch.zeros(m, d))
-        self.missing_embedding = nn.Parameter(torch.zeros(m, d))
-        self.layers = nn.ModuleList(CrossAttentionLayer(d, heads, ratio, sdpa) for _ in range(depth))
+        self.missing_embedding = nn.Parameter(torch.zeros(m, summary))
+        self.layers = nn.ModuleList(CrossAttentionLayer(d, heads, ratio, sdpa, cross_gate) for _ in range(depth))
         self.norm = _layer_norm(d)
-        self.mix = nn.Linear(m * d, d)
+        self.mix = nn.Linear(m * summary, d)
         seg = np.concatenate([np.full(n, i) for i, n in enumerate(token_counts)])
         self.register_buffer("seg", torch.as_tensor(seg))
         self.register_buffer("other", torch.as_tensor(seg[:, None] != seg[None, :]))
@@ -214,6 +218,9 @@ class CrossAttentionFusion(nn.Module):
         x = self.norm(x)
         b = self.bounds
         pooled = torch.stack([masked_mean(x[:, b[i]:b[i + 1]], m) for i, m in enumerate(masks)], dim=1)
+        if self.skip:
+            before = torch.stack([masked_mean(t, m) for t, m in zip(tokens, masks)], dim=1)
+            pooled = torch.cat([before, pooled], dim=-1)
         present = torch.stack([m.any(-1) for m in masks], dim=1)
         summary = torch.where(present[..., None], pooled, self.missing_embedding)
         fused = _gelu(self.mix(summary.flatten(1)))
@@ -286,7 +293,8 @@ class MultimodalModel(nn.Module):
         counts = [enc[mod].trunk.pos_embedding.shape[0] for mod in self.modalities]  # tokens per modality
         fk = dict(fm.fusion_kwargs or {})
         self.fusion = CrossAttentionFusion(counts, d, fk.get("depth", 2), fk.get("num_heads", 4),
-                                           fk.get("mlp_ratio", 2), sdpa)
+                                           fk.get("mlp_ratio", 2), sdpa, fk.get("skip", True),
+                                           fk.get("cross_gate", True))
         self.heads = TaskHeads(self.tasks, 1, d)
         self.modality_heads = TaskHeads(self.tasks, len(self.modalities), d)
 
@@ -391,3 +399,46 @@ def load_flax_params(model: nn.Module, params) -> dict:
     if missing:
         raise KeyError(f"torch parameters without a flax counterpart: {sorted(missing)}")
     return names
+
+
+def check_equivalence(s, net) -> dict:
+    """With modality dropout off, mmjax and this port agree on outputs, losses and gradients (asserted);
+    `s`: a `mmjax.benchmarks.train_step.StepSetup`, `net` loaded with its initial parameters
+    (`load_flax_params`). Returns both losses and the largest gradient error, relative to each
+    parameter's largest gradient entry."""
+    import jax
+
+    from mmjax.training.step import make_loss_fn
+
+    model = s.model.clone(modality_dropout=0.0)
+    weights = s.loss_weights
+    loss_fn = make_loss_fn(model, s.tasks, weights, modality_heads_weight=s.config.loss.modality_heads_weight)
+    (loss, per_task), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        s.state.params, s.batch, jax.random.PRNGKey(0))
+    outputs, _ = jax.jit(lambda p, b: model.apply({"params": p}, b))(s.state.params, s.batch)
+
+    tb = to_torch(s.host_batch)
+    before, net.modality_dropout = net.modality_dropout, 0.0
+    net.zero_grad(set_to_none=True)
+    out = net(tb, train=True)
+    t_loss, t_per_task = joint_loss(out, tb, s.tasks, weights, s.config.loss.modality_heads_weight)
+    t_loss.backward()
+    net.modality_dropout = before
+
+    report = {"loss_jax": float(loss), "loss_torch": t_loss.item()}
+    np.testing.assert_allclose(t_loss.item(), float(loss), rtol=1e-5)
+    for t in s.tasks:
+        np.testing.assert_allclose(out[0][t.name].detach().numpy(), np.asarray(outputs[t.name]), rtol=1e-4,
+                                   atol=1e-5, err_msg=f"outputs[{t.name}]")
+        np.testing.assert_allclose(t_per_task[t.name].item(), float(per_task[t.name]), rtol=1e-5)
+    flat = {torch_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    worst = 0.0
+    for name, p in net.named_parameters():
+        g = swap_layout(net, name, p.grad.numpy())
+        scale = max(np.abs(flat[name]).max(), 1e-6)
+        err = float(np.abs(g - flat[name]).max() / scale)
+        if err > 1e-3:
+            raise AssertionError(f"gradient of {name} differs: max error {err:.2e} of its largest entry")
+        worst = max(worst, err)
+    report["max_grad_rel_error"] = worst
+    return report

@@ -413,6 +413,24 @@ def _launch(tiny_builder, workdir, *flags):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
+def test_the_pytorch_twin_computes_what_mmjax_computes(tiny_builder):
+    """`benchmarks/torch_model.py`, the default model in PyTorch that `benchmarks/step_vs_torch.py` times
+    against, must stay the same model: outputs, losses and gradients equal on the smoke model (a fusion
+    that gained a gate and a skip had left it behind once)."""
+    pytest.importorskip("torch", reason="the PyTorch twin needs torch (pip install torch, the CPU wheel)")
+    from benchmarks import torch_model
+    from mmjax.benchmarks import train_step as step_benchmark
+
+    s = step_benchmark.setup(smoke_config(tiny_builder))
+    fusion = dict(s.model.fusion_kwargs)
+    assert fusion.get("skip", True) and fusion.get("cross_gate", True)  # the defaults the twin must follow
+    for sdpa in (False, True):
+        net = torch_model.MultimodalModel(s.model, s.host_batch, sdpa=sdpa)
+        torch_model.load_flax_params(net, s.state.params)
+        report = torch_model.check_equivalence(s, net)
+        assert report["max_grad_rel_error"] < 1e-4, report
+
+
 def test_launch_end_to_end(tiny_builder, tiny_spec, tmp_path, recomputed):
     out = _launch(tiny_builder, tmp_path, "--config.model.fusion.name=late", "--config.train.num_steps=4",
                   "--config.modalities=tabular",  # the launcher is tested, not the model: the cheapest to compile

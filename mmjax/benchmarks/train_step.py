@@ -42,6 +42,7 @@ class StepSetup:
     train_step: Callable  # the pure step function
     step_fn: Callable  # train_step jitted with shardings, state donated
     shard: Any
+    loss_weights: dict  # the fixed task weights, parsed ({task: weight})
 
 
 def setup(config) -> StepSetup:
@@ -55,7 +56,7 @@ def setup(config) -> StepSetup:
     train_step = exp.train_step()
     step_fn = strategy.train_step(lambda axis, shards: train_step)
     return StepSetup(config, exp.tasks, exp.model, exp.optimizer, it, host_batch, batch, state, train_step, step_fn,
-                     strategy.batch_sharding)
+                     strategy.batch_sharding, exp.loss_weights)
 
 
 @contextlib.contextmanager
