@@ -86,3 +86,14 @@ def test_the_measured_kind_of_known_polynomials():
     ms = [2, 3, 4]
     assert fusion_scaling.measured_kind("modalities", ms, [17.0**m for m in ms], 2, 8) == "exponential"
     assert fusion_scaling.measured_kind("modalities", ms, [10 + 7 * m for m in ms], 2, 8) == "linear"
+
+
+def test_the_pareto_front_of_a_sweep_table(tmp_path):
+    table = tmp_path / "sweep.csv"
+    table.write_text("fusion,macro_auroc_mean,macro_auroc_std,per_seed,parameters,gflops_per_example\n"
+                     "concat,0.80,0.01,,1,0.010\nsum,0.78,0.01,,1,0.008\ncross_attention,0.85,0.02,,1,0.500\n"
+                     "tensor,0.79,0.01,,1,0.020\nperceiver,0.84,0.01,,1,0.900\n")
+    image, md = fusion_scaling.pareto(str(table), str(tmp_path))
+    front = [line.split("|")[1].strip() for line in md.splitlines() if line.endswith("| yes |")]
+    assert front == ["sum", "concat", "cross_attention"]  # tensor: dearer and worse than concat; perceiver too
+    assert (tmp_path / image).stat().st_size > 1000

@@ -20,7 +20,9 @@ anything else) as the row's `error`, never a crash of the sweep.
 Outputs in `--out`: `fusion_scaling.csv` (a row per point, with the device and the versions of jax
 and jaxlib), `growth.csv` (per fusion and axis: the fitted growth exponents of FLOPs and time, the
 theory's, and whether they agree), PNG plots (time, memory and FLOPs against tokens, log-log, the
-exponent in the legend; FLOPs against modalities), `fusion_scaling.md` and `index.html`.
+exponent in the legend; FLOPs against modalities), `fusion_scaling.md` and `index.html`. With
+`--sweep_csv=W/sweep.csv` (a fusion sweep's table) also `pareto.png`: test metric against GFLOPs per
+example, and the fusions on the Pareto front.
 
 The theory each fusion is checked against (`GROWTH`): full joint cross-attention and pairwise
 cross-modal attention grow as the square of the tokens; the bottleneck transformer (MBT) too, since
@@ -49,6 +51,7 @@ import numpy as np
 
 import mmjax.models.build  # noqa: F401  (registers every fusion)
 from mmjax.benchmarks import flops
+from mmjax.config import lower_is_better
 from mmjax.models.fusion import FUSIONS
 
 # Dense peak FLOP/s of known accelerators (bf16 / fp32 without TF32), from the vendors' data sheets.
@@ -352,6 +355,51 @@ def plots(rows: list[dict], out: str) -> list[str]:
     return written
 
 
+def pareto(sweep_csv: str, out: str) -> tuple[str, str]:
+    """The sweep's accuracy against its cost: test metric (mean, std as error bars) against GFLOPs per
+    example, log x, the Pareto front (no fusion both cheaper and better) drawn and listed. Returns
+    (the PNG's name, a Markdown table). `sweep_csv`: `WORKDIR/sweep.csv` of `mmjax.training.sweep`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(sweep_csv) as f:
+        rows = list(csv.DictReader(f))
+    mean_key = next((k for k in rows[0] if k.endswith("_mean")), None) if rows else None
+    if mean_key is None or "gflops_per_example" not in rows[0]:
+        raise ValueError(f"{sweep_csv}: not a sweep table (needs a '<metric>_mean' and a 'gflops_per_example' column)")
+    metric = mean_key[:-len("_mean")]
+    pts = sorted(({"fusion": r["fusion"], "gflops": float(r["gflops_per_example"]), "mean": float(r[mean_key]),
+                   "std": float(r.get(f"{metric}_std") or 0.0)} for r in rows), key=lambda r: (r["gflops"], -r["mean"]))
+    lower = lower_is_better(metric)
+    front, best = [], None
+    for r in pts:  # by cost: a fusion is on the front when it beats every cheaper one
+        if best is None or (r["mean"] < best if lower else r["mean"] > best):
+            front.append(r)
+            best = r["mean"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.errorbar([r["gflops"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts], fmt="o",
+                color="tab:blue", ecolor="lightgray", capsize=3)
+    for r in pts:
+        ax.annotate(r["fusion"], (r["gflops"], r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([r["gflops"] for r in front], [r["mean"] for r in front], color="tab:red", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per example (train step)")
+    ax.set_ylabel(f"test {metric}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "pareto.png"), dpi=110)
+    plt.close(fig)
+    lines = [f"## Accuracy per FLOP: {sweep_csv}", "", f"| fusion | GFLOPs / example | test {metric} | on the front |",
+             "|---|---|---|---|"]
+    names = {r["fusion"] for r in front}
+    lines += [f"| {r['fusion']} | {r['gflops']:.4f} | {r['mean']:.3f} ± {r['std']:.3f} | "
+              f"{'yes' if r['fusion'] in names else ''} |" for r in pts]
+    return "pareto.png", "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], grown: list[dict], info: dict) -> str:
     base = [r for r in rows if r["axis"] == "base"]
     lines = [f"# Fusion scaling: {info['device']} ({info['date']}, jax {info['jax']})", "",
@@ -412,6 +460,8 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{key}", default="", help=f"comma-separated {key} (default: the grid's)")
     parser.add_argument("--dtypes", default="", help="comma-separated: float32, bfloat16")
     parser.add_argument("--base", default="", help="the base point, e.g. tokens=64,modalities=3,width=64")
+    parser.add_argument("--sweep_csv", default="", help="a fusion sweep's sweep.csv: also plot its test metric "
+                        "against GFLOPs per example, with the Pareto front (pareto.png)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     a = parser.parse_args(argv)
@@ -454,6 +504,10 @@ def main(argv=None) -> int:
     _write_csv(os.path.join(a.out, "growth.csv"), grown)
     images = plots(rows, a.out)
     md = markdown(rows, grown, info)
+    if a.sweep_csv:
+        image, table = pareto(a.sweep_csv, a.out)
+        images.append(image)
+        md += "\n" + table
     with open(os.path.join(a.out, "fusion_scaling.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "run.json"), "w") as f:
