@@ -517,3 +517,29 @@ def test_settings_of_other_fusions_and_encoders_come_from_the_registry():
     assert "num_bottlenecks" not in model.fusion_kwargs
     with pytest.raises(ValueError, match="encoder 'resnet' encodes image"):
         build_model(model_config(text={"encoder": "resnet"}), SPECS, ALL_KINDS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_path_equals_mmjax_attention(dtype):
+    """The GPU path (`jax.nn.dot_product_attention`; here its XLA reference, where cuDNN would fall back)
+    gives mmjax's attention: outputs, weights and gradients, a query with no key zeroed in both."""
+    rng = np.random.default_rng(0)
+    b, tq, tk, d, heads = 3, 5, 7, 16, 2
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, d)), dtype) for t in (tq, tk, tk))
+    mask = rng.random((b, tq, tk)) < 0.6
+    mask[0, 2] = False  # a query with nothing to attend to
+    mask[1, :, 0] = True
+    mask = jnp.asarray(mask)
+    assert not layers.fused_attention_applies(dtype)  # on a CPU mmjax's own path runs
+    ref, w_ref = layers._attend(q, k, v, mask, heads, dtype, fused=False)
+    out, w = layers._attend_fused(q, k, v, mask, heads, dtype, implementation="xla")
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_array_equal(np.asarray(out[0, 2], np.float32), 0.0)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w_ref))
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.square(f(q, k, v)[0].astype(jnp.float32)))
+    g_ref = jax.grad(loss(lambda *a: layers._attend(*a, mask, heads, dtype, fused=False)), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(loss(lambda *a: layers._attend_fused(*a, mask, heads, dtype, implementation="xla")),
+                 argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol * 5, rtol=tol * 5)

@@ -140,7 +140,27 @@ class MultiHeadAttention(nn.Module):
         return Dense(d, dtype=self.dtype, name="out")(out), weights
 
 
-def _attend(q, k, v, mask, num_heads, dtype):
+def fused_attention_applies(dtype) -> bool:
+    """Whether attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel where the
+    shapes and masks allow, JAX's own otherwise): on a GPU in half precision, the kernel's domain.
+    Elsewhere mmjax's attention, written for XLA:CPU, is the faster."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _attend_fused(q, k, v, mask, num_heads, dtype, implementation=None):
+    """`_attend` through `jax.nn.dot_product_attention` (`implementation`: None lets JAX pick cuDNN
+    where it can, 'xla' its reference): the same output, a query with no key zeroed as there; the
+    weights are the reference formula's (XLA drops them when unused, as in training)."""
+    b, tq, d = q.shape
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, d // num_heads)
+    out = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), mask=mask[:, None],
+                                       implementation=implementation).reshape(b, tq, d)
+    has_key = jnp.any(mask, axis=-1, keepdims=True)
+    weights = _attend(q, k, v, mask, num_heads, dtype, fused=False)[1]
+    return jnp.where(has_key, out, 0).astype(dtype), weights
+
+
+def _attend(q, k, v, mask, num_heads, dtype, fused: bool | None = None):
     """softmax(q k^T / sqrt(hd)) v per head, for q [B, Tq, D], k and v [B, Tk, D], mask [B, Tq, Tk];
     returns (out [B, Tq, D], weights [B, heads, Tq, Tk]).
 
@@ -151,8 +171,11 @@ def _attend(q, k, v, mask, num_heads, dtype):
     key to attend to would average masked values uniformly: its output is zeroed instead.
     Masking is additive (-1e9), which excludes a masked key exactly as long as logits are finite
     and far below 1e9 in size: the batch contract keeps masked content finite (zeros).
-    `weights` costs nothing when unused (XLA drops it).
+    `weights` costs nothing when unused (XLA drops it). `fused` (default: `fused_attention_applies`):
+    through `jax.nn.dot_product_attention` instead (`_attend_fused`).
     """
+    if fused if fused is not None else fused_attention_applies(dtype):
+        return _attend_fused(q, k, v, mask, num_heads, dtype)
     hd = q.shape[-1] // num_heads
     bias = jnp.where(mask, 0.0, _NEG).astype(jnp.float32)  # shared by the heads
     has_key = jnp.any(mask, axis=-1, keepdims=True).astype(jnp.float32)  # [B, Tq, 1]
