@@ -14,7 +14,7 @@ warm-up (median, 10th and 90th percentiles, `block_until_ready`); examples/s; FL
 counted from the shapes (`mmjax/benchmarks/flops.py`) and XLA's `cost_analysis` of the same
 executable (the ratio is a column); achieved FLOP/s and MFU against the device's peak (a table of
 accelerators below; on a CPU a measured matmul ceiling, so that CPU MFU means something); memory
-(the executable's memory analysis; on GPU also the device's peak); and a failure (out of memory,
+(the executable's memory analysis; on GPU also the device's peak so far); and a failure (out of memory,
 anything else) as the row's `error`, never a crash of the sweep.
 
 Outputs in `--out`: `fusion_scaling.csv` (a row per point, with the device and the versions of jax
@@ -234,8 +234,8 @@ def measure(p: Point, repeats: int = 5, warmup: int = 2) -> dict:
             **_memory(compiled["train"]),
         })
         stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-        if stats and "peak_bytes_in_use" in stats:
-            row["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+        if stats and "peak_bytes_in_use" in stats:  # the process's peak so far (JAX cannot reset it)
+            row["device_peak_bytes_so_far"] = int(stats["peak_bytes_in_use"])
         row["error"] = ""
     except Exception as e:  # noqa: BLE001  (an out-of-memory or any failure is the row's value)
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
