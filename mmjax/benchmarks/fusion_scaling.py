@@ -29,8 +29,9 @@ cross-modal attention grow as the square of the tokens; the bottleneck transform
 each modality keeps its own self-attention (only its cross-modal exchange, through a few bottleneck
 tokens, is linear); Perceiver latents make it linear; pooled fusions (concat, sum, mean, gated,
 late, weighted late, tensor, low-rank) pool each modality once (linear, and a small share) and then
-cost nothing more per token. In modalities: tensor fusion grows exponentially, pairwise
-cross-attention and joint cross-attention quadratically, the rest linearly.
+cost nothing more per token. In modalities: tensor fusion grows exponentially (until its size guard
+caps the outer product), pairwise cross-attention, joint cross-attention and the gated units (whose
+gate network reads every modality to gate every modality) quadratically, the rest linearly.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import base64
 import csv
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -71,7 +73,11 @@ GROWTH = {
     "pairwise_cross": {"tokens": ("quadratic", 2.0), "modalities": ("quadratic", 2.0)},
     "bottleneck": {"tokens": ("quadratic", 2.0), "modalities": ("linear", 1.0)},
     "perceiver": {"tokens": ("linear", 1.0), "modalities": ("linear", 1.0)},
+    # (tensor_dim + 1)^M features, until the size guard (32,768 features) shrinks tensor_dim: growth
+    # within a step of M is what is checked, not past the cap
     "tensor": {"tokens": ("pooled", None), "modalities": ("exponential", None)},
+    # the gate network reads all M pooled embeddings and writes M x D gate logits: M^2 D^2 weights
+    "gated": {"tokens": ("pooled", None), "modalities": ("quadratic", 2.0)},
 }
 POOLED = ("pooled", None)
 LINEAR_MODALITIES = ("linear", 1.0)
@@ -272,9 +278,11 @@ POOLING_FLOPS = 20.0
 
 def measured_kind(axis: str, xs, ys, modalities: int, width: int) -> str | None:
     """How the FLOPs grow, from the points: 'quadratic', 'linear', 'pooled' (tokens: linear with only
-    pooling's few FLOPs per value), 'exponential' (modalities: faster than a cubic over the last step,
-    log-log slope > 3), or None (too few points)."""
-    if axis == "modalities" and len(ys) >= 2 and (fit_exponent(xs, ys)[1] or 0.0) > 3.0:
+    pooling's few FLOPs per value), 'exponential' (modalities: faster than a cubic over a step, log-log
+    slope > 3), or None (too few points)."""
+    steps = [math.log(b / a) / math.log(x1 / x0) for (x0, a), (x1, b) in zip(zip(xs, ys), zip(xs[1:], ys[1:]))
+             if a > 0 and b > 0 and x1 > x0]
+    if axis == "modalities" and steps and max(steps) > 3.0:
         return "exponential"
     shares = polynomial_shares(xs, ys)
     if shares is None:
