@@ -174,7 +174,7 @@ def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
     setup = step_benchmark.StepSetup(
         config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 8), host_batch={}, batch={},
         state=state, train_step=None, step_fn=types.SimpleNamespace(lower=lambda state, batch: Lowered()),
-        shard=None)
+        shard=None, loss_weights={})
     out = step_benchmark.benchmark(config, 2, setup)
     assert compiled_inside == [True] and out["parameters"] == 3
 
