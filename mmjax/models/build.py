@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from mmjax.batch import ModalitySpec, TaskSpec
+from mmjax.config import parse_list
 from mmjax.models.encoders import ENCODERS
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.model import MultimodalModel
+from mmjax.models.model import REMAT_PARTS, MultimodalModel
 from mmjax.models.settings import FROM_DATA, FROM_MODEL, SHARED, encoder_config, fusion_config
 
 
@@ -110,4 +111,5 @@ def build_model(m, modalities: Sequence[ModalitySpec], tasks: Sequence[TaskSpec]
         modalities=tuple(s.name for s in modalities), tasks=tuple(tasks),
         encoders={s.name: encoder_settings(m, s) for s in modalities}, fusion=name, fusion_kwargs=fusion,
         width=m["width"], modality_dropout=m["modality_dropout"], modality_heads=modality_heads,
-        uncertainty_weighting=uncertainty_weighting, dtype=jnp.dtype(m["dtype"]))
+        uncertainty_weighting=uncertainty_weighting, dtype=jnp.dtype(m["dtype"]),
+        remat=parse_list(m.get("remat", ""), REMAT_PARTS, "model.remat part"))

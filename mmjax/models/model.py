@@ -29,6 +29,19 @@ from mmjax.models.fusion import FUSIONS
 from mmjax.models.fusion._common import pool
 from mmjax.models.layers import Dtype
 
+REMAT_PARTS = ("encoders", "fusion")
+
+
+def _call_fusion(fusion, names, tokens, masks, train):
+    """fusion({name: tokens}, {name: mask}, train) from tuples in the model's modality order."""
+    return fusion(dict(zip(names, tokens)), dict(zip(names, masks)), train)
+
+
+# The fusion rematerialized: its inputs cross the boundary as tuples, because a dict passed through a JAX
+# transformation comes back with its keys sorted, and a fusion reads the modalities in the model's order.
+# `names` and `train` (a Python bool that picks code paths) stay static; argument 0 is the module.
+_remat_fusion = nn.remat(_call_fusion, static_argnums=(1, 4))
+
 
 def drop_modalities(present: dict, rate: float, rng) -> dict:
     """Drops each present modality with probability `rate`, never all of a patient's modalities."""
@@ -83,22 +96,33 @@ class MultimodalModel(nn.Module):
     modality_heads: bool = False  # auxiliary heads on each encoder's pooled output (see losses)
     uncertainty_weighting: bool = False
     dtype: Dtype = jnp.float32
+    # 'encoders' and/or 'fusion': those modules are rematerialized (`nn.remat`): the backward pass
+    # recomputes their activations from their inputs instead of keeping them, for memory
+    remat: Sequence[str] = ()
 
     @nn.compact
     def __call__(self, batch, train: bool = False):
         present = {m: batch[m]["present"] for m in self.modalities}
         if train and self.modality_dropout > 0:
             present = drop_modalities(present, self.modality_dropout, self.make_rng("dropout"))
+        unknown = set(self.remat) - set(REMAT_PARTS)
+        if unknown:
+            raise ValueError(f"model.remat: unknown parts {sorted(unknown)}; choose from {list(REMAT_PARTS)}")
         tokens, masks = {}, {}
         for m in self.modalities:
             kwargs = dict(self.encoders[m])
             cls = ENCODERS.get(kwargs.pop("name"))
+            if "encoders" in self.remat:  # __call__(self, inputs, train): `train` static
+                cls = nn.remat(cls, static_argnums=(2,))
             inputs = dict(batch[m], present=present[m])
             tokens[m], masks[m] = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)(
-                inputs, train=train)
+                inputs, train)
         fusion = FUSIONS.get(self.fusion)(width=self.width, dtype=self.dtype, name="fusion",
                                           **dict(self.fusion_kwargs or {}))
-        fused, fused_mask, aux = fusion(tokens, masks, train=train)
+        call = _remat_fusion if "fusion" in self.remat else _call_fusion
+        names = tuple(self.modalities)
+        fused, fused_mask, aux = call(fusion, names, tuple(tokens[m] for m in names), tuple(masks[m] for m in names),
+                                      train)
         outputs = TaskHeads(tuple(self.tasks), name="heads")(fused, aux.get("fused_weights", fused_mask))
         aux = dict(aux, present=present)
         if self.modality_heads:
