@@ -864,9 +864,11 @@ def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_
     config, a, _ = uninterrupted
     b = str(tmp_path / "b")
     loader = Experiment.train_loader
-    # the 4th batch fails: step 3 was logged (log_every=3), step 2 was the last checkpoint
+    # reading the 6th batch fails, while step 4 takes its batch (the loop puts batches on the device
+    # data.device_prefetch=2 steps ahead): step 3 was logged (log_every=3), step 2 was the last checkpoint
+    assert config.data.device_prefetch == 2
     monkeypatch.setattr(Experiment, "train_loader",
-                        lambda self, *args, **kw: _FailingIterator(iter(loader(self, *args, **kw)), fail_at=4))
+                        lambda self, *args, **kw: _FailingIterator(iter(loader(self, *args, **kw)), fail_at=6))
     with pytest.raises(RuntimeError, match="injected fault"):
         train_and_evaluate(config, b)
     monkeypatch.undo()
@@ -916,3 +918,27 @@ def test_a_run_killed_inside_a_save_resumes_to_the_same_parameters(uninterrupted
     assert trial["killed"] and trial["relaunches"] == 1, (trial, out)  # it died inside the save, then resumed
     assert trial["differences"] == [] and code == 0, out
     assert "1 of 1 trials ended bitwise equal to the uninterrupted run (1 killed" in out
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_prefetch_to_device_puts_batches_ahead_in_order(size):
+    """The loop's device prefetch: every batch, in order, each put `size` batches before it is taken."""
+    log = []
+
+    def batches():
+        for i in range(5):
+            log.append(("read", i))
+            yield {"x": np.full(2, i)}
+
+    def put(batch):
+        log.append(("put", int(batch["x"][0])))
+        return jax.device_put(batch)
+
+    out = []
+    for batch in parallel.prefetch_to_device(batches(), size, put):
+        i = int(batch["x"][0])
+        assert isinstance(batch["x"], jax.Array)
+        # when batch i is taken, the batches up to i + size have been put (those that exist)
+        assert ("put", min(i + size, 4)) in log and ("put", min(i + size, 4) + 1) not in log, (i, log)
+        out.append(i)
+    assert out == [0, 1, 2, 3, 4]

@@ -12,9 +12,12 @@ asks which.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -256,6 +259,19 @@ class PmapStrategy(MeshStrategy):
         template = jax.device_put(jax.device_get(self.host_state(state)), jax.devices()[0])
         restored, data = checkpoint.restore(manager, abstract_state(template), step)
         return self.place(restored), data
+
+
+def prefetch_to_device(batches: Iterator[dict], size: int, put: Callable[[dict], Any]) -> Iterator:
+    """`put(batch)` for each host batch, `size` batches ahead: the transfers of the next batches are
+    issued (asynchronously) before the step that needs them, so the device never waits on a copy that
+    could have started during the previous step. `size` 0: one batch at a time, as read."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:  # a finite iterator's last batches
+        yield queue.popleft()
 
 
 def make_strategy(name: str, sharding: str = "replicated") -> MeshStrategy:

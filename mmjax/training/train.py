@@ -322,13 +322,15 @@ def fit(run: Run) -> dict:
     step, pending, data_wait = run.start_step, [], 0.0
     compiles_before = first_step_compiles = first_step_s = None
     validation, start = None, time.perf_counter()
+    # the next batches on the device ahead of the step (the data position is the step: reading ahead moves nothing)
+    batches = parallel.prefetch_to_device(run.train_iter, c.data.get("device_prefetch", 2), run.strategy.put)
     while step < min(num_steps, stop_at):
         t0 = time.perf_counter()
-        batch = next(run.train_iter)
+        batch = next(batches)
         data_wait += time.perf_counter() - t0
         if compiles_before is None:
             compiles_before = counter.count
-        run.state, metrics = run.train_step(run.state, run.strategy.put(batch))
+        run.state, metrics = run.train_step(run.state, batch)
         step += 1
         pending.append((step, metrics))
         if first_step_s is None:
