@@ -183,6 +183,48 @@ def test_augmentation_geometry_is_exact():
     np.testing.assert_allclose(out[:2], x[:2, :, ::-1], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_the_batch_warp_equals_scipy_image_by_image(dtype):
+    """The augmentation's XLA warp over a batch equals SciPy's bilinear resampling of each image alone
+    (`map_coordinates`, order 1, edges clamped) at the same coordinates, standardized and jittered."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    b, h, w, c = 4, 9, 7, 3
+    x = rng.integers(0, 256, (b, h, w, c)).astype(dtype)
+    affine = np.concatenate([rng.normal(1, 0.2, (b, 2)), rng.normal(0, 2, (b, 1)),
+                             rng.normal(0, 0.3, (b, 1)), rng.normal(1, 0.2, (b, 1)), rng.normal(0, 2, (b, 1))], 1)
+    affine = affine.astype(np.float32)
+    channel = np.stack([rng.uniform(0.002, 0.02, c), rng.normal(0, 1, c)]).astype(np.float32)
+    intensity = np.stack([rng.uniform(0.9, 1.1, b), rng.uniform(-0.1, 0.1, b)], 1).astype(np.float32)
+    present = np.array([True, True, False, True])
+    out = T._warp(x, affine, channel, intensity, present)
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    for k in range(b):
+        a = affine[k].astype(np.float64)
+        xs, ys = a[0] * j + a[1] * i + a[2], a[3] * j + a[4] * i + a[5]
+        for ch in range(c):
+            want = ndimage.map_coordinates(x[k, :, :, ch].astype(np.float64), [ys, xs], order=1, mode="nearest")
+            want = (want * channel[0, ch] + channel[1, ch]) * intensity[k, 0] + intensity[k, 1]
+            np.testing.assert_allclose(out[k, :, :, ch], want * present[k], rtol=1e-5, atol=1e-5)
+
+
+def test_augmenting_uint8_equals_augmenting_the_standardized_images():
+    """Training augments the uint8 images and standardizes them as it samples: the same values (to float
+    rounding) as standardizing first (`ImageToFloat`) and augmenting the floats, with the same draws."""
+    rng = np.random.default_rng(1)
+    spec = ModalitySpec("xray", "image", shape=(16, 12, 3), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    batch = {"xray": {"values": rng.integers(0, 256, (5, 16, 12, 3)).astype(np.uint8),
+                      "present": np.array([True, False, True, True, True])}}
+    fused = T.AugmentImages(specs=(spec,)).random_map(
+        {"xray": dict(batch["xray"])}, np.random.default_rng(7))["xray"]["values"]
+    floats = T.ImageToFloat((spec,)).map({"xray": dict(batch["xray"])})
+    two_steps = T.AugmentImages(names=("xray",)).random_map(floats, np.random.default_rng(7))["xray"]["values"]
+    assert fused.dtype == np.float32 and np.all(fused[1] == 0)
+    np.testing.assert_allclose(fused, two_steps, rtol=1e-5, atol=1e-5)
+    assert np.abs(fused - T.ImageToFloat((spec,)).map({"xray": dict(batch["xray"])})["xray"]["values"]).max() > 0.1
+
+
 def test_spectrogram_front_end(tiny_builder, tiny_spec):
     batch = next(pipeline.eval_batches(tiny_builder, tiny_spec, "test", 8, spectrogram=True,
                                        shard_index=0, shard_count=1))

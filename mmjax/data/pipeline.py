@@ -136,10 +136,12 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
                 seed + 2)
     images = _image_specs(spec, modalities)
     # blocks of batch_size rows; block k * shard_count + shard_index is this process's part of global batch k
-    ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count].map(T.ImageToFloat(images))
+    ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
     if augment and images:  # seeded by the global batch; each process draws for all rows and keeps its own
-        ds = ds.random_map(T.AugmentImages(names=tuple(m.name for m in images),
-                                           rows=(shard_index * batch_size, shard_count * batch_size)), seed=seed + 1)
+        ds = ds.random_map(T.AugmentImages(specs=images, rows=(shard_index * batch_size, shard_count * batch_size)),
+                           seed=seed + 1)
+    else:
+        ds = ds.map(T.ImageToFloat(images))
     ds = ds[start_batch:].to_iter_dataset(_READ_OPTIONS)
     if worker_count:
         from absl import flags

@@ -3,8 +3,9 @@
 Per example (before batching): `CheckExample` (bad input fails loudly, naming the patient and
 the field), `SelectImage`, `TokenizeText`, `StandardizeTabular`, `PrepareSignal` (crop or pad to
 the spec's length, normalize), `Spectrogram` (optional), `CollectLabels`, `Assemble`. Per batch
-(after batching, vectorized): `ImageToFloat` and `AugmentImages`, the train-time random crop,
-flip, small rotation and intensity jitter.
+(after batching, vectorized): `ImageToFloat` (evaluation, and training without augmentation) or
+`AugmentImages` (training: the random crop, flip, small rotation and intensity jitter, standardizing
+the uint8 images as it samples them).
 
 Each per-example op reads the raw field named by its `ModalitySpec` (`spec.field`, a
 '/'-separated path into the example) and writes `out/<name>`, one entry of the batch contract
@@ -15,6 +16,7 @@ modality name (big_vision's `key=` / `key_result=`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import grain
@@ -295,10 +297,17 @@ class Assemble(grain.transforms.Map):
 
 @dataclasses.dataclass
 class AugmentImages(grain.transforms.RandomMap):
-    """Train-time image augmentation of a whole batch in one bilinear warp.
+    """Train-time image augmentation of a whole batch in one bilinear warp, compiled by XLA.
 
     Per image: random crop (as a zoom in [1, max_zoom] around a shifted centre), horizontal flip,
     rotation up to `max_degrees`, brightness and contrast jitter. Absent images stay zero.
+
+    With `specs`, the batch's images are uint8 (`SelectImage`) and the warp standardizes them with
+    each spec's mean and std as it samples (in place of `ImageToFloat`: uint8 until the last moment);
+    without, they are float already. The random draws are NumPy's, made per batch; the warp, four
+    gathers and the blend for every pixel of the batch, runs as one XLA program on the host's CPU
+    (`_warp`): ~5x the examples/s of the same arithmetic in NumPy at 224x224x3, and the same values
+    to float rounding (tests/test_pipeline.py checks it against scipy.ndimage).
     """
 
     max_zoom: float = 1.12
@@ -306,99 +315,83 @@ class AugmentImages(grain.transforms.RandomMap):
     max_degrees: float = 8.0
     flip_probability: float = 0.5
     intensity: float = 0.1
-    names: Sequence[str] = ("image",)  # the image modalities to augment
+    names: Sequence[str] = ("image",)  # the image modalities to augment (float input)
+    specs: Sequence[ModalitySpec] = ()  # or: the image modalities, uint8 input standardized by their specs
     # (offset, rows): the batch is rows [offset, offset + B) of a global batch of `rows` rows (one
     # process's part): the draws are made for every row and this part's kept, so that a global batch
     # is augmented alike on any number of processes. (): the batch is the whole global batch.
     rows: tuple = ()
 
     def random_map(self, batch, rng: np.random.Generator):
-        for name in self.names:
-            batch[name] = self._augment(batch[name], rng)
+        if self.specs:
+            for spec in self.specs:
+                std = np.asarray(spec.std, np.float32)
+                batch[spec.name] = self._augment(batch[spec.name], rng, 1.0 / (255.0 * std),
+                                                 -np.asarray(spec.mean, np.float32) / std)
+        else:
+            for name in self.names:
+                batch[name] = self._augment(batch[name], rng, np.float32(1), np.float32(0))
         return batch
 
-    def _augment(self, entry, rng: np.random.Generator):
+    def _augment(self, entry, rng: np.random.Generator, scale, offset):
         x = entry["values"]  # [B, H, W, C]
-        b, h, w, _ = x.shape
+        b, h, w, c = x.shape
         f32 = np.float32
-        offset, n = self.rows or (0, b)
-        mine = slice(offset, offset + b)  # this batch's rows of the draws
+        n0, n = self.rows or (0, b)
+        mine = slice(n0, n0 + b)  # this batch's rows of the draws
         zoom = rng.uniform(1.0, self.max_zoom, n)[mine].astype(f32)
         theta = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees, n)[mine]).astype(f32)
         flip = np.where(rng.random(n)[mine] < self.flip_probability, -1.0, 1.0).astype(f32)
         shift = rng.uniform(-self.max_shift, self.max_shift, (2, n))[:, mine].astype(f32)
-        # Source pixel coordinates as an affine map of output pixel indices: src = A @ (i, j) + t.
-        cos, sin = np.cos(theta) / zoom, np.sin(theta) / zoom
-        sy, sx = (h - 1) / 2, (w - 1) / 2
-        i = np.arange(h, dtype=f32)[None, :, None]
-        j = np.arange(w, dtype=f32)[None, None, :]
-        col = lambda a: a[:, None, None]
-        # x_src (pixels) = sx * (flip * (cos * gx - sin * gy) + shift_x + 1), with gx = j / sx - 1
-        ax, bx = col(flip * cos), col(-flip * sin * sx / sy)
-        cx = col(sx * (flip * (-cos + sin) + shift[0] + 1))
-        ay, by = col(sin * sy / sx), col(cos)
-        cy = col(sy * (-sin - cos + shift[1] + 1))
-        src_x = ax * j + (bx * i + cx)
-        src_y = ay * j + (by * i + cy)
-        out = _bilinear(x, src_y, src_x)
         gain = (1.0 + rng.uniform(-self.intensity, self.intensity, n)[mine]).astype(f32)
         bias = rng.uniform(-self.intensity, self.intensity, n)[mine].astype(f32)
-        out = out * gain[:, None, None, None] + bias[:, None, None, None]
-        present = entry["present"].astype(np.float32)[:, None, None, None]
-        return {"values": (out * present).astype(np.float32), "present": entry["present"]}
+        # Source pixel coordinates as an affine map of output pixel indices (i, j):
+        # x_src = ax * j + bx * i + cx, y_src = ay * j + by * i + cy; with gx = j / sx - 1 and gy = i / sy - 1,
+        # x_src (pixels) = sx * (flip * (cos * gx - sin * gy) + shift_x + 1), y_src likewise.
+        cos, sin = np.cos(theta) / zoom, np.sin(theta) / zoom
+        sy, sx = (h - 1) / 2, (w - 1) / 2
+        affine = np.stack([flip * cos, -flip * sin * sx / sy, sx * (flip * (-cos + sin) + shift[0] + 1),
+                           sin * sy / sx, cos, sy * (-sin - cos + shift[1] + 1)], axis=1).astype(f32)  # [B, 6]
+        channel = np.stack([np.broadcast_to(np.asarray(v, f32), (c,)) for v in (scale, offset)])
+        out = _warp(x, affine, channel, np.stack([gain, bias], axis=1), entry["present"])
+        return {"values": out, "present": entry["present"]}
 
 
-def _bilinear(x, yy, xx):
-    """Samples x [B, H, W, C] at fractional (yy, xx) [B, H, W]; edges are clamped.
+def _warp(x, affine, channel, intensity, present):
+    """The augmentation's arithmetic on the host's CPU through XLA: x [B, H, W, C] (uint8 or f32)
+    sampled bilinearly (edges clamped) at the affine map [B, 6] of the output pixel indices,
+    standardized per channel (channel [2, C]: scale, offset), then `* gain + bias` (intensity [B, 2]),
+    zero where `present` [B] is False. One compilation per batch shape and dtype."""
+    import jax
 
-    Works in place on `yy` and `xx` and reuses buffers: on a 64x64 batch this is ~2.5x faster
-    than the straightforward version, whose fresh temporaries each cost page faults.
-    """
-    b, h, w, c = x.shape
-    np.clip(yy, 0.0, h - 1.0, out=yy)
-    np.clip(xx, 0.0, w - 1.0, out=xx)
-    idx = yy.astype(np.int32)
-    np.minimum(idx, h - 2, out=idx)
-    x0 = xx.astype(np.int32)
-    np.minimum(x0, w - 2, out=x0)
-    np.subtract(yy, idx, out=yy, casting="unsafe")  # yy is now the row fraction
-    np.subtract(xx, x0, out=xx, casting="unsafe")
-    idx += np.arange(b, dtype=np.int32)[:, None, None] * h
-    idx *= w
-    idx += x0  # flat index of the top-left neighbour
-    if c > 1:  # gather whole pixels (c contiguous values per index): one gather per corner, not c
-        flat = x.reshape(-1, c)
-        fy, fx = yy[..., None], xx[..., None]
-        top = np.take(flat, idx, axis=0)
-        a = np.take(flat, idx + 1, axis=0)
-        a -= top
-        a *= fx
-        top += a
-        bottom = np.take(flat, idx + w, axis=0)
-        np.take(flat, idx + (w + 1), axis=0, out=a)
-        a -= bottom
-        a *= fx
-        bottom += a
-        bottom -= top
-        bottom *= fy
-        bottom += top
-        return bottom
-    out = np.empty_like(x)
-    a, d = np.empty_like(yy), np.empty_like(yy)
-    for ch in range(c):
-        flat = np.ascontiguousarray(x[..., ch]).reshape(-1)
-        top = np.take(flat, idx)
-        np.take(flat, idx + 1, out=a)
-        a -= top
-        a *= xx
-        top += a
-        bottom = np.take(flat, idx + w)
-        np.take(flat, idx + (w + 1), out=d)
-        d -= bottom
-        d *= xx
-        bottom += d
-        bottom -= top
-        bottom *= yy
-        bottom += top
-        out[..., ch] = bottom
-    return out
+    cpu = jax.devices("cpu")[0]
+    args = jax.device_put((x, affine, channel, intensity, present), cpu)
+    return np.asarray(_warp_jit()(*args))
+
+
+@functools.cache
+def _warp_jit():
+    import jax
+    import jax.numpy as jnp
+
+    def warp(x, affine, channel, intensity, present):
+        b, h, w, _ = x.shape
+        col = lambda k: affine[:, k, None, None]
+        i = jnp.arange(h, dtype=jnp.float32)[None, :, None]
+        j = jnp.arange(w, dtype=jnp.float32)[None, None, :]
+        xx = jnp.clip(col(0) * j + (col(1) * i + col(2)), 0.0, w - 1.0)  # [B, H, W]
+        yy = jnp.clip(col(3) * j + (col(4) * i + col(5)), 0.0, h - 1.0)
+        x0 = jnp.minimum(xx.astype(jnp.int32), w - 2)
+        y0 = jnp.minimum(yy.astype(jnp.int32), h - 2)
+        fx, fy = (xx - x0)[..., None], (yy - y0)[..., None]
+        rows = jnp.arange(b)[:, None, None]
+        pixel = lambda dy, dx: x[rows, y0 + dy, x0 + dx].astype(jnp.float32) * channel[0] + channel[1]
+        top = pixel(0, 0)
+        top = top + (pixel(0, 1) - top) * fx
+        bottom = pixel(1, 0)
+        bottom = bottom + (pixel(1, 1) - bottom) * fx
+        out = top + (bottom - top) * fy
+        out = out * intensity[:, 0, None, None, None] + intensity[:, 1, None, None, None]
+        return jnp.where(present[:, None, None, None], out, 0.0).astype(jnp.float32)
+
+    return jax.jit(warp)
