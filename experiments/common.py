@@ -70,6 +70,7 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_patients", config="default", data_dir="", text_max_length=64,
         spectrogram=False, augment=True, worker_count=0,
+        device_prefetch=2,  # training batches put on the device this many steps ahead (0: as the step needs them)
         signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
     c.model = ml_collections.ConfigDict(dict(
         width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
@@ -79,6 +80,9 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         fusion=fusion_config(fusion, depth=2),
         image=encoder_config("image", patch_size=16, depth=1), text=encoder_config("text", depth=1),
         tabular=encoder_config("tabular", depth=1), signal=encoder_config("signal", patch_size=50, depth=1),
+        # 'encoders', 'fusion' or 'encoders+fusion': recompute those modules' activations in the backward
+        # pass instead of keeping them (less memory, ~a third more compute; same numbers)
+        remat="",
         per_modality=""))  # JSON, settings for one modality by name: '{"lateral": {"patch_size": 8}}'
     c.loss = ml_collections.ConfigDict(dict(
         weights="",  # fixed task weights: 'task=w,...' (default 1 each)
@@ -134,7 +138,7 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
                   max_pixels=2**28,  # a bigger image (a DICOM: all frames) is a bad row, never decoded; 0: no cap
                   text_min_patients=5,  # a word enters a text vocabulary only from the notes of this many patients
                   prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
-                  signal_eval_windows=0)
+                  device_prefetch=2, signal_eval_windows=0)
     c.train.update(num_steps=1000, eval_every=250, checkpoint_every=250)
     return c
 

@@ -543,3 +543,40 @@ def test_fused_attention_path_equals_mmjax_attention(dtype):
                  argnums=(0, 1, 2))(q, k, v)
     for a, r in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol * 5, rtol=tol * 5)
+
+
+def test_remat_gives_the_same_gradients_by_recomputing():
+    """`model.remat` recomputes the encoders' and the fusion's activations in the backward pass: the
+    parameters, the loss and every gradient are those of the model without it (dropout and modality
+    dropout included: the recomputation draws the same masks; the fusion still reads the modalities in
+    the model's order), and the compiled gradient does the forward work of those parts twice (XLA's
+    FLOP count grows). What it saves, activation memory, shows on GPU, not in XLA:CPU's buffer
+    assignment (measured: more temporaries with remat there); `benchmarks/gpu_large.sh` measures it."""
+    batch = make_batch(b=16)
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    def compiled(model):
+        """(loss, gradients) of `model` at `params`, and the compiled gradient's FLOPs."""
+        def loss(p):
+            out, _ = model.apply({"params": p}, batch, train=True, rngs=rngs)
+            return sum(jnp.sum(jnp.square(v)) for v in out.values())
+        fn = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        cost = fn.cost_analysis()
+        return fn(params), (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    plain = make_model("cross_attention", modality_dropout=0.3)
+    params = jax.jit(lambda b: _init(plain, b))(batch)
+    (v_ref, g_ref), flops_ref = compiled(plain)
+    added = {}
+    for parts in (("encoders",), ("fusion",), ("encoders", "fusion")):
+        model = make_model("cross_attention", modality_dropout=0.3, remat=parts)
+        shapes = jax.eval_shape(lambda b, model=model: _init(model, b), batch)
+        assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
+        (v, g), flops = compiled(model)
+        np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, g_ref)
+        added[parts] = flops - flops_ref
+    assert added[("encoders",)] > 0.03 * flops_ref and added[("fusion",)] > 0.03 * flops_ref, added
+    np.testing.assert_allclose(added[("encoders", "fusion")], added[("encoders",)] + added[("fusion",)], rtol=0.02)
+    with pytest.raises(ValueError, match="model.remat: unknown parts \\['blocks'\\]"):
+        jax.eval_shape(lambda b: _init(make_model("concat", remat=("blocks",)), b), batch)
