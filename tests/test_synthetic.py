@@ -170,3 +170,48 @@ def test_metadata_is_the_dataset_spec_fitted_on_the_training_split(tiny_builder,
     assert DatasetSpec.from_metadata(tiny_spec.to_metadata()) == tiny_spec
     tiny_spec.save(str(tmp_path / "spec.json"))
     assert DatasetSpec.load(str(tmp_path / "spec.json")) == tiny_spec
+
+
+def test_the_large_variant_adds_leads_and_visits_without_changing_the_rest():
+    """`synthetic_patients/large`'s 12 leads are projections of the simulated lead II (kept as it is:
+    the same recordings as the one-lead settings give), aVR inverted against II; its notes are the
+    one-visit notes followed by follow-up visits; everything else is what the same seed gives."""
+    from mmjax.data.synthetic.ecg import LEADS
+
+    base, _ = generate_split(GenerationSettings(image_size=32, ecg_hz=200), "train", 32)
+    large, _ = generate_split(GenerationSettings(image_size=32, ecg_hz=200, ecg_leads=12, note_visits=3), "train", 32)
+    assert large["ecg"].shape == (32, 2000, 12) and base["ecg"].shape == (32, 2000)
+    np.testing.assert_array_equal(large["ecg"][:, :, LEADS.index("II")], base["ecg"])
+    for key in ("image", "labs", "diagnosis", "severity"):
+        np.testing.assert_array_equal(large[key], base[key])
+    has = large["present"]["signal"]
+    r = [np.corrcoef(e[:, LEADS.index("II")], e[:, LEADS.index("aVR")])[0, 1] for e in large["ecg"][has]]
+    assert np.median(r) < -0.5
+    assert np.all(large["ecg"][~has] == 0)
+    for a, b in zip(base["note"], large["note"]):
+        assert (a == b == "") or (b.startswith(a + " Follow-up visit 1: ") and "Follow-up visit 2: " in b)
+    with pytest.raises(ValueError, match="ecg_leads=3"):
+        GenerationSettings(ecg_leads=3)
+
+
+def test_the_large_experiment_is_a_118m_parameter_model_at_a_real_studys_sizes():
+    """experiments/large.py on `synthetic_patients/large`'s spec (fitted on a few generated patients, no
+    data prepared): ~118M parameters, a 224x224 image, 512 tokens, a 12-lead 10 s ECG at 500 Hz, bf16."""
+    import jax
+
+    from experiments import large
+    from mmjax.data.spec import DatasetSpec
+    from mmjax.data.synthetic.builder import SyntheticPatients, fit_metadata
+    from mmjax.experiment import Experiment
+
+    cfg = SyntheticPatients.builder_configs["large"]
+    columns, _ = generate_split(cfg.settings, "train", 8)
+    spec = DatasetSpec.from_metadata(fit_metadata(columns, cfg))
+    exp = Experiment.from_spec(spec, large.get_config())
+    count = sum(x.size for x in jax.tree.leaves(exp.abstract_params()))
+    assert 117e6 < count < 119.5e6, count
+    batch = exp.template_batch()
+    assert batch["image"]["values"].shape[1:] == (224, 224, 1) and batch["text"]["values"].shape[1:] == (512,)
+    assert batch["signal"]["values"].shape[1:] == (5000, 12)
+    assert exp.model.dtype == "bfloat16" and exp.model.remat == ()
+    assert Experiment.from_spec(spec, large.get_config("remat")).model.remat == ("encoders", "fusion")

@@ -162,7 +162,8 @@ def _quantiles(times):
     return statistics.median(times), q[0], q[-1]
 
 
-def _memory(compiled) -> dict:
+def memory(compiled) -> dict:
+    """The compiled executable's memory analysis in bytes (temporaries, arguments, outputs, their total)."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # noqa: BLE001  (backends differ in what they support)
@@ -237,7 +238,7 @@ def measure(p: Point, repeats: int = 5, warmup: int = 2) -> dict:
             "peak_tflops": round(peak / 1e12, 4), "peak_source": source,
             "mfu": round(counted["train"]["matmul"] / train_s / peak, 6),
             "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
-            **_memory(compiled["train"]),
+            **memory(compiled["train"]),
         })
         stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
         if stats and "peak_bytes_in_use" in stats:  # the process's peak so far (JAX cannot reset it)

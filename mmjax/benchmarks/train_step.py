@@ -1,8 +1,18 @@
 """Train-step benchmark: compile time, step time, steps/s, examples/s, the fraction of a training
-loop's wall time spent inside the compiled step, and peak memory.
+loop's wall time spent inside the compiled step, model FLOPs and MFU, and memory.
 
     python -m mmjax.benchmarks.train_step [--config=experiments/synthetic_patients.py[:args]] \
         [--config.model.dtype=bfloat16] [--steps=30]
+
+Printed as one JSON object. `step_ms`: the compiled step on one batch, repeated (state donated, no
+host sync); `loop_step_ms`: the training loop's shape (fresh batches from the input pipeline, put
+on the device `data.device_prefetch` steps ahead as `fit` does); `input_share`: the part of the loop's
+step the step itself does not explain (1 - step / loop: the input pipeline's cost). `model_tflops_per_step`
+counts the model's FLOPs from the jaxpr of the step without rematerialization (`mmjax/benchmarks/flops.py`:
+recomputation is not counted, as MFU is defined); `mfu`: its matmul FLOPs per second over the
+device's peak for the compute dtype (`fusion_scaling.peak_flops`: a data sheet, or this machine's
+measured matmul ceiling). Memory: the compiled step's analysis (`temp_mib`: activations and other
+temporaries) and, on GPU, the device's peak in use.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import jax
 from absl import flags
 
 from mmjax import console
+from mmjax.benchmarks import flops, fusion_scaling
 from mmjax.experiment import Experiment
 from mmjax.training import parallel
 from mmjax.training.state import TrainState
@@ -81,6 +92,16 @@ def compilation_cache_off():
     return compilation_cache_setting("jax_enable_compilation_cache", False)
 
 
+def model_flops(config, s: StepSetup) -> dict:
+    """FLOPs of one train step of `config`'s model counted from its jaxpr, without rematerialization."""
+    step = s.train_step
+    if config.model.get("remat"):
+        plain = config.copy_and_resolve_references()
+        plain.model.remat = ""
+        step = Experiment.from_config(plain).train_step()
+    return flops.count(step, s.state, s.batch)
+
+
 def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
     s = prepared or setup(config)
     state, batch, it, shard = s.state, s.batch, s.batches, s.shard
@@ -96,18 +117,37 @@ def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t) / steps
-    t = time.perf_counter()  # the training loop's shape: fresh data every step, no host sync
+    # the training loop's shape: fresh data every step, put ahead, no host sync
+    batches = parallel.prefetch_to_device(it, config.data.get("device_prefetch", 2),
+                                          lambda b: parallel.global_batch(b, shard))
+    t = time.perf_counter()
     for _ in range(steps):
-        state, m = compiled(state, parallel.global_batch(next(it), shard))
+        state, m = compiled(state, next(batches))
     jax.block_until_ready(m)
     loop_s = (time.perf_counter() - t) / steps
+    counted = model_flops(config, s) if s.model is not None else None
+    mem = fusion_scaling.memory(compiled)
+    extra = {}
+    if counted:
+        peak, source = fusion_scaling.peak_flops(config.model.dtype)
+        extra = {"model_tflops_per_step": round(counted["total"] / 1e12, 4),
+                 "achieved_tflops": round(counted["total"] / step_s / 1e12, 3),
+                 "peak_tflops": round(peak / 1e12, 2), "peak_source": source,
+                 "mfu": round(counted["matmul"] / step_s / peak, 6)}
+    if mem:
+        extra.update(temp_mib=round(mem["temp_bytes"] / 2**20, 1),
+                     executable_mib=round(mem["executable_bytes"] / 2**20, 1))
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    if stats and "peak_bytes_in_use" in stats:
+        extra["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
     return {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "cpus": os.cpu_count(),
         "batch_size": config.train.batch_size, "dtype": config.model.dtype, "fusion": config.model.fusion.name,
         "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
         "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 1), "steps_per_s": round(1 / step_s, 2),
         "examples_per_s": round(config.train.batch_size / step_s, 1), "loop_step_ms": round(loop_s * 1e3, 1),
-        "fraction_in_step": round(step_s / loop_s, 3),
+        "fraction_in_step": round(step_s / loop_s, 3), "input_share": round(max(0.0, 1 - step_s / loop_s), 3),
+        "remat": config.model.get("remat", ""), **extra,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

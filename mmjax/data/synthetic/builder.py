@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from mmjax.batch import ModalitySpec, TaskSpec
 from mmjax.data.local_info import LocalDatasetInfo, LocalPreparation
 from mmjax.data.spec import DatasetSpec, length_histogram, std_with_floor
+from mmjax.data.synthetic.ecg import LEADS
 from mmjax.data.synthetic.generate import (
     DEFAULT_MISSING_RATES,
     MODALITIES,
@@ -52,14 +53,14 @@ class SyntheticPatientsConfig(tfds.core.BuilderConfig):
     """Size, resolution and missingness of a `synthetic_patients` variant."""
 
     def __init__(self, *, num_train=4000, num_validation=500, num_test=1000, image_size=64, ecg_hz=100,
-                 missing_rates=None, lab_missing_scale=1.0, seed=0, **kwargs):
+                 missing_rates=None, lab_missing_scale=1.0, seed=0, ecg_leads=1, note_visits=1, **kwargs):
         kwargs.setdefault("version", tfds.core.Version("1.1.0"))
         super().__init__(**kwargs)
         self.split_sizes = {"train": num_train, "validation": num_validation, "test": num_test}
         rates = dict(DEFAULT_MISSING_RATES if missing_rates is None else missing_rates)
         self.settings = GenerationSettings(
             image_size=image_size, ecg_hz=ecg_hz, missing_rates=tuple(sorted(rates.items())),
-            lab_missing_scale=lab_missing_scale, seed=seed)
+            lab_missing_scale=lab_missing_scale, seed=seed, ecg_leads=ecg_leads, note_visits=note_visits)
 
 
 class SyntheticPatients(LocalPreparation, tfds.core.GeneratorBasedBuilder):
@@ -79,6 +80,11 @@ class SyntheticPatients(LocalPreparation, tfds.core.GeneratorBasedBuilder):
                                 lab_missing_scale=1.5, description="Each modality missing for 40%."),
         SyntheticPatientsConfig(name="large_images", image_size=224, ecg_hz=250,
                                 description="As default with 224x224 images and a 250 Hz ECG."),
+        # experiments/large.py: the sizes of a real study (a chest X-ray, a long note, a 12-lead 10 s ECG)
+        SyntheticPatientsConfig(name="large", num_train=1024, num_validation=128, num_test=128, image_size=224,
+                                ecg_hz=500, ecg_leads=12, note_visits=13,
+                                description="1024/128/128 patients, 224x224 images, notes of ~500 tokens "
+                                "(13 visits), a 12-lead 500 Hz ECG."),
         SyntheticPatientsConfig(name="tiny", num_train=256, num_validation=96, num_test=120, image_size=32,
                                 description="A few hundred patients with 32x32 images, for tests."),
     ]
@@ -103,7 +109,8 @@ class SyntheticPatients(LocalPreparation, tfds.core.GeneratorBasedBuilder):
                 "image": f.Tensor(shape=(s.image_size, s.image_size, 1), dtype=np.uint8, encoding="bytes"),
                 "note": f.Text(),
                 "labs": f.Tensor(shape=(len(FEATURES),), dtype=np.float32, encoding="bytes"),
-                "ecg": f.Tensor(shape=(length,), dtype=np.float32, encoding="bytes"),
+                "ecg": f.Tensor(shape=(length,) if s.ecg_leads == 1 else (length, s.ecg_leads), dtype=np.float32,
+                                encoding="bytes"),
                 "present": {m: f.Scalar(dtype=np.bool_) for m in MODALITIES},
                 "labels": {
                     "diagnosis": f.Tensor(shape=(len(CONDITIONS),), dtype=np.float32),
@@ -146,7 +153,8 @@ def fit_metadata(train: dict, cfg: SyntheticPatientsConfig) -> dict:
                      length_counts=length_histogram([len(tokenizer.tokenize(t)) for t in notes])),
         ModalitySpec("tabular", "tabular", field="labs", numeric=[f.name for f in FEATURES],
                      log_scale=log_scale.tolist(), mean=lab_mean.tolist(), std=lab_std.tolist()),
-        ModalitySpec("signal", "signal", field="ecg", shape=(length, 1), rate=float(s.ecg_hz), channel_names=("II",)),
+        ModalitySpec("signal", "signal", field="ecg", shape=(length, s.ecg_leads), rate=float(s.ecg_hz),
+                     channel_names=("II",) if s.ecg_leads == 1 else LEADS),
     )
     known = train["mortality_known"]
     tasks = (

@@ -5,6 +5,12 @@ mild respiratory variability). Atrial fibrillation: irregularly irregular RR int
 waves, fibrillatory baseline waves at 4-8 Hz. Premature beats in some sinus patients give an
 irregularity that is not AF. Every recording has baseline wander, white noise and, sometimes,
 a burst of muscle artefact. Amplitudes are in millivolts.
+
+`twelve_leads` turns lead II recordings into 12 leads for the size of a real 12-lead ECG (the
+`large` variant): each lead is the recording projected on the lead's axis (frontal-plane angles of
+the limb leads, horizontal-plane ones of V1-V6) against a per-patient electrical axis, plus the
+lead's own noise. A stand-in with a 12-lead ECG's shape and inter-lead correlation, not a
+simulation of the heart's vector.
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 from mmjax.data.synthetic.latent import PatientState
+
+LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+# Each lead's angle in degrees: limb leads in the frontal plane (hexaxial system), chest leads in the
+# horizontal plane.
+_LIMB_ANGLES = {"I": 0, "II": 60, "III": 120, "aVR": -150, "aVL": -30, "aVF": 90}
+_CHEST_ANGLES = {"V1": 115, "V2": 94, "V3": 75, "V4": 60, "V5": 30, "V6": 0}
 
 # (offset from R peak in s, width in s, amplitude in mV) of each wave of a sinus beat
 _WAVES = {"P": (-0.16, 0.025, 0.15), "Q": (-0.025, 0.01, -0.12), "R": (0.0, 0.012, 1.1),
@@ -63,4 +75,23 @@ def record_ecgs(s: PatientState, rng: np.random.Generator, hz: int, seconds: flo
             start = rng.integers(0, length - hz)
             x[start:start + hz] += 0.15 * rng.standard_normal(hz)
         out[i] = x
+    return out
+
+
+def twelve_leads(lead_ii: np.ndarray, s: PatientState, rng: np.random.Generator) -> np.ndarray:
+    """f32[N, T] lead II recordings -> f32[N, T, 12] in the order of `LEADS` (see the module docstring).
+    The frontal axis is about +60 degrees, shifted left in heart failure (left axis deviation)."""
+    n, length = lead_ii.shape
+    frontal = np.deg2rad(60.0 - 45.0 * s.hf_severity + rng.normal(0.0, 15.0, n))  # [N]
+    horizontal = np.deg2rad(rng.normal(60.0, 15.0, n))
+    out = np.empty((n, length, len(LEADS)), np.float32)
+    for k, lead in enumerate(LEADS):
+        if lead in _LIMB_ANGLES:
+            angle, axis = np.deg2rad(_LIMB_ANGLES[lead]), frontal
+        else:
+            angle, axis = np.deg2rad(_CHEST_ANGLES[lead]), horizontal
+        # lead II as recorded is the reference: its projection on the patient's own axis
+        gain = np.cos(angle - axis) / np.maximum(np.cos(np.deg2rad(60.0) - frontal), 0.3)
+        out[:, :, k] = gain[:, None] * lead_ii + rng.uniform(0.01, 0.04, (n, 1)) * rng.standard_normal((n, length))
+    out[:, :, LEADS.index("II")] = lead_ii  # lead II itself as simulated
     return out

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from mmjax.data.synthetic.ecg import record_ecgs
+from mmjax.data.synthetic.ecg import record_ecgs, twelve_leads
 from mmjax.data.synthetic.image import render_images
 from mmjax.data.synthetic.labs import measure_labs
 from mmjax.data.synthetic.latent import PatientState, sample_patients
@@ -27,6 +27,8 @@ class GenerationSettings:
     lab_missing_scale: float = 1.0
     typo_rate: float = 0.02
     seed: int = 0
+    ecg_leads: int = 1  # 1 (lead II) or 12 (`ecg.twelve_leads`)
+    note_visits: int = 1  # notes per patient, joined: more than one gives long notes (the `large` variant)
 
     def __post_init__(self):
         if not 16 <= self.image_size <= 224:
@@ -39,6 +41,10 @@ class GenerationSettings:
         for m, r in self.missing_rates:
             if not 0.0 <= r < 1.0:
                 raise ValueError(f"missing_rates[{m!r}]={r}: must be in [0, 1)")
+        if self.ecg_leads not in (1, 12):
+            raise ValueError(f"ecg_leads={self.ecg_leads}: must be 1 or 12")
+        if not 1 <= self.note_visits <= 64:
+            raise ValueError(f"note_visits={self.note_visits}: must be within 1..64")
 
 
 def generate_split(settings: GenerationSettings, split: str, n: int, with_evidence: bool = False):
@@ -59,6 +65,13 @@ def generate_split(settings: GenerationSettings, split: str, n: int, with_eviden
     complete_labs = measure_labs(state, copy.deepcopy(streams[2]), missing_scale=0.0) if with_evidence else None
     labs = measure_labs(state, streams[2], settings.lab_missing_scale)
     ecgs = record_ecgs(state, streams[3], settings.ecg_hz, settings.ecg_seconds)
+    # The large variant's extras draw from streams of their own: the default's content stays as it was.
+    extra = np.random.default_rng([settings.seed, SPLIT_IDS[split], 1])
+    if settings.ecg_leads == 12:
+        ecgs = twelve_leads(ecgs, state, extra)
+    for visit in range(1, settings.note_visits):  # follow-up notes of the same patients
+        more, _ = write_notes(state, extra, settings.typo_rate)
+        notes = [f"{a} Follow-up visit {visit}: {b}" for a, b in zip(notes, more)]
 
     rates = dict(settings.missing_rates)
     present = {m: streams[4].random(n) >= rates.get(m, 0.0) for m in MODALITIES}
