@@ -97,3 +97,27 @@ def test_the_pareto_front_of_a_sweep_table(tmp_path):
     front = [line.split("|")[1].strip() for line in md.splitlines() if line.endswith("| yes |")]
     assert front == ["sum", "concat", "cross_attention"]  # tensor: dearer and worse than concat; perceiver too
     assert (tmp_path / image).stat().st_size > 1000
+
+
+def test_the_device_axis_shards_the_batch_and_counts_only_real_devices(tmp_path):
+    """Fake CPU devices share the machine's cores: the default device axis on a CPU is 1 alone. Asked
+    for explicitly (as on an accelerator), a point on 2 devices splits a global batch of 2 x the batch
+    over them: per-example FLOPs as on one device, XLA's per-device count scaled to the whole, and a row
+    in the Markdown's device table."""
+    assert jax.device_count() == 8 and fusion_scaling.device_counts() == (1,)
+    assert fusion_scaling.device_counts(fake_ok=True) == (1, 2, 4, 8)
+    code = fusion_scaling.main([f"--out={tmp_path}", "--fusions=concat", "--tokens=8", "--modalities=2",
+                                "--widths=16", "--depths=1", "--batches=2", "--dtypes=float32", "--devices=1,2",
+                                "--base=tokens=8,modalities=2,width=16,depth=1,batch=2", "--repeats=2", "--warmup=1"])
+    assert code == 0
+    rows = {r["axis"]: r for r in csv.DictReader(open(tmp_path / "fusion_scaling.csv"))}
+    assert set(rows) == {"base", "devices"} and not rows["devices"]["error"]
+    one, two = rows["base"], rows["devices"]
+    assert (one["devices"], two["devices"]) == ("1", "2")
+    # (the parameters' share, fixed per step, is spread over twice the rows: 0.1% here)
+    assert float(two["train_flops_per_example"]) == pytest.approx(float(one["train_flops_per_example"]), rel=0.01)
+    assert 0.85 <= float(two["analytic_over_xla"]) <= 1.15
+    assert float(two["peak_tflops"]) == pytest.approx(2 * float(one["peak_tflops"]), rel=1e-3)
+    assert "| concat | 2 |" in (tmp_path / "fusion_scaling.md").read_text()
+    with pytest.raises(SystemExit):
+        fusion_scaling.main([f"--out={tmp_path}", "--devices=1,16"])

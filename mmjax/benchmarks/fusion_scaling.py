@@ -7,7 +7,9 @@ batch, dtype.
 
 Each registered fusion (`mmjax.models.fusion.FUSIONS`, a user's own included) runs alone, on random
 tokens of every modality ([B, T, D], all valid), around a base point (`--base`), one setting varied at
-a time: tokens per modality, number of modalities, width, depth, batch, dtype. A point records:
+a time: tokens per modality, number of modalities, width, depth, batch, dtype and device count (data
+parallel, the batch per device fixed: where real accelerators exist; fake CPU devices share one
+machine's cores and do not count, so a CPU run has 1). A point records:
 compile time; the train step (forward, a sum-of-squares loss, gradients of the parameters and the
 tokens, as an encoder below would need) and the forward pass alone, timed interleaved after a
 warm-up (median, 10th and 90th percentiles, `block_until_ready`); examples/s; FLOPs per example
@@ -98,8 +100,19 @@ class Point:
     modalities: int
     width: int
     depth: int
-    batch: int
+    batch: int  # examples per device
     dtype: str
+    devices: int = 1  # data parallel over this many devices: the batch is `batch` per device
+
+
+def device_counts(fake_ok: bool = False) -> tuple[int, ...]:
+    """The device counts to scale over: 1, 2, 4, ... up to the devices at hand, where they are real
+    accelerators; on a CPU only 1 (fake CPU devices share the same cores: they do not scale), unless
+    `fake_ok` (tests)."""
+    n = jax.device_count()
+    if jax.devices()[0].platform == "cpu" and not fake_ok:
+        return (1,)
+    return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n)
 
 
 def expected(fusion: str, axis: str) -> tuple[str, float | None]:
@@ -110,7 +123,8 @@ def expected(fusion: str, axis: str) -> tuple[str, float | None]:
 def grid(fusions, base: dict, values: dict) -> list[Point]:
     """The base point and, one at a time, each setting's other values, for every fusion."""
     axes = {"tokens": "tokens", "modalities": "modalities", "width": "widths", "depth": "depths",
-            "batch": "batches", "dtype": "dtypes"}
+            "batch": "batches", "dtype": "dtypes", "devices": "device_counts"}
+    values = {"device_counts": (1,), **values}
     points = []
     for fusion in fusions:
         seen = set()
@@ -124,11 +138,21 @@ def grid(fusions, base: dict, values: dict) -> list[Point]:
 
 
 def _inputs(p: Point):
+    """Tokens and masks of the global batch (`batch` x `devices` rows), sharded over the devices."""
     rng = np.random.default_rng(0)
-    tokens = {f"m{i}": jnp.asarray(rng.normal(size=(p.batch, p.tokens, p.width)), jnp.float32)
-              for i in range(p.modalities)}
-    masks = {k: jnp.ones((p.batch, p.tokens), bool) for k in tokens}
-    return tokens, masks
+    rows = p.batch * p.devices
+    tokens = {f"m{i}": rng.normal(size=(rows, p.tokens, p.width)).astype(np.float32) for i in range(p.modalities)}
+    masks = {k: np.ones((rows, p.tokens), bool) for k in tokens}
+    return jax.device_put((tokens, masks), _shardings(p.devices)[1])
+
+
+def _shardings(devices: int):
+    """(replicated, split on the batch axis) over a mesh of the first `devices` devices."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
 def _functions(p: Point):
@@ -207,7 +231,7 @@ def measure(p: Point, repeats: int = 5, warmup: int = 2) -> dict:
     try:
         module, forward, train = _functions(p)
         tokens, masks = _inputs(p)
-        params = jax.jit(module.init)(jax.random.PRNGKey(0), tokens, masks)
+        params = jax.device_put(jax.jit(module.init)(jax.random.PRNGKey(0), tokens, masks), _shardings(p.devices)[0])
         functions = {"train": train, "forward": forward}
         counted = {what: flops.count(fn, params, tokens, masks) for what, fn in functions.items()}
         t = time.perf_counter()
@@ -227,12 +251,16 @@ def measure(p: Point, repeats: int = 5, warmup: int = 2) -> dict:
                         f"{what}_ms_p90": round(p90 * 1e3, 4)})
         train_s = statistics.median(times["train"])
         peak, source = peak_flops(p.dtype)
+        peak *= p.devices
+        rows = p.batch * p.devices  # the global batch
+        # XLA's count is of one device's program (its share of the batch)
+        xla = None if xla is None else xla * p.devices
         row.update({
-            "examples_per_s": round(p.batch / train_s, 2),
-            "train_flops_per_example": counted["train"]["total"] / p.batch,
-            "train_matmul_flops_per_example": counted["train"]["matmul"] / p.batch,
-            "forward_flops_per_example": counted["forward"]["total"] / p.batch,
-            "xla_train_flops_per_example": None if xla is None else xla / p.batch,
+            "examples_per_s": round(rows / train_s, 2),
+            "train_flops_per_example": counted["train"]["total"] / rows,
+            "train_matmul_flops_per_example": counted["train"]["matmul"] / rows,
+            "forward_flops_per_example": counted["forward"]["total"] / rows,
+            "xla_train_flops_per_example": None if xla is None else xla / rows,
             "analytic_over_xla": None if not xla else round(counted["train"]["total"] / xla, 4),
             "achieved_tflops": round(counted["train"]["total"] / train_s / 1e12, 6),
             "peak_tflops": round(peak / 1e12, 4), "peak_source": source,
@@ -306,7 +334,7 @@ def growth(rows: list[dict]) -> list[dict]:
         for axis in ("tokens", "modalities"):
             pts = sorted((r for r in rows if r["fusion"] == fusion and r["axis"] in (axis, "base") and not r["error"]),
                          key=lambda r: r[axis])
-            pts = [r for r in pts if all(r[k] == pts[0][k] for k in ("width", "depth", "batch", "dtype"))]
+            pts = [r for r in pts if all(r[k] == pts[0][k] for k in ("width", "depth", "batch", "dtype", "devices"))]
             xs = [r[axis] for r in pts]
             fl = [r["train_flops_per_example"] for r in pts]
             slope, last = fit_exponent(xs, fl)
@@ -432,6 +460,15 @@ def markdown(rows: list[dict], grown: list[dict], info: dict) -> str:
         lines.append(f"| {g['fusion']} | {g['axis']} | {g['theory']} | {g['measured']} | {g['linear_share']}, "
                      f"{g['quadratic_share']} | {g['flops_exponent']}; {g['flops_exponent_last']} | "
                      f"{g['time_exponent']}; {g['time_exponent_last']} | {mark} |")
+    scaled = [r for r in rows if r["axis"] == "devices" and not r["error"]]
+    if scaled:
+        lines += ["", "## Data parallel over devices (the batch per device fixed)", "",
+                  "| fusion | devices | examples/s | efficiency (examples/s over devices x one device's) |",
+                  "|---|---|---|---|"]
+        one = {r["fusion"]: r["examples_per_s"] for r in rows if r["axis"] == "base" and not r["error"]}
+        for r in sorted(scaled, key=lambda r: (r["fusion"], r["devices"])):
+            eff = r["examples_per_s"] / (r["devices"] * one[r["fusion"]]) if r["fusion"] in one else float("nan")
+            lines.append(f"| {r['fusion']} | {r['devices']} | {r['examples_per_s']:.0f} | {eff:.2f} |")
     failed = [r for r in rows if r["error"]]
     if failed:
         lines += ["", f"{len(failed)} points failed: " + "; ".join(f"{r['fusion']} {r['axis']}={r[r['axis']]}: "
@@ -468,6 +505,9 @@ def main(argv=None) -> int:
     for key in ("tokens", "modalities", "widths", "depths", "batches"):
         parser.add_argument(f"--{key}", default="", help=f"comma-separated {key} (default: the grid's)")
     parser.add_argument("--dtypes", default="", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--devices", default="", help="comma-separated device counts, data parallel with the batch "
+                        "per device (default: 1, 2, 4, ... up to the accelerators at hand; 1 on a CPU, whose fake "
+                        "devices share its cores)")
     parser.add_argument("--base", default="", help="the base point, e.g. tokens=64,modalities=3,width=64")
     parser.add_argument("--sweep_csv", default="", help="a fusion sweep's sweep.csv: also plot its test metric "
                         "against GFLOPs per example, with the Pareto front (pareto.png)")
@@ -480,6 +520,9 @@ def main(argv=None) -> int:
             values[key] = _ints(getattr(a, key))
     if a.dtypes:
         values["dtypes"] = tuple(a.dtypes.split(","))
+    values["device_counts"] = _ints(a.devices) if a.devices else device_counts()
+    if max(values["device_counts"]) > jax.device_count():
+        parser.error(f"--devices: {max(values['device_counts'])} devices asked, {jax.device_count()} at hand")
     for item in filter(None, a.base.split(",")):
         k, _, v = item.partition("=")
         if k not in base:
@@ -494,13 +537,13 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     info = {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-            "devices": 1, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "devices": jax.device_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "date": time.strftime("%Y-%m-%d"), "base": base}
     points = grid(fusions, base, values)
     print(f"{len(points)} points ({len(fusions)} fusions) on {info['device']}", flush=True)
     rows, start = [], time.perf_counter()
     for i, p in enumerate(points):
-        row = {**measure(p, a.repeats, a.warmup), "device": info["device"], "devices": 1, "jax": info["jax"],
+        row = {**measure(p, a.repeats, a.warmup), "device": info["device"], "jax": info["jax"],
                "jaxlib": info["jaxlib"]}
         rows.append(row)
         elapsed = time.perf_counter() - start
