@@ -71,6 +71,7 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         name="synthetic_patients", config="default", data_dir="", text_max_length=64,
         spectrogram=False, augment=True, worker_count=0,
         device_prefetch=2,  # training batches put on the device this many steps ahead (0: as the step needs them)
+        cache_mib=2048,  # training examples read and prepared once, kept in memory if the split fits (0: never)
         signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
     c.model = ml_collections.ConfigDict(dict(
         width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
@@ -138,7 +139,7 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
                   max_pixels=2**28,  # a bigger image (a DICOM: all frames) is a bad row, never decoded; 0: no cap
                   text_min_patients=5,  # a word enters a text vocabulary only from the notes of this many patients
                   prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
-                  device_prefetch=2, signal_eval_windows=0)
+                  device_prefetch=2, cache_mib=2048, signal_eval_windows=0)
     c.train.update(num_steps=1000, eval_every=250, checkpoint_every=250)
     return c
 

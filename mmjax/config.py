@@ -21,7 +21,8 @@ RESUME_MAY_CHANGE = NO_RESULT_DEPENDS | frozenset({
     "train.keep_checkpoints", "train.final_checkpoint", "eval_batch_size", "allow_config_change", "init_from",
     "init_params", "data.data_dir", "data.allowed_roots", "data.prepare_workers", "eval.", "sweep.",
     # how the same computation is laid out: the global batches and the state do not depend on them
-    "distributed", "parallel", "sharding", "data.worker_count", "data.device_prefetch"})
+    "distributed", "parallel", "sharding", "data.worker_count", "data.device_prefetch",
+    "data.cache_mib"})
 
 
 def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:

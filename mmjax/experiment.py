@@ -260,7 +260,8 @@ class Experiment:
         """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process."""
         d = self.config.data
         return pipeline.train_loader(self.builder, self.spec, batch_size, self.config.seed if seed is None else seed,
-                                     augment=d.augment, worker_count=d.worker_count, **self.data_kwargs(), **kwargs)
+                                     augment=d.augment, worker_count=d.worker_count, cache_mib=d.get("cache_mib", 2048),
+                                     **self.data_kwargs(), **kwargs)
 
     def eval_batches(self, split: str, batch_size: int | None = None, source=None):
         """One padded pass over `split` (this process's shard), or over `source`, a list of examples

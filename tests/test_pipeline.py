@@ -161,6 +161,28 @@ def test_iterator_state_restores_the_same_batches(tiny_builder, tiny_spec):
         jax.tree.map(np.testing.assert_array_equal, got, want)  # augmentation included
 
 
+def test_examples_kept_in_memory_give_the_same_batches(tiny_builder, tiny_spec, capsys, monkeypatch):
+    """With the training split kept in memory (the default), every epoch's batches equal those read and
+    prepared afresh (cache_mib=0), random crops and augmentation included, and from the second epoch
+    nothing is read; a split larger than the limit is read every epoch, and a line says so."""
+    reads = []
+    get = pipeline._CheckedSource.__getitem__
+    monkeypatch.setattr(pipeline._CheckedSource, "__getitem__", lambda self, i: reads.append(i) or get(self, i))
+    kw = dict(seed=0, shard_index=0, shard_count=1)
+    kept = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, **kw))
+    batches = [next(kept) for _ in range(40)]  # 2.5 epochs of 16 batches
+    assert sorted(reads) == list(range(256))  # each example read once
+    fresh = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, cache_mib=0, **kw))
+    for want in batches:
+        jax.tree.map(np.testing.assert_array_equal, next(fresh), want)
+    assert len(reads) > 2 * 256
+    reads.clear()
+    small = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, cache_mib=1, **kw))
+    for want in batches[:20]:
+        jax.tree.map(np.testing.assert_array_equal, next(small), want)
+    assert len(reads) > 256 and "exceed data.cache_mib=1" in capsys.readouterr().out
+
+
 def test_workers_give_the_same_batches(tiny_builder, tiny_spec):
     kw = dict(seed=0, shard_index=0, shard_count=1)
     a = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, **kw))

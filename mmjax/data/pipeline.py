@@ -67,10 +67,12 @@ class _CheckedSource:
 def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: Sequence[TaskSpec],
                    text_max_length: int = 96, spectrogram: bool = False, train: bool = False,
                    signal_windows: int = 0) -> list:
-    """Per-example ops for the named modalities (None: all), read from each modality's spec.
+    """Per-example ops for the named modalities (None: all), read from each modality's spec: first
+    those that give an example the same output every time (`fixed_ops`: checks, images, text, tables,
+    labels), then the signals' (a random crop in training) and `Assemble`.
     `signal_windows` > 0 (evaluation only): that many windows per signal instead of the centre crop."""
     mods = spec.select_modalities(modalities)
-    ops = [T.CheckExample(mods, tuple(tasks))]
+    ops, signals = [T.CheckExample(mods, tuple(tasks))], []
     for m in mods:
         if m.kind == "image":
             ops.append(T.SelectImage(m))
@@ -79,11 +81,59 @@ def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: S
         elif m.kind == "tabular":
             ops.append(T.StandardizeTabular(m))
         else:
-            ops.append(T.PrepareSignal(m, random_crop=train, windows=0 if train else signal_windows))
+            signals.append(T.PrepareSignal(m, random_crop=train, windows=0 if train else signal_windows))
             if spectrogram:
-                ops.append(T.Spectrogram(m.name))
-    ops += [T.CollectLabels(tuple(tasks)), T.Assemble(tuple(m.name for m in mods))]
-    return ops
+                signals.append(T.Spectrogram(m.name))
+    return ops + [T.CollectLabels(tuple(tasks))] + signals + [T.Assemble(tuple(m.name for m in mods))]
+
+
+def fixed_ops(ops: list) -> int:
+    """How many of `ops` (from `preprocess_ops`), from the first, give an example the same output every
+    time: those before the first random op."""
+    return next((i for i, op in enumerate(ops) if isinstance(op, grain.transforms.RandomMap)), len(ops) - 1)
+
+
+def _nbytes(tree) -> int:
+    """Bytes an example holds (arrays, text; 8 for anything else)."""
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, np.ndarray):
+        return tree.nbytes
+    return len(tree) if isinstance(tree, (bytes, str)) else 8
+
+
+class _CachedSource:
+    """`source`'s examples through `ops` (deterministic ones), each computed once and kept in memory when
+    the whole split fits in `limit_bytes` (judged on the first example read; else nothing is kept, and a
+    line says so): every epoch after the first then costs no reading, decoding, tokenizing or checking.
+    A process (or worker) keeps the examples it reads; each read returns a shallow copy, so the ops that
+    follow never change what is kept."""
+
+    def __init__(self, source, ops: list, limit_bytes: int, what: str):
+        self._source, self._ops, self._limit, self._what = source, ops, limit_bytes, what
+        self._kept: dict | None = {} if limit_bytes > 0 else None
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, i):
+        kept = self._kept
+        if kept is not None and i in kept:
+            return dict(kept[i])
+        ex = self._source[i]
+        for op in self._ops:
+            ex = op.map(ex)
+        if kept is not None:
+            if not kept and _nbytes(ex) * len(self) > self._limit:
+                print(f"{self._what}: ~{_nbytes(ex) * len(self) / 2**20:.0f} MiB of examples exceed "
+                      f"data.cache_mib={self._limit / 2**20:.0f}: read and prepared every epoch", flush=True)
+                self._kept = None
+            else:
+                kept[i] = ex
+        return dict(ex)
+
+    def __getstate__(self):  # a worker process starts with nothing kept
+        return {**self.__dict__, "_kept": {} if self._kept is not None else None}
 
 
 def _apply(ds, ops, seed: int):
@@ -120,9 +170,12 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
                  modalities: Sequence[str] | None = None, tasks: Sequence[TaskSpec] | None = None,
                  augment: bool = True, text_max_length: int = 96, spectrogram: bool = False,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0, start_batch: int = 0) -> grain.IterDataset:
+                 worker_count: int = 0, start_batch: int = 0, cache_mib: int = 2048) -> grain.IterDataset:
     """Infinite, shuffled (differently each epoch, deterministic for `seed`), full batches of
     `batch_size` rows: this process's rows of each global batch, from global batch `start_batch` on.
+
+    The examples' deterministic preprocessing (reading, checks, images, text, tables, labels) is done
+    once per example and kept in memory when the split fits in `cache_mib` MiB (0: never kept).
 
     The batches depend on `seed`, the global batch size and `start_batch`, not on the process count
     or `worker_count` (> 0: preprocessing in that many processes). `iter(loader)` is also
@@ -130,10 +183,12 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
     _check_shard(shard_index, shard_count)
-    ds = grain.MapDataset.source(_CheckedSource(builder, split)).shuffle(seed=seed).repeat()
+    ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True)
+    k = fixed_ops(ops)
+    source = _CachedSource(_CheckedSource(builder, split), ops[:k], cache_mib * 2**20, f"{builder.name} {split}")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # per-example random ops (crops) seeded by the example's global position
-    ds = _apply(ds, preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True),
-                seed + 2)
+    ds = _apply(ds, ops[k:], seed + 2)
     images = _image_specs(spec, modalities)
     # blocks of batch_size rows; block k * shard_count + shard_index is this process's part of global batch k
     ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
