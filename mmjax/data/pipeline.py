@@ -102,21 +102,29 @@ def _nbytes(tree) -> int:
     return len(tree) if isinstance(tree, (bytes, str)) else 8
 
 
-class _CachedSource:
+class _CachedSource(grain.MapDataset):
     """`source`'s examples through `ops` (deterministic ones), each computed once and kept in memory when
     the whole split fits in `limit_bytes` (judged on the first example read; else nothing is kept, and a
     line says so): every epoch after the first then costs no reading, decoding, tokenizing or checking.
     A process (or worker) keeps the examples it reads; each read returns a shallow copy, so the ops that
-    follow never change what is kept."""
+    follow never change what is kept. The dataset's root (not `MapDataset.source` of it, whose per-read
+    byte count for monitoring costs more than a kept example's read)."""
 
     def __init__(self, source, ops: list, limit_bytes: int, what: str):
+        super().__init__()
         self._source, self._ops, self._limit, self._what = source, ops, limit_bytes, what
         self._kept: dict | None = {} if limit_bytes > 0 else None
 
     def __len__(self):
         return len(self._source)
 
+    def __str__(self):
+        return f"_CachedSource({self._what})"
+
     def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        i = i % len(self._source)
         kept = self._kept
         if kept is not None and i in kept:
             return dict(kept[i])
@@ -186,7 +194,7 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
     ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True)
     k = fixed_ops(ops)
     source = _CachedSource(_CheckedSource(builder, split), ops[:k], cache_mib * 2**20, f"{builder.name} {split}")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = source.shuffle(seed=seed).repeat()
     # per-example random ops (crops) seeded by the example's global position
     ds = _apply(ds, ops[k:], seed + 2)
     images = _image_specs(spec, modalities)
