@@ -564,12 +564,18 @@ def test_remat_gives_the_same_gradients_by_recomputing():
         cost = fn.cost_analysis()
         return fn(params), (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-    plain = make_model("cross_attention", modality_dropout=0.3)
+    def make(**kw):  # two modalities: what is checked does not need four, and each compile costs seconds
+        return MultimodalModel(modalities=("image", "text"), tasks=TASKS, fusion="cross_attention", width=16,
+                               encoders={"image": {"name": "image", "patch_size": 8},
+                                         "text": {"name": "text", "vocab_size": 50}},
+                               fusion_kwargs={"depth": 2, "num_heads": 2}, modality_dropout=0.3, **kw)
+
+    plain = make()
     params = jax.jit(lambda b: _init(plain, b))(batch)
     (v_ref, g_ref), flops_ref = compiled(plain)
     added = {}
     for parts in (("encoders",), ("fusion",), ("encoders", "fusion")):
-        model = make_model("cross_attention", modality_dropout=0.3, remat=parts)
+        model = make(remat=parts)
         shapes = jax.eval_shape(lambda b, model=model: _init(model, b), batch)
         assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
         (v, g), flops = compiled(model)

@@ -118,7 +118,7 @@ def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t) / steps
     # the training loop's shape: fresh data every step, put ahead, no host sync
-    batches = parallel.prefetch_to_device(it, config.data.get("device_prefetch", 2),
+    batches = parallel.prefetch_to_device(it, (config.get("data") or {}).get("device_prefetch", 2),
                                           lambda b: parallel.global_batch(b, shard))
     t = time.perf_counter()
     for _ in range(steps):
