@@ -400,6 +400,7 @@ def pareto(sweep_csv: str, out: str) -> tuple[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     with open(sweep_csv) as f:
         rows = list(csv.DictReader(f))
@@ -418,10 +419,23 @@ def pareto(sweep_csv: str, out: str) -> tuple[str, str]:
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.errorbar([r["gflops"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts], fmt="o",
                 color="tab:blue", ecolor="lightgray", capsize=3)
-    for r in pts:
-        ax.annotate(r["fusion"], (r["gflops"], r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    # labels of fusions close on the plot (cost within 5%, metric within a tenth of the range) go one below
+    # the other, ordered by metric
+    span = (max(r["mean"] for r in pts) - min(r["mean"] for r in pts)) or 1.0
+    groups: list[list[dict]] = []
+    for r in sorted(pts, key=lambda r: (r["gflops"], -r["mean"])):
+        near = next((g for g in groups if r["gflops"] <= g[0]["gflops"] * 1.05
+                     and abs(r["mean"] - g[-1]["mean"]) <= 0.1 * span), None)
+        (near.append(r) if near is not None else groups.append([r]))
+    for g in groups:
+        for k, c in enumerate(sorted(g, key=lambda c: -c["mean"])):
+            ax.annotate(c["fusion"], (c["gflops"], c["mean"]), fontsize=7, textcoords="offset points",
+                        xytext=(6, 3 - 9 * k) if len(g) > 1 else (3, 3))
     ax.plot([r["gflops"] for r in front], [r["mean"] for r in front], color="tab:red", label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("GFLOPs per example (train step)")
     ax.set_ylabel(f"test {metric}")
     ax.legend()
