@@ -11,20 +11,34 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/* \
 #     && export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_large.sh
 # Anywhere else with a GPU and `pip install -e .`: bash benchmarks/gpu_large.sh
+# A dry run of the script on a CPU, at the smoke variant's width:
+#   ARG=smoke, STEPS=2 SCALING_FUSIONS=concat SCALING_MINUTES=0.5 bash benchmarks/gpu_large.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 export MMJAX_DATA_DIR=${MMJAX_DATA_DIR:-/tmp/mmjax_data}
 STEPS=${STEPS:-20}
+ARG=${ARG:-}  # arguments before the variant's, e.g. "smoke,"
 mkdir -p "$OUT"
 python3 -c "import jax; print('devices:', jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 time python3 -c "from mmjax.data import sources; sources.load_builder('synthetic_patients/large')"
-for variant in "" ":remat" ":float32"; do
-  echo "== experiments/large.py$variant"
-  timeout 300 python3 -m mmjax.benchmarks.train_step --config="experiments/large.py$variant" --steps="$STEPS" \
-    | tail -n 1 | tee -a "$OUT/large_step.jsonl" || echo "{\"config\": \"large$variant\", \"error\": $?}" >> "$OUT/large_step.jsonl"
+for variant in "" "remat" "float32"; do
+  config="experiments/large.py:${ARG}${variant}"
+  log="$OUT/step_${variant:-bf16}.log"
+  echo "== $config"
+  # a failure (out of memory, a timeout) is a line of the results, and the next variant runs
+  set +e
+  timeout 300 python3 -m mmjax.benchmarks.train_step --config="$config" --steps="$STEPS" > "$log" 2>&1
+  status=$?
+  set -e
+  if [ "$status" -eq 0 ]; then
+    tail -n 1 "$log" | tee -a "$OUT/large_step.jsonl"
+  else
+    tail -n 5 "$log"
+    echo "{\"config\": \"$config\", \"error\": \"exit status $status, see $log\"}" | tee -a "$OUT/large_step.jsonl"
+  fi
 done
-timeout "${SCALING_SECONDS:-240}" python3 -m mmjax.benchmarks.fusion_scaling --full --out="$OUT/fusion_scaling" \
-  --fusions="${SCALING_FUSIONS:-cross_attention,bottleneck,perceiver,concat}" --repeats=5 || echo "fusion_scaling stopped: $?"
+python3 -m mmjax.benchmarks.fusion_scaling --full --out="$OUT/fusion_scaling" --max_minutes="${SCALING_MINUTES:-4}" \
+  --fusions="${SCALING_FUSIONS:-cross_attention,bottleneck,perceiver,concat}" --repeats=5 | tail -n 40
 ls -R "$OUT"

@@ -121,3 +121,15 @@ def test_the_device_axis_shards_the_batch_and_counts_only_real_devices(tmp_path)
     assert "| concat | 2 |" in (tmp_path / "fusion_scaling.md").read_text()
     with pytest.raises(SystemExit):
         fusion_scaling.main([f"--out={tmp_path}", "--devices=1,16"])
+
+
+def test_a_time_limit_writes_what_was_measured(tmp_path, capsys):
+    """`--max_minutes` stops taking points and still writes every output from the rows measured."""
+    code = fusion_scaling.main([f"--out={tmp_path}", "--fusions=concat,mean", "--tokens=8,16", "--modalities=2",
+                                "--widths=16", "--depths=1", "--batches=2", "--dtypes=float32", "--repeats=1",
+                                "--base=tokens=8,modalities=2,width=16,depth=1,batch=2", "--warmup=1",
+                                "--max_minutes=1e-9"])
+    assert code == 0 and "--max_minutes=1e-09 reached: 3 of 4 points not measured" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(tmp_path / "fusion_scaling.csv")))) == 1
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["points"], run["planned"]) == (1, 4) and (tmp_path / "index.html").exists()

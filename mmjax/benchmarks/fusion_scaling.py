@@ -525,6 +525,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default="", help="the base point, e.g. tokens=64,modalities=3,width=64")
     parser.add_argument("--sweep_csv", default="", help="a fusion sweep's sweep.csv: also plot its test metric "
                         "against GFLOPs per example, with the Pareto front (pareto.png)")
+    parser.add_argument("--max_minutes", type=float, default=0.0, help="stop taking new points after this "
+                        "long and write what was measured (0: no limit); the CSV is also rewritten after every point")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     a = parser.parse_args(argv)
@@ -557,9 +559,14 @@ def main(argv=None) -> int:
     print(f"{len(points)} points ({len(fusions)} fusions) on {info['device']}", flush=True)
     rows, start = [], time.perf_counter()
     for i, p in enumerate(points):
+        if a.max_minutes and i and time.perf_counter() - start > 60 * a.max_minutes:  # at least one point
+            print(f"--max_minutes={a.max_minutes} reached: {len(points) - i} of {len(points)} points not measured",
+                  flush=True)
+            break
         row = {**measure(p, a.repeats, a.warmup), "device": info["device"], "jax": info["jax"],
                "jaxlib": info["jaxlib"]}
         rows.append(row)
+        _write_csv(os.path.join(a.out, "fusion_scaling.csv"), rows)  # what was measured survives a kill
         elapsed = time.perf_counter() - start
         what = row["error"] or (f"train {row['train_ms']:.2f} ms, {row['train_flops_per_example'] / 1e6:.2f} "
                                 f"MFLOPs/example, analytic/XLA {row['analytic_over_xla']}")
@@ -577,7 +584,7 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "fusion_scaling.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "run.json"), "w") as f:
-        json.dump({**info, "points": len(rows), "failed": sum(bool(r["error"]) for r in rows),
+        json.dump({**info, "points": len(rows), "planned": len(points), "failed": sum(bool(r["error"]) for r in rows),
                    "seconds": round(time.perf_counter() - start, 1)}, f, indent=1)
     html(md, images, a.out)
     print(md)
