@@ -15,7 +15,10 @@ Results of the default (`python launch.py`), test macro_auroc over 5 diagnoses +
 95% patient-bootstrap interval:
     2-core AMD EPYC VM, 2026-11-29: 0.9073 (best checkpoint by validation: step 1,500);
     2-core Intel Xeon VM, 2026-12-07: 0.9117 [0.8983, 0.9240] (best: step 1,000), 5 min 49 s wall,
-    peak RSS 1.6 GB; the same digits before and after the package's re-layering (issue 18).
+    peak RSS 1.6 GB; the same digits before and after the package's re-layering (issue 18);
+    later that day, with the augmentation computed by XLA (the same values to float rounding, so
+    another trajectory) and the examples kept in memory: 0.9090 [0.8957, 0.9215] (best: step 1,000),
+    4 min 40 s wall, peak RSS 2.2 GB.
 Over seeds 0-2 (AMD, 2026-11-29): cross_attention 0.904 +- 0.005, concat 0.901 +- 0.002 (`:fusion=concat`).
 Single modalities, fusions and earlier defaults: docs/results.md.
 """
