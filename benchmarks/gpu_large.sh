@@ -7,7 +7,7 @@
 #   3. a short fusion scaling sweep on the accelerator grid (`--full`, a few fusions).
 # Results: one JSON line per run in $OUT/large_step.jsonl, the sweep in $OUT/fusion_scaling/.
 #
-# On the project's lent GPU machine (see DEVELOPERS.md), after `bash ../shared/tools/gpu-wheels.sh` here:
+# On the project's lent GPU machine, after `bash ../shared/tools/gpu-wheels.sh` on the project's machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/* \
 #     && export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_large.sh
 # Anywhere else with a GPU and `pip install -e .`: bash benchmarks/gpu_large.sh
@@ -33,12 +33,14 @@ for variant in "" "remat" "float32"; do
   status=$?
   set -e
   if [ "$status" -eq 0 ]; then
-    tail -n 1 "$log" | tee -a "$OUT/large_step.jsonl"
+    grep '^{' "$log" | tail -n 1 | tee -a "$OUT/large_step.jsonl"
   else
     tail -n 5 "$log"
     echo "{\"config\": \"$config\", \"error\": \"exit status $status, see $log\"}" | tee -a "$OUT/large_step.jsonl"
   fi
 done
 python3 -m mmjax.benchmarks.fusion_scaling --full --out="$OUT/fusion_scaling" --max_minutes="${SCALING_MINUTES:-4}" \
-  --fusions="${SCALING_FUSIONS:-cross_attention,bottleneck,perceiver,concat}" --repeats=5 | tail -n 40
+  --fusions="${SCALING_FUSIONS:-cross_attention,bottleneck,perceiver,concat}" --repeats=5 > "$OUT/scaling.log" 2>&1 \
+  || echo "fusion_scaling failed: see $OUT/scaling.log"
+tail -n 40 "$OUT/scaling.log"
 ls -R "$OUT"

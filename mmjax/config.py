@@ -9,8 +9,13 @@ sweep's `sweep.metric`.
 from __future__ import annotations
 
 # Settings no result depends on: a sweep (`mmjax/training/sweep.py`) reads back a finished run whatever
-# its value of them.
-NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change"})
+# its value of them (the input pipeline's workers and memory give the same batches: tests).
+NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change", "data.worker_count", "data.device_prefetch",
+                               "data.cache_mib"})
+
+# Settings added to mmjax after configs were saved, with the value that means what the code did before
+# them: a saved config without the key compares as having that value.
+ADDED_DEFAULTS = {"model.remat": ""}
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
 # prepared data lies, on how many processes and devices), and prefixes of such groups; any other
@@ -20,9 +25,9 @@ RESUME_MAY_CHANGE = NO_RESULT_DEPENDS | frozenset({
     "train.num_steps", "train.stop_at_step", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.final_checkpoint", "eval_batch_size", "allow_config_change", "init_from",
     "init_params", "data.data_dir", "data.allowed_roots", "data.prepare_workers", "eval.", "sweep.",
-    # how the same computation is laid out: the global batches and the state do not depend on them
-    "distributed", "parallel", "sharding", "data.worker_count", "data.device_prefetch",
-    "data.cache_mib"})
+    # how the same computation is laid out: the global batches and the state do not depend on them (remat:
+    # recomputed activations, the same to float rounding)
+    "distributed", "parallel", "sharding", "model.remat"})
 
 
 def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
@@ -41,6 +46,7 @@ def config_differences(before: dict, now: dict, ignore=frozenset(), new_keys: bo
         return not any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore)
 
     a, b = flatten(before), flatten(now)
+    a = {**{k: v for k, v in ADDED_DEFAULTS.items() if k in b}, **a}
     keys = set(a) | set(b) if new_keys else set(a)
     return sorted(k for k in keys if kept(k) and a.get(k) != b.get(k))
 

@@ -564,8 +564,8 @@ def test_remat_gives_the_same_gradients_by_recomputing():
         cost = fn.cost_analysis()
         return fn(params), (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-    def make(**kw):  # two modalities: what is checked does not need four, and each compile costs seconds
-        return MultimodalModel(modalities=("image", "text"), tasks=TASKS, fusion="cross_attention", width=16,
+    def make(**kw):  # two modalities, not in alphabetical order (a dict through nn.remat would sort them)
+        return MultimodalModel(modalities=("text", "image"), tasks=TASKS, fusion="cross_attention", width=16,
                                encoders={"image": {"name": "image", "patch_size": 8},
                                          "text": {"name": "text", "vocab_size": 50}},
                                fusion_kwargs={"depth": 2, "num_heads": 2}, modality_dropout=0.3, **kw)

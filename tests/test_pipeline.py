@@ -161,26 +161,61 @@ def test_iterator_state_restores_the_same_batches(tiny_builder, tiny_spec):
         jax.tree.map(np.testing.assert_array_equal, got, want)  # augmentation included
 
 
-def test_examples_kept_in_memory_give_the_same_batches(tiny_builder, tiny_spec, capsys, monkeypatch):
+def test_examples_kept_in_memory_give_the_same_batches(tiny_builder, tiny_spec, capsys):
     """With the training split kept in memory (the default), every epoch's batches equal those read and
     prepared afresh (cache_mib=0), random crops and augmentation included, and from the second epoch
     nothing is read; a split larger than the limit is read every epoch, and a line says so."""
     reads = []
-    get = pipeline._CheckedSource.__getitem__
-    monkeypatch.setattr(pipeline._CheckedSource, "__getitem__", lambda self, i: reads.append(i) or get(self, i))
+
+    class Counted:  # the builder, its training records counted as they are read (by this test's loaders only)
+        def __getattr__(self, name):
+            return getattr(tiny_builder, name)
+
+        def as_data_source(self, split):
+            source = tiny_builder.as_data_source(split)
+            return type("CountedSource", (), {"__len__": lambda _: len(source),
+                                              "__getitem__": lambda _, i: reads.append(i) or source[i]})()
+
     kw = dict(seed=0, shard_index=0, shard_count=1)
-    kept = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, **kw))
+    kept = iter(pipeline.train_loader(Counted(), tiny_spec, 16, **kw))
     batches = [next(kept) for _ in range(40)]  # 2.5 epochs of 16 batches
     assert sorted(reads) == list(range(256))  # each example read once
-    fresh = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, cache_mib=0, **kw))
+    reads.clear()
+    fresh = iter(pipeline.train_loader(Counted(), tiny_spec, 16, cache_mib=0, **kw))
     for want in batches:
         jax.tree.map(np.testing.assert_array_equal, next(fresh), want)
     assert len(reads) > 2 * 256
+    kept.close(), fresh.close()  # their read-ahead threads stop reading
     reads.clear()
-    small = iter(pipeline.train_loader(tiny_builder, tiny_spec, 16, cache_mib=1, **kw))
+    small = iter(pipeline.train_loader(Counted(), tiny_spec, 16, cache_mib=1, **kw))
     for want in batches[:20]:
         jax.tree.map(np.testing.assert_array_equal, next(small), want)
-    assert len(reads) > 256 and "exceed data.cache_mib=1" in capsys.readouterr().out
+    assert len(reads) > 256 and "exceed the limit of 1 MiB per process" in capsys.readouterr().out
+
+
+def test_the_kept_examples_stop_at_the_limit_in_bytes(capsys):
+    """Examples of growing size: those that fit in the limit are kept (counted in bytes, not judged on
+    the first alone), the rest are read every time, and one line says so."""
+    sizes = [100, 100, 300, 300, 300, 50]
+    source = [{"x": np.zeros(n, np.uint8)} for n in sizes]
+    kept = pipeline._CachedSource(source, [], limit_bytes=1000, what="growing")
+    for _ in range(2):
+        assert [kept[i]["x"].size for i in range(len(sizes))] == sizes
+    assert sorted(kept._kept) == [0, 1, 2, 3] and kept._bytes == 800
+    assert capsys.readouterr().out.count("4 examples kept (0 MiB) reached the limit") == 1
+
+
+def test_the_read_ahead_is_bounded_in_bytes(tiny_spec):
+    """128 small batches are read ahead; of `synthetic_patients/large` (224x224 images, 12-lead 500 Hz
+    ECGs: ~14 MB a batch of 32) only what fits in 256 MiB, shared among the workers, and never fewer than 2."""
+    from mmjax.data.synthetic.builder import SyntheticPatients, fit_metadata
+    from mmjax.data.synthetic.generate import generate_split
+
+    assert pipeline.read_ahead(tiny_spec, None, 16, 48) == 128
+    cfg = SyntheticPatients.builder_configs["large"]
+    large = pipeline.DatasetSpec.from_metadata(fit_metadata(generate_split(cfg.settings, "train", 4)[0], cfg))
+    assert [pipeline.read_ahead(large, None, 32, 512, w) for w in (0, 2, 8)] == [15, 7, 2]
+    assert pipeline.read_ahead(large, ("tabular",), 32, 512) == 128
 
 
 def test_workers_give_the_same_batches(tiny_builder, tiny_spec):

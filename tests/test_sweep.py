@@ -85,6 +85,16 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
     (run / "config.json").write_text(json.dumps(stale))
     with pytest.raises(ValueError, match=r"another config.*\['train.num_steps'\]"):
         sweep._check_same_config(c, str(run))
+    # settings added later: the input pipeline's (no result depends on them) and `model.remat`, whose
+    # absence from a saved config means what it says when '' (off), and only that
+    del stale["train"]["num_steps"]
+    (run / "config.json").write_text(json.dumps(stale))
+    c.data = ml_collections.ConfigDict(dict(cache_mib=16, device_prefetch=3))
+    c.model.remat = ""
+    sweep._check_same_config(c, str(run))
+    c.model.remat = "fusion"
+    with pytest.raises(ValueError, match=r"another config.*\['model.remat'\]"):
+        sweep._check_same_config(c, str(run))
 
 
 def test_sweep_rejects_an_unknown_fusion(tmp_path):
@@ -172,7 +182,7 @@ def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
                                             model=dict(dtype="float32", fusion=dict(name="concat"))))
     state = types.SimpleNamespace(params={"w": np.ones(3)})
     setup = step_benchmark.StepSetup(
-        config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 8), host_batch={}, batch={},
+        config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 64), host_batch={}, batch={},
         state=state, train_step=None, step_fn=types.SimpleNamespace(lower=lambda state, batch: Lowered()),
         shard=None, loss_weights={})
     out = step_benchmark.benchmark(config, 2, setup)

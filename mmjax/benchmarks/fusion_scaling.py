@@ -58,12 +58,13 @@ from mmjax.benchmarks import flops
 from mmjax.config import lower_is_better
 from mmjax.models.fusion import FUSIONS
 
-# Dense peak FLOP/s of known accelerators (bf16 / fp32 without TF32), from the vendors' data sheets.
+# Dense peak FLOP/s of known accelerators from the vendors' data sheets: bf16, fp32 without tensor cores,
+# and TF32 (tensor cores), which XLA uses for float32 matmuls on a GPU unless the precision is 'highest'.
 PEAKS = {
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float32": 67e12},  # SXM; PCIe: 756e12 / 51e12
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "L4": {"bfloat16": 121e12, "float32": 30.3e12},
+    "H200": {"bfloat16": 989e12, "float32": 67e12, "tf32": 494.7e12},
+    "H100": {"bfloat16": 989e12, "float32": 67e12, "tf32": 494.7e12},  # SXM; PCIe: 756e12 / 51e12 / 378e12
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12, "tf32": 156e12},
+    "L4": {"bfloat16": 121e12, "float32": 30.3e12, "tf32": 60e12},
     "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
     "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
@@ -125,14 +126,15 @@ def grid(fusions, base: dict, values: dict) -> list[Point]:
     axes = {"tokens": "tokens", "modalities": "modalities", "width": "widths", "depth": "depths",
             "batch": "batches", "dtype": "dtypes", "devices": "device_counts"}
     values = {"device_counts": (1,), **values}
-    points = []
-    for fusion in fusions:
-        seen = set()
-        for axis, key in [("base", None), *axes.items()]:
-            for v in [None] if axis == "base" else values[key]:
+    points, seen = [], {fusion: set() for fusion in fusions}
+    # setting by setting, every fusion at each value: a sweep cut short (--max_minutes) has measured
+    # the same settings of every fusion, not every setting of the first fusions
+    for axis, key in [("base", None), *axes.items()]:
+        for v in [None] if axis == "base" else values[key]:
+            for fusion in fusions:
                 p = Point(fusion, axis, **{**base, **({} if axis == "base" else {axis: v})})
-                if dataclasses.astuple(p)[2:] not in seen:
-                    seen.add(dataclasses.astuple(p)[2:])
+                if dataclasses.astuple(p)[2:] not in seen[fusion]:
+                    seen[fusion].add(dataclasses.astuple(p)[2:])
                     points.append(p)
     return points
 
@@ -208,6 +210,9 @@ def peak_flops(dtype: str, device=None) -> tuple[float, str]:
     kind = getattr(device, "device_kind", "")
     for name, peaks in PEAKS.items():
         if name.lower() in kind.lower():
+            precision = str(jax.config.jax_default_matmul_precision or "").lower()
+            if dtype == "float32" and "tf32" in peaks and precision not in ("highest", "float32"):
+                return peaks["tf32"], f"data sheet: {name}, TF32 (XLA's float32 matmuls on a GPU)"
             return peaks[dtype], f"data sheet: {name}"
     return matmul_ceiling(dtype), "measured matmul ceiling"
 

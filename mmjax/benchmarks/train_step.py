@@ -6,13 +6,15 @@ loop's wall time spent inside the compiled step, model FLOPs and MFU, and memory
 
 Printed as one JSON object. `step_ms`: the compiled step on one batch, repeated (state donated, no
 host sync); `loop_step_ms`: the training loop's shape (fresh batches from the input pipeline, put
-on the device `data.device_prefetch` steps ahead as `fit` does); `input_share`: the part of the loop's
+on the device `data.device_prefetch` steps ahead as `fit` does), timed after enough untimed steps to
+use up what the pipeline read ahead during compilation; `input_share`: the part of the loop's
 step the step itself does not explain (1 - step / loop: the input pipeline's cost). `model_tflops_per_step`
 counts the model's FLOPs from the jaxpr of the step without rematerialization (`mmjax/benchmarks/flops.py`:
 recomputation is not counted, as MFU is defined); `mfu`: its matmul FLOPs per second over the
-device's peak for the compute dtype (`fusion_scaling.peak_flops`: a data sheet, or this machine's
-measured matmul ceiling). Memory: the compiled step's analysis (`temp_mib`: activations and other
-temporaries) and, on GPU, the device's peak in use.
+devices' peak for the compute dtype (`fusion_scaling.peak_flops`: a data sheet, TF32's for float32
+on a GPU since XLA's float32 matmuls use it there, or this machine's measured matmul ceiling).
+Memory: the compiled step's analysis (`temp_mib`: activations and other temporaries) and, on GPU,
+the device's peak in use.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from absl import flags
 
 from mmjax import console
 from mmjax.benchmarks import flops, fusion_scaling
+from mmjax.data import pipeline
 from mmjax.experiment import Experiment
 from mmjax.training import parallel
 from mmjax.training.state import TrainState
@@ -102,7 +105,10 @@ def model_flops(config, s: StepSetup) -> dict:
     return flops.count(step, s.state, s.batch)
 
 
-def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
+def benchmark(config, steps: int, prepared: StepSetup | None = None, loop_warmup: int | None = None) -> dict:
+    """The row of figures (see the module docstring). `loop_warmup` untimed loop steps come before the
+    timed ones (default: the pipeline's read-ahead and the device prefetch), so that the loop is timed
+    in its steady state, not while it drains the batches read ahead during compilation."""
     s = prepared or setup(config)
     state, batch, it, shard = s.state, s.batch, s.batches, s.shard
     with compilation_cache_off():
@@ -118,8 +124,11 @@ def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t) / steps
     # the training loop's shape: fresh data every step, put ahead, no host sync
-    batches = parallel.prefetch_to_device(it, (config.get("data") or {}).get("device_prefetch", 2),
-                                          lambda b: parallel.global_batch(b, shard))
+    ahead = (config.get("data") or {}).get("device_prefetch", 2)
+    batches = parallel.prefetch_to_device(it, ahead, lambda b: parallel.global_batch(b, shard))
+    for _ in range(pipeline.READ_AHEAD_MAX + ahead + 2 if loop_warmup is None else loop_warmup):
+        state, m = compiled(state, next(batches))
+    jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(steps):
         state, m = compiled(state, next(batches))
@@ -130,6 +139,7 @@ def benchmark(config, steps: int, prepared: StepSetup | None = None) -> dict:
     extra = {}
     if counted:
         peak, source = fusion_scaling.peak_flops(config.model.dtype)
+        peak *= jax.device_count()  # the step is the global batch's, over every device
         extra = {"model_tflops_per_step": round(counted["total"] / 1e12, 4),
                  "achieved_tflops": round(counted["total"] / step_s / 1e12, 3),
                  "peak_tflops": round(peak / 1e12, 2), "peak_source": source,

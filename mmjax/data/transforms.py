@@ -364,7 +364,7 @@ def _warp(x, affine, channel, intensity, present):
     zero where `present` [B] is False. One compilation per batch shape and dtype."""
     import jax
 
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's (jax.devices lists every process's)
     args = jax.device_put((x, affine, channel, intensity, present), cpu)
     return np.asarray(_warp_jit()(*args))
 

@@ -33,8 +33,8 @@ REMAT_PARTS = ("encoders", "fusion")
 
 
 def _call_fusion(fusion, names, tokens, masks, train):
-    """fusion({name: tokens}, {name: mask}, train) from tuples in the model's modality order."""
-    return fusion(dict(zip(names, tokens)), dict(zip(names, masks)), train)
+    """fusion({name: tokens}, {name: mask}, train=train) from tuples in the model's modality order."""
+    return fusion(dict(zip(names, tokens)), dict(zip(names, masks)), train=train)
 
 
 # The fusion rematerialized: its inputs cross the boundary as tuples, because a dict passed through a JAX
@@ -112,11 +112,14 @@ class MultimodalModel(nn.Module):
         for m in self.modalities:
             kwargs = dict(self.encoders[m])
             cls = ENCODERS.get(kwargs.pop("name"))
-            if "encoders" in self.remat:  # __call__(self, inputs, train): `train` static
-                cls = nn.remat(cls, static_argnums=(2,))
             inputs = dict(batch[m], present=present[m])
-            tokens[m], masks[m] = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)(
-                inputs, train)
+            if "encoders" in self.remat:  # __call__(self, inputs, train): `train` positional and static
+                encoder = nn.remat(cls, static_argnums=(2,))(width=self.width, dtype=self.dtype, name=f"{m}_encoder",
+                                                              **kwargs)
+                tokens[m], masks[m] = encoder(inputs, train)
+            else:
+                encoder = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)
+                tokens[m], masks[m] = encoder(inputs, train=train)
         fusion = FUSIONS.get(self.fusion)(width=self.width, dtype=self.dtype, name="fusion",
                                           **dict(self.fusion_kwargs or {}))
         call = _remat_fusion if "fusion" in self.remat else _call_fusion

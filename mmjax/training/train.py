@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import signal
@@ -323,7 +324,9 @@ def fit(run: Run) -> dict:
     compiles_before = first_step_compiles = first_step_s = None
     validation, start = None, time.perf_counter()
     # the next batches on the device ahead of the step (the data position is the step: reading ahead moves nothing)
-    batches = parallel.prefetch_to_device(run.train_iter, c.data.get("device_prefetch", 2), run.strategy.put)
+    # (no batch past the last step is read: a run shorter than an epoch never reads one it does not use)
+    batches = parallel.prefetch_to_device(itertools.islice(run.train_iter, max(min(num_steps, stop_at) - step, 0)),
+                                          c.data.get("device_prefetch", 2), run.strategy.put)
     while step < min(num_steps, stop_at):
         t0 = time.perf_counter()
         batch = next(batches)
