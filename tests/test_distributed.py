@@ -16,13 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from mmjax.training.train import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA = {
     "name": "sites", "id": "pid", "split": "split",
-    "modalities": {"labs": {"kind": "tabular", "numeric": ["a", "b"], "categorical": ["c"]}},
+    # with an image, so that the processes augment (each its rows of the global batch, on its own CPU)
+    "modalities": {"labs": {"kind": "tabular", "numeric": ["a", "b"], "categorical": ["c"]},
+                   "scan": {"kind": "image", "column": "scan", "size": 16}},
     "tasks": {"dead": {"kind": "binary", "column": "dead"}},
 }
 # validation 9 rows and test 7: two processes read 5 and 4, 4 and 3 (the reproduction: 5 and 4 rows hung)
@@ -35,8 +38,10 @@ def _manifest(folder: pathlib.Path) -> tuple[str, str]:
     for split, n in SIZES.items():
         for _ in range(n):
             a, b = rng.normal(size=2)
+            scan = folder / f"scan{len(rows):03d}.png"
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(scan)
             rows.append({"pid": f"p{len(rows):03d}", "split": split, "a": a, "b": b, "c": "uv"[len(rows) % 2],
-                         "dead": "yes" if a + 1.5 * rng.normal() > 0 else "no"})
+                         "scan": scan.name, "dead": "yes" if a + 1.5 * rng.normal() > 0 else "no"})
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     (folder / "schema.yaml").write_text(yaml.safe_dump(SCHEMA, sort_keys=False))
     return str(folder / "manifest.csv"), str(folder / "schema.yaml")
