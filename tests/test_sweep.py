@@ -182,7 +182,7 @@ def test_the_benchmark_compiles_with_the_cache_off(monkeypatch):
                                             model=dict(dtype="float32", fusion=dict(name="concat"))))
     state = types.SimpleNamespace(params={"w": np.ones(3)})
     setup = step_benchmark.StepSetup(
-        config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 64), host_batch={}, batch={},
+        config=config, tasks=(), model=None, tx=None, batches=iter([{}] * 200), host_batch={}, batch={},
         state=state, train_step=None, step_fn=types.SimpleNamespace(lower=lambda state, batch: Lowered()),
         shard=None, loss_weights={})
     out = step_benchmark.benchmark(config, 2, setup)
