@@ -7,7 +7,9 @@
 #   3. a short fusion scaling sweep on the accelerator grid (`--full`, a few fusions).
 # Results: one JSON line per run in $OUT/large_step.jsonl, the sweep in $OUT/fusion_scaling/.
 #
-# On the project's lent GPU machine, after `bash ../shared/tools/gpu-wheels.sh` on the project's machine:
+# On the project's lent GPU machine, after `bash ../shared/tools/gpu-wheels.sh pillow filelock pyyaml cloudpickle
+# humanize portpicker prometheus-client etils` on the project's machine (what the train-step path imports beyond
+# the wheel script's list, in case the image lacks it; without matplotlib the sweep writes no plots):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/* \
 #     && export PYTHONPATH=/tmp/site:$PWD; bash benchmarks/gpu_large.sh
 # Anywhere else with a GPU and `pip install -e .`: bash benchmarks/gpu_large.sh

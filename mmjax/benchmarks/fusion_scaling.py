@@ -580,7 +580,11 @@ def main(argv=None) -> int:
     grown = growth(rows)
     _write_csv(os.path.join(a.out, "fusion_scaling.csv"), rows)
     _write_csv(os.path.join(a.out, "growth.csv"), grown)
-    images = plots(rows, a.out)
+    try:
+        images = plots(rows, a.out)
+    except ImportError as e:  # a bare accelerator image may lack matplotlib: the tables still come
+        print(f"No plots ({e}): pip install matplotlib", flush=True)
+        images = []
     md = markdown(rows, grown, info)
     if a.sweep_csv:
         image, table = pareto(a.sweep_csv, a.out)
