@@ -109,7 +109,7 @@ def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: S
 def fixed_ops(ops: list) -> int:
     """How many of `ops` (from `preprocess_ops`), from the first, give an example the same output every
     time: those before the first random op."""
-    return next((i for i, op in enumerate(ops) if isinstance(op, grain.transforms.RandomMap)), len(ops) - 1)
+    return next((i for i, op in enumerate(ops) if isinstance(op, grain.transforms.RandomMap)), len(ops))
 
 
 def _nbytes(tree) -> int:

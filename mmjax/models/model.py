@@ -113,13 +113,11 @@ class MultimodalModel(nn.Module):
             kwargs = dict(self.encoders[m])
             cls = ENCODERS.get(kwargs.pop("name"))
             inputs = dict(batch[m], present=present[m])
-            if "encoders" in self.remat:  # __call__(self, inputs, train): `train` positional and static
-                encoder = nn.remat(cls, static_argnums=(2,))(width=self.width, dtype=self.dtype, name=f"{m}_encoder",
-                                                              **kwargs)
-                tokens[m], masks[m] = encoder(inputs, train)
-            else:
-                encoder = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)
-                tokens[m], masks[m] = encoder(inputs, train=train)
+            remat = "encoders" in self.remat
+            if remat:  # __call__(self, inputs, train): `train` positional and static
+                cls = nn.remat(cls, static_argnums=(2,))
+            encoder = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)
+            tokens[m], masks[m] = encoder(inputs, train) if remat else encoder(inputs, train=train)
         fusion = FUSIONS.get(self.fusion)(width=self.width, dtype=self.dtype, name="fusion",
                                           **dict(self.fusion_kwargs or {}))
         call = _remat_fusion if "fusion" in self.remat else _call_fusion
