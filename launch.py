@@ -72,6 +72,11 @@ def main(argv):
         done = evaluate(run, _SPLIT.value, analyze=_ROBUSTNESS.value, explain=_EXPLAIN.value, output=_OUTPUT.value,
                         patients=_PATIENTS.value)
         print(format_intervals(done["record"], run.tasks))
+        if done["baselines"] is not None:
+            from mmjax.evaluation.baselines import format_table
+
+            print(f"Classical baselines, fitted on train, chosen on validation:\n{format_table(done['baselines'])}\n"
+                  f"{done['baselines']['verdict']}")
         if done["robustness"] is not None:
             print(format_robustness(done["robustness"]))
         if done["explanation"] is not None:
@@ -97,19 +102,23 @@ def main(argv):
               f"Written to {out['predictions']} (summary: predictions.json beside it)")
         return
     if _MODE.value == "report":
-        from mmjax.evaluation.report import build_report
+        from mmjax.evaluation.report import build_cv_report, build_report
+        from mmjax.training import cv
 
-        path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
-                            output=_OUTPUT.value, patients=_PATIENTS.value)
+        if cv.is_cv_root(_WORKDIR.value):  # a whole cross-validation's folder
+            path = build_cv_report(_WORKDIR.value)
+        else:
+            path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
+                                output=_OUTPUT.value, patients=_PATIENTS.value)
         print(f"Report written to {path}")
         return
-    from mmjax.training import parallel
+    from mmjax.training import cv, parallel
     from mmjax.training.train import train_and_evaluate
 
     parallel.maybe_initialize_distributed(_CONFIG.value.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value, _HEARTBEAT.value)
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        (cv.cross_validate if cv.every_fold(_CONFIG.value) else train_and_evaluate)(_CONFIG.value, _WORKDIR.value)
     except Exception:
         workdir = _WORKDIR.value
         if new_workdir and os.path.isdir(workdir) and all(n.startswith("mmjax.") for n in os.listdir(workdir)):

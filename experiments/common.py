@@ -57,6 +57,7 @@ def smoke(c: ml_collections.ConfigDict, num_steps: int = 4, every: int = 2, warm
     c.optimizer.warmup_steps = warmup_steps
     c.eval_batch_size = eval_batch_size
     c.eval.bootstrap_resamples = 50
+    c.eval.baselines = False  # ~5-30 s a run (neurokit2's import, the fits): tests that need them turn them on
     return c
 
 
@@ -112,7 +113,11 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.eval = ml_collections.ConfigDict(dict(
         bootstrap_resamples=1000, bootstrap_seed=0, level=0.95,
         calibration_bins=10,  # equal-width bins of the ECE and the reliability diagram
-        operating_point="youden", target_sensitivity=0.9))  # threshold chosen on validation: youden | sensitivity
+        operating_point="youden", target_sensitivity=0.9,  # threshold chosen on validation: youden | sensitivity
+        # classical baselines fitted on the same split beside the end-of-training and --mode=evaluate results,
+        # the best compared with the model (mmjax/evaluation/baselines.py)
+        baselines=True,
+        ecg_intervals_max_rows=2000))  # an ECG baseline's PQ/QS/QT intervals (~70 ms a record) up to this many rows
     c.parallel = "mesh"  # or "pmap"
     # mesh only: "replicated" (each device holds the whole state) or "fsdp" (parameters and optimizer state
     # sharded over the devices, gathered layer by layer in the step: a device-count-th of the state's memory)
@@ -132,7 +137,9 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
     """`base_config` with a manifest data block: what every real-data experiment starts from."""
     c = base_config(fusion, modalities)
     c.data = dict(name="manifest", config="", manifest=manifest, schema=schema, data_dir="", public="",
-                  source_dir="", split_fractions="train=0.8,validation=0.1,test=0.1", folds=0, fold=0, on_error="",
+                  source_dir="", split_fractions="train=0.8,validation=0.1,test=0.1",
+                  # patient-level k-fold: folds=5 alone runs every fold and pools them (W/cv/); fold=k runs one
+                  folds=0, fold=-1, on_error="",
                   # comma-separated folders the manifest's files may be in (empty: the manifest's folder;
                   # a public dataset: its source_dir too); '..', absolute paths and symlinks out of them are bad rows
                   allowed_roots="",

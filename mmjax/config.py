@@ -47,6 +47,9 @@ def config_differences(before: dict, now: dict, ignore=frozenset(), new_keys: bo
 
     a, b = flatten(before), flatten(now)
     a = {**{k: v for k, v in ADDED_DEFAULTS.items() if k in b}, **a}
+    for d in (a, b):  # without folds the fold means nothing (its default went from 0 to -1, 'every fold')
+        if "data.fold" in d and int(d.get("data.folds", 0) or 0) <= 1:
+            d.pop("data.fold")
     keys = set(a) | set(b) if new_keys else set(a)
     return sorted(k for k in keys if kept(k) and a.get(k) != b.get(k))
 

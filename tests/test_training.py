@@ -200,6 +200,7 @@ def uninterrupted(tiny_builder, tmp_path_factory):
     compilation cache)."""
     config = smoke_config(tiny_builder)
     config.train.update(num_steps=7, checkpoint_every=2, eval_every=100, log_every=3)
+    config.eval.update(baselines=True, ecg_intervals_max_rows=0)
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     return config, workdir, train_and_evaluate(config, workdir)
 
@@ -505,6 +506,18 @@ def test_training_writes_intervals_and_evaluate_mode_reproduces_them(uninterrupt
     again = json.load(open(moved / "eval" / "test.json"))
     assert again["metrics"] == json.loads(json.dumps(rec["metrics"]))
     assert again["ci"] == rec["ci"]  # the same resamples (seeded)
+    # the classical baselines beside the model: at the end of training and again by --mode=evaluate
+    bl = json.load(open(os.path.join(src, "eval", "test_baselines.json")))
+    assert bl["model"]["metrics"] == again["metrics"] and bl["model"]["ci"] == rec["ci"]  # the model's own numbers
+    val = {n: b["validation"]["metrics"]["macro_auroc"] for n, b in bl["baselines"].items()}
+    assert bl["best"] == max(val, key=val.get) and bl["chosen_on"] == "validation"
+    assert {"tabular: gradient boosting", "text: TF-IDF + logistic regression", "late fusion", "prior",
+            "signal: ECG features (neurokit2) + gradient boosting"} <= set(bl["baselines"])
+    assert full["baselines"]["verdict"] == bl["verdict"] and f"vs best baseline ({bl['best']}" in bl["verdict"]
+    assert bl["baselines"]["prior"]["test"]["metrics"]["macro_auroc"] == 0.5  # constant scores
+    assert bl["verdict"] in out.stdout
+    re_bl = json.load(open(moved / "eval" / "test_baselines.json"))
+    assert {n: b["test"] for n, b in re_bl["baselines"].items()} == {n: b["test"] for n, b in bl["baselines"].items()}
     z = np.load(moved / "eval" / "test_predictions.npz")
     assert len(z["patient_id"]) == full["test"]["diagnosis"]["labels"]["pneumonia"]["count"]
 
@@ -616,6 +629,7 @@ def test_robustness_and_shapley_of_a_trained_run(uninterrupted, tmp_path):
     assert page.count("(attention from other modalities)") == 3 and page.count("(integrated gradients)") == 3
     rate = out["presence"]["present"]["image"] / out["presence"]["patients"]
     assert f"<td>image</td><td>image</td><td>{rate:.1%}</td>" in page
+    assert "<h2>Classical baselines</h2><p>Not fitted" in page  # the smoke config turns them off
     assert "Operating points" in page and os.path.getsize(tmp_path / "w" / "report" / "roc.png") > 1000
     chosen = str(z["patient_id"][1])  # a chosen patient (--patients=ID): shown alone (its attributions reused)
     page = open(build_report(str(tmp_path / "w"), patients=[chosen])).read()

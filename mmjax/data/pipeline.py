@@ -61,7 +61,7 @@ def read_ahead(spec: DatasetSpec, modalities, batch_size: int, text_max_length: 
     return int(min(READ_AHEAD_MAX, max(2, fits)))
 
 
-class _CheckedSource:
+class CheckedSource:
     """A data source whose read errors name the split, record and files."""
 
     def __init__(self, builder, split: str):
@@ -226,7 +226,7 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
     ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True)
     k = fixed_ops(ops)
     # each worker process keeps the examples it reads: the limit is shared among them
-    source = _CachedSource(_CheckedSource(builder, split), ops[:k], cache_mib * 2**20 // max(worker_count, 1),
+    source = _CachedSource(CheckedSource(builder, split), ops[:k], cache_mib * 2**20 // max(worker_count, 1),
                            f"{builder.name} {split}")
     ds = source.shuffle(seed=seed).repeat()
     # per-example random ops (crops) seeded by the example's global position
@@ -279,7 +279,7 @@ def eval_batches(builder, spec: DatasetSpec, split: str, batch_size: int, *,
     rows from `mmjax.data.manifest.prepare.prepare_new`, `example`); `split` is then ignored.
     """
     shard_index, shard_count = _shard(shard_index, shard_count)
-    source = builder if isinstance(builder, Sequence) else _CheckedSource(builder, split)
+    source = builder if isinstance(builder, Sequence) else CheckedSource(builder, split)
     ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram,
                          signal_windows=signal_windows)
     to_float = T.ImageToFloat(_image_specs(spec, modalities))  # per batch

@@ -64,8 +64,13 @@ def builder_from_config(data):
         name = f"{data.name}/{data.config}" if data.get("config") else data.name
         return load_builder(name, data.data_dir or None)
     fractions = manifest_builder.split_fractions(data.get("split_fractions", ""))
+    folds, fold = int(data.get("folds", 0) or 0), int(data.get("fold", 0))
+    if folds > 1 and fold < 0:
+        raise DataError(f"--config.data.folds={folds} with no --config.data.fold is the whole cross-validation, "
+                        "which `python launch.py` runs (mmjax/training/cv.py); one fold's data needs a fold in "
+                        f"[0, {folds})")
     return manifest_builder.load(manifest, schema, data.get("data_dir") or None, fractions=fractions,
-                                 folds=int(data.get("folds", 0)), fold=int(data.get("fold", 0)),
+                                 folds=folds, fold=max(fold, 0) if folds > 1 else 0,
                                  on_error=data.get("on_error") or None, allowed_roots=roots,
                                  max_pixels=int(data.get("max_pixels", manifest_builder.DEFAULT_MAX_PIXELS)),
                                  text_min_patients=int(data.get("text_min_patients",

@@ -42,10 +42,23 @@ def compare(workdir_a: str, workdir_b: str, split: str = "test", resamples: int 
         known = ma[t.name]
         if not (np.array_equal(known, mb[t.name]) and np.array_equal(la[t.name][known], lb[t.name][known])):
             raise ValueError(f"task {t.name!r}: the two runs' labels differ on the same rows")
+    paired = compare_predictions(pa, pb, la, ma, ids, tasks, resamples, seed, level)
+    return {"a": os.path.abspath(workdir_a), "b": os.path.abspath(workdir_b), "split": split, "rows": int(len(ids)),
+            "patients": int(len(np.unique(ids))),
+            "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "unit": "patient"},
+            **paired}
+
+
+def compare_predictions(pa: dict, pb: dict, labels: dict, masks: dict, ids, tasks,
+                        resamples: int = bootstrap.DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """{'metrics': {path: {'a', 'b', 'difference', 'low', 'high', 'p_value'}}, 'delong': {auroc path: test}}
+    of predictions `pa` against `pb` of the same rows (labels, masks and patient ids `ids`), paired on the
+    same patient-level resamples."""
+    la, ma = labels, masks  # the same rows and labels for both
     point_a = task_metrics.compute_metrics(pa, la, ma, tasks)
-    point_b = task_metrics.compute_metrics(pb, lb, mb, tasks)
+    point_b = task_metrics.compute_metrics(pb, la, ma, tasks)
     boot = bootstrap.resample(lambda w: {"a": task_metrics.compute_metrics(pa, la, ma, tasks, sample_weight=w),
-                                         "b": task_metrics.compute_metrics(pb, lb, mb, tasks, sample_weight=w)},
+                                         "b": task_metrics.compute_metrics(pb, la, ma, tasks, sample_weight=w)},
                               ids, resamples, seed)
     out = {}
     flat_b, boot_a, boot_b = (dict(task_metrics.flat_metrics(t)) for t in (point_b, boot["a"], boot["b"]))
@@ -67,10 +80,7 @@ def compare(workdir_a: str, workdir_b: str, split: str = "test", resamples: int 
                 delong[".".join(path)] = delong_test(y[known], a[known], b[known])
             except ValueError as e:  # too few positives or negatives
                 delong[".".join(path)] = {"error": str(e)}
-    return {"a": os.path.abspath(workdir_a), "b": os.path.abspath(workdir_b), "split": split, "rows": int(len(ids)),
-            "patients": int(len(np.unique(ids))),
-            "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "unit": "patient"},
-            "metrics": out, "delong": delong}
+    return {"metrics": out, "delong": delong}
 
 
 def format_comparison(result: dict) -> str:

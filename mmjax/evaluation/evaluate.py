@@ -7,7 +7,8 @@ over modalities, and integrated-gradient explanations of a few patients.
 The run is rebuilt from `W/config.json` and `W/dataset_spec.json` (vocabularies, statistics, tasks:
 saved at training time), with the best checkpoint by validation `best_metric` (or `--step`); the
 rows come from the split of the dataset that `config.data` names. What is written to `W/eval/`:
-`<split>.json` and `<split>_predictions.npz` (`records.py`), `<split>_robustness.json` and
+`<split>.json` and `<split>_predictions.npz` (`records.py`), `<split>_baselines.json` and `.npz` (the
+classical baselines beside the model: `baselines.py`), `<split>_robustness.json` and
 `<split>_shapley.npz` (`robustness.py`), `<split>_attributions.npz` (`attribution.py`).
 
 `evaluate` is the one sequence of these; the launcher calls it, and so does the report (with
@@ -20,7 +21,7 @@ import os
 
 import numpy as np
 
-from mmjax.evaluation import attribution, records, robustness
+from mmjax.evaluation import attribution, baselines, records, robustness
 from mmjax.experiment import EVAL_DIR
 
 # Arrays of an attributions file with one row per patient (the rest are per-file).
@@ -40,11 +41,19 @@ def evaluate_split(predictor, split: str = "test") -> dict:
 
 def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: int = 4, output: str = "",
              patients=(), reuse: bool = False) -> dict:
-    """{'record', 'robustness', 'explanation', 'written'} of `split` (robustness and explanation None
-    when not asked: `analyze=False`, `explain=0` with no `patients`)."""
+    """{'record', 'baselines', 'robustness', 'explanation', 'written'} of `split` (baselines None with
+    `eval.baselines=False` or on the training split, robustness and explanation None when not asked:
+    `analyze=False`, `explain=0` with no `patients`)."""
     step = predictor.step
     rec = (reuse and records.load_eval(predictor.workdir, f"{split}.json", step)) or evaluate_split(predictor, split)
     written = [f"{split}.json", f"{split}_predictions.npz"]
+    versus = None
+    if baselines.enabled(predictor.config) and split != "train":
+        versus = (reuse and records.load_eval(predictor.workdir, f"{split}_baselines.json", step)) or \
+            baselines.compare_with_baselines(predictor.experiment, split, step,
+                                             records.load_predictions(predictor.workdir, split, predictor.tasks),
+                                             log=lambda _: None)
+        written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
     rob = None
     if analyze:
         rob = (reuse and records.load_eval(predictor.workdir, f"{split}_robustness.json", step)) or \
@@ -56,7 +65,7 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
         ex = (reuse and _stored_explanation(predictor, split, explain, output, patients)) or \
             attribution.explain(predictor, split, explain, output, patients=patients)
         written.append(f"{split}_attributions.npz")
-    return {"record": rec, "robustness": rob, "explanation": ex, "written": written}
+    return {"record": rec, "baselines": versus, "robustness": rob, "explanation": ex, "written": written}
 
 
 def _stored_explanation(predictor, split: str, count: int, output: str, patients: tuple) -> dict | None:

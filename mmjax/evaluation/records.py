@@ -48,6 +48,19 @@ def record(collected, tasks, step: int, reference=None, resamples: int = bootstr
     return out
 
 
+def with_intervals(collected, tasks, settings: dict) -> dict:
+    """{'metrics', 'ci'}: point metrics of `collected` (preds, labels, masks, patient ids) and their
+    percentile intervals from `settings['resamples']` patient-level resamples (`eval_settings`: the same
+    resamples as `record`'s for the same ids and seed)."""
+    preds, labels, masks, ids = collected
+    out = {"metrics": task_metrics.compute_metrics(preds, labels, masks, tasks)}
+    if settings["resamples"] > 0 and len(ids):
+        boot = bootstrap.resample(lambda w: task_metrics.compute_metrics(preds, labels, masks, tasks, sample_weight=w),
+                                  ids, settings["resamples"], settings["seed"])
+        out["ci"] = bootstrap.intervals(boot, settings["level"])
+    return out
+
+
 def write(workdir: str, split: str, collected, tasks, step: int, config, reference=None) -> dict:
     """Writes `eval/<split>.json` (metrics, intervals, calibration, operating points; temperatures and
     thresholds fitted on `reference`, the validation split's predictions) and `eval/<split>_predictions.npz`."""

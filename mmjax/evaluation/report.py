@@ -4,10 +4,10 @@
 
 `W/report/index.html` shows the run's config and data summary, the metrics with their bootstrap
 intervals, ROC and precision-recall curves, confusion matrices of multiclass tasks, reliability
-diagrams before and after temperature scaling, robustness to missing and noisy modalities, Shapley
-values over modalities, and a few patients: image heatmaps of integrated gradients, highlighted
-text, tabular bars and signal saliency, plus what the cross-attention fusion attended to. Each
-figure is also written as `W/report/<name>.png`.
+diagrams before and after temperature scaling, the classical baselines beside the model, robustness
+to missing and noisy modalities, Shapley values over modalities, and a few patients: image heatmaps
+of integrated gradients, highlighted text, tabular bars and signal saliency, plus what the
+cross-attention fusion attended to. Each figure is also written as `W/report/<name>.png`.
 
 What it shows comes from `W/eval/` (`mmjax/evaluation/evaluate.py`): files of another checkpoint step,
 or missing ones, are computed first (evaluation, robustness and Shapley, attributions). Plots are
@@ -38,6 +38,7 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
     run = Predictor.from_workdir(workdir, step)
     done = evaluate(run, split, explain=explain, output=output, patients=patients, reuse=True)
     rec, rob, ex = done["record"], done["robustness"], done["explanation"]
+    versus = done["baselines"]
     preds, labels, masks, _ = load_predictions(run.workdir, split, run.tasks)
     drawn = {"roc": figures.roc_figure(preds, labels, masks, run.tasks),
              "pr": figures.pr_figure(preds, labels, masks, run.tasks),
@@ -58,7 +59,7 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
                 f.write(data)
     path = os.path.join(out_dir, "index.html")
     with open(path, "w") as f:
-        f.write(_page(run, split, rec, rob, images, patients))
+        f.write(_page(run, split, rec, rob, images, patients, versus))
     return path
 
 
@@ -67,7 +68,18 @@ def _img(name: str, data: bytes) -> str:
             f'{base64.b64encode(data).decode()}"></figure>')
 
 
-def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list) -> str:
+def _baselines_section(versus: dict | None) -> str:
+    """The classical baselines beside the model: the verdict and the table (`mmjax/evaluation/baselines.py`)."""
+    if versus is None:
+        return "<h2>Classical baselines</h2><p>Not fitted (<code>--config.eval.baselines=False</code>).</p>"
+    from mmjax.evaluation.baselines import format_table
+
+    return ("<h2>Classical baselines</h2><p>Fitted on the training split; each one's settings and the best of "
+            f"them chosen on {html.escape(versus['chosen_on'])} (mmjax/evaluation/baselines.py).</p>"
+            f"<p><b>{html.escape(versus['verdict'])}</b></p><pre>{html.escape(format_table(versus))}</pre>")
+
+
+def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, versus: dict | None = None) -> str:
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(n)}</td><td>{v:.4f}</td><td>{'' if lo is None else f'[{lo:.4f}, {hi:.4f}]'}"
                    f"</td></tr>" for n, v, lo, hi in interval_rows(rec, run.tasks))
@@ -104,6 +116,7 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list) -
         "<h3>Operating points (thresholds chosen on validation)</h3>",
         "<table><tr><th>output</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th>"
         "<th>NPV</th></tr>" + points + "</table>",
+        _baselines_section(versus),
     ]
     for name, title in _FIGURES:
         if name in images:
@@ -121,3 +134,46 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list) -
                  f"{esc(run.config.to_json_best_effort(indent=2, sort_keys=True))}</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def build_cv_report(workdir: str) -> str:
+    """`W/report/index.html` of a whole cross-validation (`mmjax/training/cv.py`): each fold's test metrics,
+    the pooled out-of-fold metrics with intervals and ROC curves, and the baselines pooled the same way."""
+    from mmjax.experiment import Experiment
+    from mmjax.training import cv
+
+    path = os.path.join(workdir, cv.CV_DIR, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run the cross-validation first (python launch.py "
+                                f"--config.data.folds=K --workdir={workdir})")
+    with open(path) as f:
+        out = json.load(f, object_pairs_hook=lambda pairs: {k: float("nan") if v is None else v for k, v in pairs})
+    tasks = Experiment.from_workdir(cv.fold_dir(workdir, 0)).tasks
+    esc = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>mmjax cross-validation: {esc(os.path.basename(os.path.abspath(workdir)))}</title>",
+             "<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
+             f"<h1>Cross-validation: {esc(os.path.abspath(workdir))}</h1>",
+             f"<pre>{esc(cv.format_cv(out, tasks))}</pre>"]
+    if "pooled" in out:
+        rows = "".join(f"<tr><td>{esc(n)}</td><td>{v:.4f}</td><td>{'' if lo is None else f'[{lo:.4f}, {hi:.4f}]'}"
+                       f"</td></tr>" for n, v, lo, hi in interval_rows(out["pooled"], tasks))
+        parts.append("<h2>Pooled out-of-fold metrics</h2><table><tr><th>metric</th><th>value</th><th>interval</th>"
+                     f"</tr>{rows}</table>")
+        import numpy as np
+
+        z = np.load(os.path.join(workdir, cv.CV_DIR, "predictions.npz"))
+        get = lambda kind: {t.name: z[f"{kind}/{t.name}"] for t in tasks}
+        roc = figures.roc_figure(get("pred"), get("label"), get("mask"), tasks)
+        if roc is not None:
+            parts.append("<h2>ROC curves (pooled out-of-fold)</h2>" + _img("roc", figures.png(roc)))
+    if "versus" in out:
+        parts.append(_baselines_section(out["versus"]))
+    parts.append("</body></html>")
+    folder = os.path.join(workdir, "report")
+    os.makedirs(folder, exist_ok=True)
+    page = os.path.join(folder, "index.html")
+    with open(page, "w") as f:
+        f.write("\n".join(parts))
+    return page

@@ -31,7 +31,7 @@ from absl import logging
 from mmjax.config import RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
 from mmjax.console import ConfigError
 from mmjax.data.spec import DatasetSpec, truncation
-from mmjax.evaluation import records
+from mmjax.evaluation import baselines, records
 from mmjax.evaluation.format import format_intervals
 from mmjax.evaluation.predictor import Predictor
 from mmjax.experiment import (
@@ -412,9 +412,11 @@ def finish(run: Run, loop: dict) -> dict:
     if "test" in results:
         run.writer.write("test", evaluated_step, results["test"])
     run.writer.write("run", step, run_info)
+    versus = None
     if jax.process_index() == 0:
+        versus = _baselines(exp, evaluated_step, collected) if "test" in results and baselines.enabled(c) else None
         with open(exp.path(RESULTS_FILE), "w") as f:
-            json.dump({**results, "run": run_info}, f, indent=2)
+            json.dump({**results, "run": run_info, **({"baselines": versus} if versus else {})}, f, indent=2)
         print(task_metrics.format_table(results, exp.tasks), flush=True)
         recs = {}
         for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
@@ -422,6 +424,8 @@ def finish(run: Run, loop: dict) -> dict:
                                         reference=collected.get("validation") if split != "validation" else None)
         if "test" in results:
             print(format_intervals(recs["test"], exp.tasks), flush=True)
+            if versus:
+                print(f"Classical baselines (eval/test_baselines.json):\n{versus['verdict']}", flush=True)
             if run.writer.active and c.train.get("figures", True):
                 from mmjax.evaluation import figures  # matplotlib, only when figures are drawn
 
@@ -429,7 +433,23 @@ def finish(run: Run, loop: dict) -> dict:
                     run.writer.images(evaluated_step, figures.main_figures(collected["test"], recs["test"], exp.tasks))
                 except Exception as e:  # noqa: BLE001  (a figure must not lose the run's results)
                     logging.warning("TensorBoard figures not written: %s: %s", type(e).__name__, e)
-    return {**results, "run": run_info}
+    return {**results, "run": run_info, **({"baselines": versus} if versus else {})}
+
+
+def _baselines(exp, step: int, collected: dict) -> dict | None:
+    """The classical baselines on the test split beside the model (`mmjax/evaluation/baselines.py`): what
+    results.json keeps of them, or None (a failure is a warning: it must not lose the run's results)."""
+    try:
+        out = baselines.compare_with_baselines(exp, "test", step, collected["test"], log=lambda _: None)
+    except Exception as e:  # noqa: BLE001
+        logging.warning("classical baselines not fitted: %s: %s", type(e).__name__, e)
+        print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); the run's results are kept",
+              flush=True)
+        return None
+    best = out["baselines"][out["best"]]["test"]
+    return {"metric": out["metric"], "best": out["best"], "best_test": best["metrics"],
+            "best_test_ci": best.get("ci"), "comparison": out["comparison"]["metrics"].get(out["metric"]),
+            "verdict": out["verdict"], "file": "eval/test_baselines.json"}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -1,0 +1,162 @@
+"""Cross-validation as one command: `--config.data.folds=5` with no `--config.data.fold`.
+
+    python launch.py --config=experiments/manifest.py --config.data.manifest=M --config.data.schema=S \\
+        --config.data.folds=5 --workdir=W
+
+trains every fold in `W/folds/fold<k>/` (each an ordinary run: resumable, its checkpoint chosen on its
+own validation rows, so model selection stays inside the fold; a fold with `results.json` is finished
+and read back), then pools the out-of-fold test predictions (every patient is in exactly one fold's
+test set) and writes `W/cv/`:
+
+- `results.json`: the pooled metrics with patient-level bootstrap intervals, each fold's test metrics,
+  and, when the folds fitted them (`eval.baselines`), every classical baseline pooled the same way with
+  the best of each fold (chosen on that fold's validation) compared with mmjax;
+- `predictions.npz`: the pooled predictions (`fold` says which fold scored each row);
+- `per_fold.csv`: one row per fold (rows, the headline metrics).
+
+`python launch.py --workdir=W --mode=report` on the cross-validation's folder shows it. With a split
+column in the manifest the test rows are the same in every fold: there is nothing to pool, and the
+per-fold results are written alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from mmjax.evaluation import baselines as B
+from mmjax.evaluation import records
+from mmjax.evaluation.compare import compare_predictions
+from mmjax.experiment import EVAL_DIR, RESULTS_FILE, Experiment
+from mmjax.metrics import tasks as task_metrics
+
+CV_DIR = "cv"
+POOLED = "out-of-fold"
+
+
+def every_fold(config) -> bool:
+    """Whether `config` asks for the whole cross-validation: folds > 1 and no fold chosen (fold < 0)."""
+    d = config.get("data", {})
+    return int(d.get("folds", 0) or 0) > 1 and int(d.get("fold", 0)) < 0
+
+
+def is_cv_root(workdir: str) -> bool:
+    """Whether `workdir` is a whole cross-validation's folder (its folds inside, no run of its own)."""
+    return os.path.isdir(os.path.join(workdir, "folds")) and not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def fold_dir(workdir: str, k: int) -> str:
+    return os.path.join(workdir, "folds", f"fold{k}")
+
+
+def cross_validate(config, workdir: str, log=print) -> dict:
+    """Trains (or reads back) every fold, then pools them (`pool`); returns W/cv/results.json's content."""
+    from mmjax.training.train import train_and_evaluate
+
+    folds = int(config.data.folds)
+    for k in range(folds):
+        w = fold_dir(workdir, k)
+        if os.path.exists(os.path.join(w, RESULTS_FILE)):
+            log(f"Fold {k + 1}/{folds}: finished ({os.path.join(w, RESULTS_FILE)}), read back")
+            continue
+        log(f"Fold {k + 1}/{folds}: training in {w}")
+        c = config.copy_and_resolve_references()
+        c.data.fold = k
+        out = train_and_evaluate(c, w)
+        if "stopped_at_step" in out:  # train.stop_at_step: stopped on purpose; the next call resumes this fold
+            return {"stopped_in_fold": k, **out}
+    return pool(workdir, folds, log)
+
+
+def _load(workdir: str, k: int, tasks):
+    w = fold_dir(workdir, k)
+    preds, labels, masks, ids = records.load_predictions(w, "test", tasks)
+    with open(os.path.join(w, RESULTS_FILE)) as f:
+        results = json.load(f)
+    path = os.path.join(w, EVAL_DIR, "test_baselines.npz")
+    base = None
+    if os.path.exists(path):
+        z = np.load(path)
+        with open(os.path.join(w, EVAL_DIR, "test_baselines.json")) as f:
+            best = json.load(f)["best"]
+        names = sorted({key.split("/")[1] for key in z.files if key.startswith("pred/")})
+        base = {n: {t.name: z[f"pred/{n}/{t.name}"] for t in tasks} for n in names}
+        base["best of each fold"] = base[best]
+    return (preds, labels, masks, ids), results, base
+
+
+def pool(workdir: str, folds: int, log=print) -> dict:
+    """Pools the folds' test predictions (and their baselines') into `W/cv/`; see the module's doc."""
+    exp = Experiment.from_workdir(fold_dir(workdir, 0))
+    tasks, config = exp.tasks, exp.config
+    loaded = [_load(workdir, k, tasks) for k in range(folds)]
+    settings = records.eval_settings(config)
+    per_fold = [{"fold": k, "rows": int(len(c[3])), "evaluated_step": r["run"]["evaluated_step"],
+                 "test": r["test"]} for k, (c, r, _) in enumerate(loaded)]
+    ids = np.concatenate([c[3] for c, _, _ in loaded])
+    out = {"folds": folds, "per_fold": per_fold, "rows": int(len(ids)), "patients": int(len(np.unique(ids)))}
+    folder = os.path.join(workdir, CV_DIR)
+    os.makedirs(folder, exist_ok=True)
+    if len(np.unique(ids)) < len(ids) and len(set(map(str, loaded[0][0][3])) & set(map(str, loaded[1][0][3]))):
+        out["note"] = ("the folds' test sets overlap (the manifest's split column fixes the test set): nothing "
+                       "to pool; per-fold results only")
+        log(f"Cross-validation: {out['note']}")
+    else:
+        cat = lambda i: {t.name: np.concatenate([c[i][t.name] for c, _, _ in loaded]) for t in tasks}
+        preds, labels, masks = cat(0), cat(1), cat(2)
+        fold_of = np.concatenate([np.full(len(c[3]), k) for k, (c, _, _) in enumerate(loaded)])
+        out["pooled"] = records.with_intervals((preds, labels, masks, ids), tasks, settings)
+        arrays = {f"{kind}/{k}": v for kind, d in (("pred", preds), ("label", labels), ("mask", masks))
+                  for k, v in d.items()}
+        np.savez_compressed(os.path.join(folder, "predictions.npz"), patient_id=ids.astype(str), fold=fold_of, **arrays)
+        if all(b is not None for _, _, b in loaded):
+            out["versus"] = _versus(config, loaded, (preds, labels, masks, ids), tasks, settings)
+    records.dump_json(out, os.path.join(folder, "results.json"))
+    _write_per_fold(os.path.join(folder, "per_fold.csv"), per_fold, tasks)
+    log(format_cv(out, tasks))
+    return out
+
+
+def _versus(config, loaded, collected, tasks, settings) -> dict:
+    """Every baseline's pooled predictions with intervals, and mmjax against the best of each fold."""
+    preds, labels, masks, ids = collected
+    names = [n for n in loaded[0][2] if all(n in b for _, _, b in loaded)]
+    pooled = {n: {t.name: np.concatenate([b[n][t.name] for _, _, b in loaded]) for t in tasks} for n in names}
+    metric = B.headline(config, task_metrics.compute_metrics(preds, labels, masks, tasks))
+    best = "best of each fold"
+    versus = {"metric": metric, "best": best, "split": POOLED, "chosen_on": "each fold's validation",
+              "resamples": settings["resamples"], "model": records.with_intervals(collected, tasks, settings),
+              "baselines": {n: {POOLED: records.with_intervals((p, labels, masks, ids), tasks, settings)}
+                            for n, p in pooled.items()},
+              "comparison": compare_predictions(preds, pooled[best], labels, masks, ids, tasks, settings["resamples"],
+                                                settings["seed"], settings["level"])}
+    versus["verdict"] = B.verdict(versus)
+    return versus
+
+
+def _write_per_fold(path: str, per_fold: list, tasks) -> None:
+    keys = sorted({p for f in per_fold for p, _ in task_metrics.flat_metrics(f["test"])})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fold", "rows", "evaluated_step", *keys])
+        for r in per_fold:
+            flat = dict(task_metrics.flat_metrics(r["test"]))
+            w.writerow([r["fold"], r["rows"], r["evaluated_step"], *(flat.get(k, "") for k in keys)])
+
+
+def format_cv(out: dict, tasks) -> str:
+    metric = out.get("versus", {}).get("metric", "macro_auroc")
+    value = lambda tree: B.metric_or_nan(tree, metric)
+    lines = [f"Cross-validation, {out['folds']} folds, {out['rows']} test rows in all ({out['patients']} patients)"]
+    lines += [f"  fold {f['fold']}: {f['rows']} rows, test {metric} {value(f['test']):.4f}" for f in out["per_fold"]]
+    if "pooled" in out:
+        lines.append(f"  pooled out-of-fold {metric}: {B.cell(out['pooled'], metric, 4)}")
+    if "versus" in out:
+        lines.append(B.format_table(out["versus"]))
+        lines.append(out["versus"]["verdict"])
+    if "note" in out:
+        lines.append(f"  note: {out['note']}")
+    return "\n".join(lines)
