@@ -28,6 +28,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "rep
                           "train (resumes a started workdir); evaluate, predict or report on a trained one.")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: this checkpoint step instead of the best by validation.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
+_BASELINES = flags.DEFINE_bool("baselines", True, "evaluate/report: also the classical baselines beside the model "
+                               "(unless the run's config.eval.baselines is False).")
 _ROBUSTNESS = flags.DEFINE_bool("robustness", True, "evaluate: also the robustness passes and Shapley values.")
 _EXPLAIN = flags.DEFINE_integer("explain", 4, "evaluate: integrated gradients (and attention maps) for this many "
                                 "patients of the split (0: none).")
@@ -70,7 +72,7 @@ def main(argv):
         run = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
         print(f"{_SPLIT.value} split, checkpoint step {run.step} ({run.chosen}) of {run.workdir}")
         done = evaluate(run, _SPLIT.value, analyze=_ROBUSTNESS.value, explain=_EXPLAIN.value, output=_OUTPUT.value,
-                        patients=_PATIENTS.value)
+                        patients=_PATIENTS.value, with_baselines=_BASELINES.value)
         print(format_intervals(done["record"], run.tasks))
         if done["baselines"] is not None:
             from mmjax.evaluation.baselines import format_table
@@ -109,7 +111,7 @@ def main(argv):
             path = build_cv_report(_WORKDIR.value)
         else:
             path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
-                                output=_OUTPUT.value, patients=_PATIENTS.value)
+                                output=_OUTPUT.value, patients=_PATIENTS.value, baselines=_BASELINES.value)
         print(f"Report written to {path}")
         return
     from mmjax.training import cv, parallel

@@ -9,9 +9,10 @@ sweep's `sweep.metric`.
 from __future__ import annotations
 
 # Settings no result depends on: a sweep (`mmjax/training/sweep.py`) reads back a finished run whatever
-# its value of them (the input pipeline's workers and memory give the same batches: tests).
+# its value of them (the input pipeline's workers and memory give the same batches: tests; the classical
+# baselines are written beside the model's results and change none of them).
 NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change", "data.worker_count", "data.device_prefetch",
-                               "data.cache_mib"})
+                               "data.cache_mib", "eval.baselines", "eval.ecg_intervals_max_rows"})
 
 # Settings added to mmjax after configs were saved, with the value that means what the code did before
 # them: a saved config without the key compares as having that value.

@@ -200,3 +200,42 @@ def test_the_verdict_says_which_is_better_only_when_the_paired_test_does():
     line = out(noise, good)
     auc = tm.compute_metrics({"dx": good}, labels, masks, tasks)["macro_auroc"]
     assert f"best baseline (b, chosen on validation) {auc:.3f} [" in line
+
+
+def test_a_modality_absent_from_a_split_an_output_without_validation_rows_and_an_unmeasured_column(data):
+    """Data the fits must survive: no validation row has the X-ray, no test row has labs, no validation row
+    has a known `dx` label (the first setting is kept), a tabular column was never measured in training
+    (left out, with the categorical mask cut to match), and rows with no modality get the prior."""
+    tr, va, te = data["train"], data["validation"], data["test"]
+    nan = lambda x: np.full_like(x, np.nan)
+    labs = tr.features["labs"].copy()
+    labs[:, 1] = np.nan
+    train = dataclasses.replace(tr, features={**tr.features, "labs": labs})
+    none = np.zeros(len(va.ids), bool)
+    validation = dataclasses.replace(va, present={**va.present, "xray": none},
+                                     features={**va.features, "xray": nan(va.features["xray"])},
+                                     masks={**va.masks, "dx": none})
+    nobody = {m: np.zeros(len(te.ids), bool) for m in te.present}
+    test = dataclasses.replace(te, present={**te.present, "labs": nobody["labs"]},
+                               features={**te.features, "labs": nan(te.features["labs"])})
+    preds, details = B.fit_predict({"train": train, "validation": validation, "test": test}, SPEC, None, TASKS)
+    assert details["labs: gradient boosting"]["settings"]["dx"] == [B._HGB_GRID[0]]
+    prior = tr.labels["dx"][tr.masks["dx"]].mean()
+    np.testing.assert_allclose(preds["labs: gradient boosting"]["test"]["dx"], prior)
+    assert np.isfinite(preds["xray: pixel features + logistic regression"]["validation"]["rhythm"]).all()
+    empty = dataclasses.replace(te, present=nobody)  # no modality at all: the late fusion gives the prior
+    late = B.fit_predict({"train": tr, "validation": va, "test": empty}, SPEC, None, TASKS)[0][B.LATE_FUSION]
+    np.testing.assert_allclose(late["test"]["dx"], prior)
+    assert late["test"]["findings"].shape == (len(te.ids), 2)
+
+
+def test_without_validation_the_best_baseline_is_a_fixed_rule_never_the_evaluated_rows():
+    metric = lambda v: {"metrics": {"macro_auroc": v}}
+    table = {"a: x": {"test": metric(0.9)}, B.LATE_FUSION: {"test": metric(0.6)}, "prior": {"test": metric(0.5)}}
+    assert B.choose_best(table, None, "macro_auroc") == (B.LATE_FUSION, "a fixed rule (no validation metric)")
+    with_val = {n: {**r, "validation": metric(v)} for (n, r), v in zip(table.items(), (0.7, 0.8, 0.5))}
+    assert B.choose_best(with_val, "validation", "macro_auroc") == (B.LATE_FUSION, "validation")
+    rmse = {n: {"validation": {"metrics": {"t": {"rmse": v}}}} for n, v in (("a: x", 2.0), ("b: y", 1.0))}
+    assert B.choose_best(rmse, "validation", "t.rmse")[0] == "b: y"  # lower is better
+    single = {"a: x": {"test": metric(0.9)}, "prior": {"test": metric(0.5)}}
+    assert B.choose_best(single, None, "macro_auroc")[0] == "a: x"

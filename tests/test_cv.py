@@ -124,3 +124,12 @@ def test_the_fold_of_a_run_without_folds_is_no_difference_on_resume():
 
     assert config_differences({"data": {"folds": 0, "fold": 0}}, {"data": {"folds": 0, "fold": -1}}) == []
     assert config_differences({"data": {"folds": 5, "fold": 0}}, {"data": {"folds": 5, "fold": 1}}) == ["data.fold"]
+
+
+def test_a_workdir_of_one_run_is_not_taken_for_a_cross_validation(cv_run, tmp_path):
+    from mmjax.console import UserError
+    from mmjax.training import cv
+
+    (tmp_path / "config.json").write_text("{}")  # a one-fold run from before fold=-1 was the default
+    with pytest.raises(UserError, match=r"resume it with --config\.data\.fold=0"):
+        cv.cross_validate(cv_run[0], str(tmp_path))

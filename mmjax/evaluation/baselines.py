@@ -155,6 +155,17 @@ def _tabular(ex, m) -> np.ndarray:
     return np.concatenate([numeric.astype(np.float64), cats])
 
 
+def feature_width(m, intervals: bool = True) -> int:
+    """The number of features of modality `m` (text: 0, its notes are kept as text)."""
+    if m.kind == "tabular":
+        return len(m.numeric) + len(m.categorical)
+    if m.kind == "image":
+        return 256 + 16 + 2 * m.shape[2]
+    if m.kind == "signal":
+        return 11 * m.shape[1] + ((len(ECG_FEATURES) if intervals else 10) if is_ecg(m) else 0)
+    return 0
+
+
 def read_split(builder, spec, modalities, tasks, split: str, intervals: bool = True) -> SplitData:
     """Reads `split` of the prepared dataset (every row, checked as the pipeline checks them) and computes
     each modality's features; absent modalities give NaN features (text: ''). `intervals`: an ECG's
@@ -165,7 +176,6 @@ def read_split(builder, spec, modalities, tasks, split: str, intervals: bool = T
     ids, present = [], {m.name: [] for m in mods}
     feats = {m.name: [] for m in mods}
     labels, masks = {t.name: [] for t in tasks}, {t.name: [] for t in tasks}
-    width = {}
     for i in range(len(source)):
         ex = collect.map(check.map(dict(source[i])))
         pid = ex["patient_id"]
@@ -195,15 +205,13 @@ def read_split(builder, spec, modalities, tasks, split: str, intervals: bool = T
                     names = [str(c).lower() for c in m.channel_names]
                     lead = names.index("ii") if "ii" in names else 0
                     f = np.concatenate([ecg_features(x[:, lead], m.rate, intervals), f])
-            width[m.name] = len(f)
             feats[m.name].append(f)
     out, undefined = {}, {}
     for m in mods:
         if m.kind == "text":
             out[m.name] = feats[m.name]
             continue
-        d = width.get(m.name, 1)
-        rows = np.full((len(ids), d), np.nan)
+        rows = np.full((len(ids), feature_width(m, intervals)), np.nan)
         for k, f in enumerate(feats[m.name]):
             if f is not None:
                 rows[k] = f
@@ -293,7 +301,7 @@ def _column(a, k):
     return a if k is None else a[:, k]
 
 
-def _fit_modality(m, t, data: dict, X: dict) -> tuple[dict, dict]:
+def _fit_modality(m, t, data: dict, X: dict, categorical) -> tuple[dict, dict]:
     """Predictions {split: [N] or [N, K]} of modality `m`'s model for task `t` (the training prior where
     the row lacks the modality), and the setting chosen on validation for each output."""
     train, val = data["train"], data.get("validation")
@@ -306,14 +314,14 @@ def _fit_modality(m, t, data: dict, X: dict) -> tuple[dict, dict]:
         fitted, setting, best = None, None, -np.inf
         ok = rows.sum() >= 2 and (kind == "regression" or len(np.unique(y_tr[rows])) > 1)
         for candidate in (_grid(m) if ok else ()):
-            model = _estimator(m, kind, candidate, _categorical(m))
+            model = _estimator(m, kind, candidate, categorical)
             model.fit(X["train"][rows], y_tr[rows].astype(int) if kind == "multiclass" else y_tr[rows])
             if val is None:
                 fitted, setting = model, candidate
                 break
             vrows = _column(val.masks[t.name], k) & val.present[m.name]
-            score = _score(kind, _column(val.labels[t.name], k)[vrows], _predict(model, kind, X["validation"][vrows],
-                                                                                  classes))
+            score = _score(kind, _column(val.labels[t.name], k)[vrows], _predict(
+                model, kind, X["validation"][vrows], classes)) if vrows.any() else float("nan")  # else the first
             if fitted is None or score > best:
                 fitted, setting, best = model, candidate, score
         chosen.append(setting if fitted is not None else "prior (fewer than two classes or rows in training)")
@@ -344,11 +352,16 @@ def _trivial(t, data: dict, majority: bool) -> dict:
 
 
 def _design(m, data: dict):
-    """{split: feature matrix} of modality m: the columns with a value in some training row; TF-IDF fitted
-    on the training notes for text."""
+    """({split: feature matrix}, categorical mask or None) of modality m: the columns with a value in some
+    training row; TF-IDF fitted on the training notes for text. None: nothing to fit on."""
     if m.kind != "text":
         keep = ~np.all(np.isnan(data["train"].features[m.name]), axis=0)
-        return {s: np.asarray(d.features[m.name])[:, keep] for s, d in data.items()}
+        if not keep.any():
+            return None
+        categorical = _categorical(m)
+        if categorical is not None:
+            categorical = categorical[keep] if categorical[keep].any() else None
+        return {s: np.asarray(d.features[m.name])[:, keep] for s, d in data.items()}, categorical
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     train = data["train"]
@@ -359,7 +372,7 @@ def _design(m, data: dict):
         vec.fit(docs)
     except ValueError:  # no training note has a word
         return None
-    return {s: vec.transform(d.features[m.name]) for s, d in data.items()}
+    return {s: vec.transform(d.features[m.name]) for s, d in data.items()}, None
 
 
 def fit_predict(data: dict, spec, modalities, tasks) -> tuple[dict, dict]:
@@ -369,12 +382,13 @@ def fit_predict(data: dict, spec, modalities, tasks) -> tuple[dict, dict]:
     preds, details = {}, {}
     per_modality = []
     for m in spec.select_modalities(modalities):
-        X = _design(m, data)
-        if X is None:
+        design = _design(m, data)
+        if design is None:
             continue
+        X, categorical = design
         name = f"{m.name}: {_method(m)}"
         started = time.perf_counter()
-        fits = {t.name: _fit_modality(m, t, data, X) for t in tasks}
+        fits = {t.name: _fit_modality(m, t, data, X, categorical) for t in tasks}
         preds[name] = {s: {t.name: fits[t.name][0][s] for t in tasks} for s in data}
         details[name] = {"modality": m.name, "settings": {t.name: fits[t.name][1]["settings"] for t in tasks},
                          "fit_seconds": round(time.perf_counter() - started, 2),
@@ -447,18 +461,16 @@ def compare_with_baselines(experiment, split: str, step: int, collected, log=pri
     fitted, details = fit_predict(data, spec, experiment.modalities, tasks)
     settings = eval_settings(experiment.config)
     metric = headline(experiment.config, task_metrics.compute_metrics(preds, labels, masks, tasks))
-    lower = lower_is_better(metric)
-    chooser = "validation" if "validation" in data and split != "validation" else split
+    # without a validation split the best is not chosen on the rows it is compared on: a fixed rule
+    chooser = "validation" if "validation" in data else None
     table = {}
     for name, by_split in fitted.items():
         row = {**details[name], split: with_intervals((by_split[split], labels, masks, ids), tasks, settings)}
-        if chooser != split:
+        if chooser and chooser != split:
             row[chooser] = {"metrics": task_metrics.compute_metrics(by_split[chooser], data[chooser].labels,
                                                                     data[chooser].masks, tasks)}
         table[name] = row
-    scored = {n: metric_or_nan(r[chooser]["metrics"], metric) for n, r in table.items()}
-    ranked = sorted((n for n in scored if np.isfinite(scored[n])), key=lambda n: scored[n], reverse=not lower)
-    best = ranked[0] if ranked else LATE_FUSION if LATE_FUSION in table else next(iter(table))
+    best, chooser = choose_best(table, chooser, metric)
     model = with_intervals(collected, tasks, settings)
     paired = compare_predictions(preds, fitted[best][split], labels, masks, ids, tasks, settings["resamples"],
                                  settings["seed"], settings["level"])
@@ -485,6 +497,18 @@ def cell(rec: dict, metric: str, digits: int = 3) -> str:
     return text
 
 
+def choose_best(table: dict, chooser: str | None, metric: str) -> tuple[str, str]:
+    """(the best baseline, what chose it): the best `metric` on split `chooser` (validation), or, with no
+    validation metric, a fixed rule (never the evaluated rows): the late fusion, else the first model."""
+    lower = lower_is_better(metric)
+    scored = {n: metric_or_nan(r[chooser]["metrics"], metric) if chooser else float("nan") for n, r in table.items()}
+    ranked = sorted((n for n in scored if np.isfinite(scored[n])), key=lambda n: scored[n], reverse=not lower)
+    if ranked:
+        return ranked[0], chooser
+    best = LATE_FUSION if LATE_FUSION in table else next((n for n in table if n not in TRIVIAL), next(iter(table)))
+    return best, "a fixed rule (no validation metric)"
+
+
 def verdict(out: dict) -> str:
     """'test macro_auroc: mmjax 0.620 [0.550, 0.690] vs best baseline (text: ..., chosen on validation) 0.880
     [0.840, 0.920]: the baseline is better, p <= 0.001' from a `compare_with_baselines` record."""
@@ -496,7 +520,7 @@ def verdict(out: dict) -> str:
     if not np.isfinite(p):
         return head + ": no paired test (no intervals)"
     better_model = (ab["difference"] < 0) if lower_is_better(metric) else (ab["difference"] > 0)
-    floor = 1.0 / (out.get("resamples", 0) + 1)  # a bootstrap p-value's smallest: no resample reversed the order
+    floor = 1.0 / (ab.get("resamples", out.get("resamples", 0)) + 1)  # the smallest: no resample reversed the order
     stated = f"p <= {p:.3f}" if p <= floor * (1 + 1e-9) else f"p = {p:.3f}"
     if p >= 0.05:
         return head + f": no significant difference, {stated} (paired bootstrap over patients)"

@@ -40,20 +40,20 @@ def evaluate_split(predictor, split: str = "test") -> dict:
 
 
 def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: int = 4, output: str = "",
-             patients=(), reuse: bool = False) -> dict:
+             patients=(), reuse: bool = False, with_baselines: bool = True) -> dict:
     """{'record', 'baselines', 'robustness', 'explanation', 'written'} of `split` (baselines None with
-    `eval.baselines=False` or on the training split, robustness and explanation None when not asked:
+    `with_baselines=False` (`--baselines=false`), the run's `eval.baselines=False`, on the training split
+    or when they fail (a warning), robustness and explanation None when not asked:
     `analyze=False`, `explain=0` with no `patients`)."""
     step = predictor.step
     rec = (reuse and records.load_eval(predictor.workdir, f"{split}.json", step)) or evaluate_split(predictor, split)
     written = [f"{split}.json", f"{split}_predictions.npz"]
     versus = None
-    if baselines.enabled(predictor.config) and split != "train":
+    if with_baselines and baselines.enabled(predictor.config) and split != "train":
         versus = (reuse and records.load_eval(predictor.workdir, f"{split}_baselines.json", step)) or \
-            baselines.compare_with_baselines(predictor.experiment, split, step,
-                                             records.load_predictions(predictor.workdir, split, predictor.tasks),
-                                             log=lambda _: None)
-        written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
+            _baselines(predictor, split, step)
+        if versus is not None:
+            written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
     rob = None
     if analyze:
         rob = (reuse and records.load_eval(predictor.workdir, f"{split}_robustness.json", step)) or \
@@ -66,6 +66,19 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
             attribution.explain(predictor, split, explain, output, patients=patients)
         written.append(f"{split}_attributions.npz")
     return {"record": rec, "baselines": versus, "robustness": rob, "explanation": ex, "written": written}
+
+
+def _baselines(predictor, split: str, step: int) -> dict | None:
+    """The classical baselines beside the model on `split`, or None with a warning when they fail: the
+    evaluation's other files must not be lost to them."""
+    try:
+        return baselines.compare_with_baselines(predictor.experiment, split, step,
+                                                records.load_predictions(predictor.workdir, split, predictor.tasks),
+                                                log=lambda _: None)
+    except Exception as e:  # noqa: BLE001
+        print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); --baselines=false skips them",
+              flush=True)
+        return None
 
 
 def _stored_explanation(predictor, split: str, count: int, output: str, patients: tuple) -> dict | None:

@@ -33,10 +33,11 @@ _FIGURES = [("roc", "ROC curves"), ("pr", "Precision-recall curves"), ("confusio
 
 
 def build_report(workdir: str, split: str = "test", step: int | None = None, explain: int = 4,
-                 output: str = "", patients=()) -> str:
+                 output: str = "", patients=(), baselines: bool = True) -> str:
     """Writes `W/report/index.html` (and each figure as PNG beside it); returns its path."""
     run = Predictor.from_workdir(workdir, step)
-    done = evaluate(run, split, explain=explain, output=output, patients=patients, reuse=True)
+    done = evaluate(run, split, explain=explain, output=output, patients=patients, reuse=True,
+                    with_baselines=baselines)
     rec, rob, ex = done["record"], done["robustness"], done["explanation"]
     versus = done["baselines"]
     preds, labels, masks, _ = load_predictions(run.workdir, split, run.tasks)
@@ -71,7 +72,8 @@ def _img(name: str, data: bytes) -> str:
 def _baselines_section(versus: dict | None) -> str:
     """The classical baselines beside the model: the verdict and the table (`mmjax/evaluation/baselines.py`)."""
     if versus is None:
-        return "<h2>Classical baselines</h2><p>Not fitted (<code>--config.eval.baselines=False</code>).</p>"
+        return ("<h2>Classical baselines</h2><p>Not fitted (<code>--config.eval.baselines=False</code> or "
+                "<code>--baselines=false</code>, or they failed: see the console).</p>")
     from mmjax.evaluation.baselines import format_table
 
     return ("<h2>Classical baselines</h2><p>Fitted on the training split; each one's settings and the best of "

@@ -82,11 +82,11 @@ def intervals(boot, level: float = 0.95):
 def paired_difference(a: np.ndarray, b: np.ndarray, observed: float, level: float = 0.95) -> dict:
     """a - b on the same resamples: the observed difference, its percentile interval and a two-sided
     bootstrap p-value for 'no difference' (twice the smaller tail of the resampled differences
-    around 0, at least 1 / (R + 1))."""
+    around 0, at least 1 / (R + 1)), and R, the resamples where both are defined."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     d = d[~np.isnan(d)]
     if not len(d):
         return {"difference": observed, "low": float("nan"), "high": float("nan"), "p_value": float("nan")}
     tail = min(np.mean(d <= 0), np.mean(d >= 0))
     return {"difference": observed, **{k: v for k, v in interval(d, level).items() if k != "undefined"},
-            "p_value": float(min(1.0, max(2 * tail, 1.0 / (len(d) + 1))))}
+            "p_value": float(min(1.0, max(2 * tail, 1.0 / (len(d) + 1)))), "resamples": int(len(d))}

@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from mmjax.console import UserError
 from mmjax.evaluation import baselines as B
 from mmjax.evaluation import records
 from mmjax.evaluation.compare import compare_predictions
@@ -54,9 +55,15 @@ def fold_dir(workdir: str, k: int) -> str:
 
 def cross_validate(config, workdir: str, log=print) -> dict:
     """Trains (or reads back) every fold, then pools them (`pool`); returns W/cv/results.json's content."""
+    import jax
+
     from mmjax.training.train import train_and_evaluate
 
     folds = int(config.data.folds)
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"{workdir} holds one run (config.json, checkpoints), not a cross-validation: before "
+                        f"--config.data.fold=-1 ('every fold') was the default, --config.data.folds={folds} alone "
+                        f"trained fold 0; resume it with --config.data.fold=0, or cross-validate in another --workdir")
     for k in range(folds):
         w = fold_dir(workdir, k)
         if os.path.exists(os.path.join(w, RESULTS_FILE)):
@@ -68,6 +75,12 @@ def cross_validate(config, workdir: str, log=print) -> dict:
         out = train_and_evaluate(c, w)
         if "stopped_at_step" in out:  # train.stop_at_step: stopped on purpose; the next call resumes this fold
             return {"stopped_in_fold": k, **out}
+    if jax.process_count() > 1:  # process 0 writes the last fold's files (and its baselines) after the others
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mmjax cross-validation: every fold written")
+        if jax.process_index() != 0:
+            return {}
     return pool(workdir, folds, log)
 
 
@@ -82,7 +95,7 @@ def _load(workdir: str, k: int, tasks):
         z = np.load(path)
         with open(os.path.join(w, EVAL_DIR, "test_baselines.json")) as f:
             best = json.load(f)["best"]
-        names = sorted({key.split("/")[1] for key in z.files if key.startswith("pred/")})
+        names = sorted({key[len("pred/"):].rsplit("/", 1)[0] for key in z.files if key.startswith("pred/")})
         base = {n: {t.name: z[f"pred/{n}/{t.name}"] for t in tasks} for n in names}
         base["best of each fold"] = base[best]
     return (preds, labels, masks, ids), results, base
