@@ -104,11 +104,11 @@ def main(argv):
               f"Written to {out['predictions']} (summary: predictions.json beside it)")
         return
     if _MODE.value == "report":
-        from mmjax.evaluation.report import build_cv_report, build_report
+        from mmjax.evaluation.report import build_report
         from mmjax.training import cv
 
         if cv.is_cv_root(_WORKDIR.value):  # a whole cross-validation's folder
-            path = build_cv_report(_WORKDIR.value)
+            path = cv.build_report(_WORKDIR.value)
         else:
             path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
                                 output=_OUTPUT.value, patients=_PATIENTS.value, baselines=_BASELINES.value)

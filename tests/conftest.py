@@ -7,6 +7,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One OpenMP thread per test process (scikit-learn's gradient boosting, BLAS): two xdist workers share two
+# cores, and OpenMP threads that spin-wait for a core held by the other worker's XLA slowed both ~3x (the
+# baselines' fits of a 400-row test set took 82 s instead of ~5 s in a full run).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # JAX's persistent compilation cache, shared by the xdist workers and the subprocesses of one test run
     # (the controller makes it; workers inherit it): many tests compile the same smoke model. Measured: a
@@ -41,6 +45,7 @@ def tiny_spec(tiny_builder):
     return pipeline.DatasetSpec.from_builder(tiny_builder)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under `pytest -n N --dist loadgroup` (pytest-xdist) the tests that share a module-scoped fixture
     (a prepared dataset) or the session's trained run go to one worker, so it is built once; the others
@@ -49,6 +54,8 @@ def pytest_collection_modifyitems(config, items):
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if "uninterrupted" in defs:  # the session's shared trained run: trained once, on one worker
             item.add_marker(pytest.mark.xdist_group("trained_run"))
+        elif "cv_run" in defs:  # the session's cross-validation (tests/test_cv.py), likewise
+            item.add_marker(pytest.mark.xdist_group("cv_run"))
         elif any(d and d[-1].scope == "module" for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 

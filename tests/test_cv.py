@@ -18,7 +18,7 @@ SCHEMA = {"name": "cvtest", "id": "pid",
           "tasks": {"dead": {"kind": "binary", "column": "dead"}}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: not torn down when the worker runs another module's tests between
 def cv_run(tmp_path_factory):
     from mmjax.training import cv
 
@@ -95,7 +95,6 @@ def test_the_baselines_are_pooled_from_each_folds_own_best(cv_run):
 
 
 def test_a_finished_cross_validation_is_read_back_and_reported(cv_run):
-    from mmjax.evaluation.report import build_cv_report
     from mmjax.training import cv
 
     c, workdir, out, _, _ = cv_run
@@ -106,7 +105,7 @@ def test_a_finished_cross_validation_is_read_back_and_reported(cv_run):
     assert os.path.getmtime(os.path.join(cv.fold_dir(workdir, 1), "results.json")) == stamp
     assert again["pooled"]["metrics"] == json.loads(json.dumps(out["pooled"]["metrics"]))
     assert cv.is_cv_root(workdir) and not cv.is_cv_root(cv.fold_dir(workdir, 0))
-    page = open(build_cv_report(workdir)).read()
+    page = open(cv.build_report(workdir)).read()
     assert "Pooled out-of-fold metrics" in page and "fold 2:" in page and "Classical baselines" in page
 
 

@@ -64,12 +64,12 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
     return path
 
 
-def _img(name: str, data: bytes) -> str:
+def figure_html(name: str, data: bytes) -> str:
     return (f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,'
             f'{base64.b64encode(data).decode()}"></figure>')
 
 
-def _baselines_section(versus: dict | None) -> str:
+def baselines_section(versus: dict | None) -> str:
     """The classical baselines beside the model: the verdict and the table (`mmjax/evaluation/baselines.py`)."""
     if versus is None:
         return ("<h2>Classical baselines</h2><p>Not fitted (<code>--config.eval.baselines=False</code> or "
@@ -118,11 +118,11 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, v
         "<h3>Operating points (thresholds chosen on validation)</h3>",
         "<table><tr><th>output</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th>"
         "<th>NPV</th></tr>" + points + "</table>",
-        _baselines_section(versus),
+        baselines_section(versus),
     ]
     for name, title in _FIGURES:
         if name in images:
-            parts.append(f"<h2>{esc(title)}</h2>" + _img(name, images[name]))
+            parts.append(f"<h2>{esc(title)}</h2>" + figure_html(name, images[name]))
     parts.append(f"<pre>{esc(format_robustness(rob))}</pre>")
     if patients:
         parts.append("<h2>Patients</h2><p>Integrated gradients (red raises the output, blue lowers it) and, with "
@@ -130,52 +130,10 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, v
         for k, (caption, data, texts) in enumerate(patients):
             parts.append(f"<h3>{esc(caption)}</h3>")
             if data:
-                parts.append(_img(f"patient{k}", data))
+                parts.append(figure_html(f"patient{k}", data))
             parts.append(texts)
     parts.append("<h2>Config</h2><details><summary>config.json</summary><pre>"
                  f"{esc(run.config.to_json_best_effort(indent=2, sort_keys=True))}</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
-
-def build_cv_report(workdir: str) -> str:
-    """`W/report/index.html` of a whole cross-validation (`mmjax/training/cv.py`): each fold's test metrics,
-    the pooled out-of-fold metrics with intervals and ROC curves, and the baselines pooled the same way."""
-    from mmjax.experiment import Experiment
-    from mmjax.training import cv
-
-    path = os.path.join(workdir, cv.CV_DIR, "results.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the cross-validation first (python launch.py "
-                                f"--config.data.folds=K --workdir={workdir})")
-    with open(path) as f:
-        out = json.load(f, object_pairs_hook=lambda pairs: {k: float("nan") if v is None else v for k, v in pairs})
-    tasks = Experiment.from_workdir(cv.fold_dir(workdir, 0)).tasks
-    esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             f"<title>mmjax cross-validation: {esc(os.path.basename(os.path.abspath(workdir)))}</title>",
-             "<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
-             f"<h1>Cross-validation: {esc(os.path.abspath(workdir))}</h1>",
-             f"<pre>{esc(cv.format_cv(out, tasks))}</pre>"]
-    if "pooled" in out:
-        rows = "".join(f"<tr><td>{esc(n)}</td><td>{v:.4f}</td><td>{'' if lo is None else f'[{lo:.4f}, {hi:.4f}]'}"
-                       f"</td></tr>" for n, v, lo, hi in interval_rows(out["pooled"], tasks))
-        parts.append("<h2>Pooled out-of-fold metrics</h2><table><tr><th>metric</th><th>value</th><th>interval</th>"
-                     f"</tr>{rows}</table>")
-        import numpy as np
-
-        z = np.load(os.path.join(workdir, cv.CV_DIR, "predictions.npz"))
-        get = lambda kind: {t.name: z[f"{kind}/{t.name}"] for t in tasks}
-        roc = figures.roc_figure(get("pred"), get("label"), get("mask"), tasks)
-        if roc is not None:
-            parts.append("<h2>ROC curves (pooled out-of-fold)</h2>" + _img("roc", figures.png(roc)))
-    if "versus" in out:
-        parts.append(_baselines_section(out["versus"]))
-    parts.append("</body></html>")
-    folder = os.path.join(workdir, "report")
-    os.makedirs(folder, exist_ok=True)
-    page = os.path.join(folder, "index.html")
-    with open(page, "w") as f:
-        f.write("\n".join(parts))
-    return page

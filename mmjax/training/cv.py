@@ -14,7 +14,7 @@ test set) and writes `W/cv/`:
 - `predictions.npz`: the pooled predictions (`fold` says which fold scored each row);
 - `per_fold.csv`: one row per fold (rows, the headline metrics).
 
-`python launch.py --workdir=W --mode=report` on the cross-validation's folder shows it. With a split
+`python launch.py --workdir=W --mode=report` on the cross-validation's folder shows it (`build_report`). With a split
 column in the manifest the test rows are the same in every fold: there is nothing to pool, and the
 per-fold results are written alone.
 """
@@ -173,3 +173,46 @@ def format_cv(out: dict, tasks) -> str:
     if "note" in out:
         lines.append(f"  note: {out['note']}")
     return "\n".join(lines)
+
+
+def build_report(workdir: str) -> str:
+    """`W/report/index.html` of a whole cross-validation (`mmjax/training/cv.py`): each fold's test metrics,
+    the pooled out-of-fold metrics with intervals and ROC curves, and the baselines pooled the same way."""
+    import html
+
+    from mmjax.evaluation import figures, report
+    from mmjax.evaluation.format import interval_rows
+
+    path = os.path.join(workdir, CV_DIR, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run the cross-validation first (python launch.py "
+                                f"--config.data.folds=K --workdir={workdir})")
+    with open(path) as f:
+        out = json.load(f, object_pairs_hook=lambda pairs: {k: float("nan") if v is None else v for k, v in pairs})
+    tasks = Experiment.from_workdir(fold_dir(workdir, 0)).tasks
+    esc = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>mmjax cross-validation: {esc(os.path.basename(os.path.abspath(workdir)))}</title>",
+             "<style>body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
+             f"<h1>Cross-validation: {esc(os.path.abspath(workdir))}</h1>",
+             f"<pre>{esc(format_cv(out, tasks))}</pre>"]
+    if "pooled" in out:
+        rows = "".join(f"<tr><td>{esc(n)}</td><td>{v:.4f}</td><td>{'' if lo is None else f'[{lo:.4f}, {hi:.4f}]'}"
+                       f"</td></tr>" for n, v, lo, hi in interval_rows(out["pooled"], tasks))
+        parts.append("<h2>Pooled out-of-fold metrics</h2><table><tr><th>metric</th><th>value</th><th>interval</th>"
+                     f"</tr>{rows}</table>")
+        z = np.load(os.path.join(workdir, CV_DIR, "predictions.npz"))
+        get = lambda kind: {t.name: z[f"{kind}/{t.name}"] for t in tasks}
+        roc = figures.roc_figure(get("pred"), get("label"), get("mask"), tasks)
+        if roc is not None:
+            parts.append("<h2>ROC curves (pooled out-of-fold)</h2>" + report.figure_html("roc", figures.png(roc)))
+    if "versus" in out:
+        parts.append(report.baselines_section(out["versus"]))
+    parts.append("</body></html>")
+    folder = os.path.join(workdir, "report")
+    os.makedirs(folder, exist_ok=True)
+    page = os.path.join(folder, "index.html")
+    with open(page, "w") as f:
+        f.write("\n".join(parts))
+    return page
