@@ -94,6 +94,7 @@ def test_tabular_baseline_is_scikit_learn_with_the_setting_chosen_on_validation(
     scores = []
     for setting in B._HGB_GRID:
         model = HistGradientBoostingClassifier(max_iter=100, early_stopping=False, random_state=0,
+                                               min_samples_leaf=min(20, rows.sum() // 10),
                                                categorical_features=np.array([False, False, False, True]), **setting)
         model.fit(tr.features["labs"][rows], tr.labels["dx"][rows])
         scores.append((roc_auc_score(va.labels["dx"][vrows], model.predict_proba(va.features["labs"][vrows])[:, 1]),

@@ -70,6 +70,9 @@ def test_every_patient_is_scored_once_and_the_pooled_metrics_are_the_recomputed_
     ci = out["pooled"]["ci"]["dead"]["auroc"]
     assert ci["low"] <= out["pooled"]["metrics"]["dead"]["auroc"] <= ci["high"]
     per_fold = pd.read_csv(os.path.join(workdir, "cv", "per_fold.csv"))
+    each = [f["test"]["macro_auroc"] for f in out["per_fold"]]
+    assert out["fold_mean"]["mean"] == pytest.approx(np.mean(each), abs=1e-12)
+    assert out["fold_mean"]["sd"] == pytest.approx(np.std(each, ddof=1), abs=1e-12)
     assert list(per_fold["fold"]) == [0, 1, 2] and per_fold["rows"].sum() == 60
     assert any("pooled out-of-fold" in m for m in messages)
 

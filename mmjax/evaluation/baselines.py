@@ -230,14 +230,16 @@ def _method(m) -> str:
             "signal": ("ECG features (neurokit2)" if is_ecg(m) else "signal features") + " + gradient boosting"}[m.kind]
 
 
-def _estimator(m, kind: str, setting: dict, categorical=None):
-    """A scikit-learn model for modality `m` and output kind ('binary', 'multiclass', 'regression')."""
+def _estimator(m, kind: str, setting: dict, categorical=None, rows: int = 1000):
+    """A scikit-learn model for modality `m` and output kind ('binary', 'multiclass', 'regression'), to be
+    fitted on `rows` rows: gradient boosting's leaves hold at least min(20, rows / 10) rows (at least 3;
+    scikit-learn's 20 left a 36-row training fold without a single split: every prediction the prior)."""
     from sklearn import ensemble, linear_model, preprocessing
     from sklearn import pipeline as skpipe
 
     if m.kind in ("tabular", "signal"):
         common = dict(max_iter=100, early_stopping=False, random_state=SEED, categorical_features=categorical,
-                      **setting)
+                      min_samples_leaf=max(3, min(20, rows // 10)), **setting)
         return (ensemble.HistGradientBoostingRegressor(**common) if kind == "regression"
                 else ensemble.HistGradientBoostingClassifier(**common))
     model = (linear_model.Ridge(alpha=1.0 / setting["C"]) if kind == "regression"
@@ -314,7 +316,7 @@ def _fit_modality(m, t, data: dict, X: dict, categorical) -> tuple[dict, dict]:
         fitted, setting, best = None, None, -np.inf
         ok = rows.sum() >= 2 and (kind == "regression" or len(np.unique(y_tr[rows])) > 1)
         for candidate in (_grid(m) if ok else ()):
-            model = _estimator(m, kind, candidate, categorical)
+            model = _estimator(m, kind, candidate, categorical, int(rows.sum()))
             model.fit(X["train"][rows], y_tr[rows].astype(int) if kind == "multiclass" else y_tr[rows])
             if val is None:
                 fitted, setting = model, candidate

@@ -8,7 +8,9 @@ own validation rows, so model selection stays inside the fold; a fold with `resu
 and read back), then pools the out-of-fold test predictions (every patient is in exactly one fold's
 test set) and writes `W/cv/`:
 
-- `results.json`: the pooled metrics with patient-level bootstrap intervals, each fold's test metrics,
+- `results.json`: the pooled metrics with patient-level bootstrap intervals, each fold's test metrics
+  and their mean and sd over folds (`fold_mean`: a pooled AUROC mixes the folds' models, whose scores
+  need not share a scale, so on small data it can fall below every fold's own: both are shown),
   and, when the folds fitted them (`eval.baselines`), every classical baseline pooled the same way with
   the best of each fold (chosen on that fold's validation) compared with mmjax;
 - `predictions.npz`: the pooled predictions (`fold` says which fold scored each row);
@@ -111,6 +113,10 @@ def pool(workdir: str, folds: int, log=print) -> dict:
                  "test": r["test"]} for k, (c, r, _) in enumerate(loaded)]
     ids = np.concatenate([c[3] for c, _, _ in loaded])
     out = {"folds": folds, "per_fold": per_fold, "rows": int(len(ids)), "patients": int(len(np.unique(ids)))}
+    headline = B.headline(config, per_fold[0]["test"])
+    values = np.array([B.metric_or_nan(f["test"], headline) for f in per_fold])
+    out["fold_mean"] = {"metric": headline, "mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
+                        "sd": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else None}
     folder = os.path.join(workdir, CV_DIR)
     os.makedirs(folder, exist_ok=True)
     if len(np.unique(ids)) < len(ids) and len(set(map(str, loaded[0][0][3])) & set(map(str, loaded[1][0][3]))):
@@ -165,6 +171,9 @@ def format_cv(out: dict, tasks) -> str:
     value = lambda tree: B.metric_or_nan(tree, metric)
     lines = [f"Cross-validation, {out['folds']} folds, {out['rows']} test rows in all ({out['patients']} patients)"]
     lines += [f"  fold {f['fold']}: {f['rows']} rows, test {metric} {value(f['test']):.4f}" for f in out["per_fold"]]
+    folds = np.array([value(f["test"]) for f in out["per_fold"]])
+    if np.isfinite(folds).sum() > 1:
+        lines.append(f"  mean over folds {np.nanmean(folds):.4f} (sd {np.nanstd(folds, ddof=1):.4f})")
     if "pooled" in out:
         lines.append(f"  pooled out-of-fold {metric}: {B.cell(out['pooled'], metric, 4)}")
     if "versus" in out:
