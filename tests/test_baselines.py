@@ -240,3 +240,21 @@ def test_without_validation_the_best_baseline_is_a_fixed_rule_never_the_evaluate
     assert B.choose_best(rmse, "validation", "t.rmse")[0] == "b: y"  # lower is better
     single = {"a: x": {"test": metric(0.9)}, "prior": {"test": metric(0.5)}}
     assert B.choose_best(single, None, "macro_auroc")[0] == "a: x"
+
+
+def test_with_intervals_gives_the_records_metrics_and_intervals():
+    """The baselines' table reuses the model's eval record; `with_intervals` (the baselines' own and the
+    cross-validation's) gives the same metrics and intervals as `records.record` on the same rows."""
+    from mmjax.evaluation import records
+
+    rng = np.random.default_rng(3)
+    n = 120
+    tasks = (TaskSpec("dx", "binary"), TaskSpec("age", "regression"))
+    y = (rng.random(n) > 0.6).astype(float)
+    collected = ({"dx": np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1), "age": rng.normal(size=n)},
+                 {"dx": y, "age": rng.normal(size=n)}, {"dx": rng.random(n) > 0.1, "age": np.ones(n, bool)},
+                 np.array([f"p{i // 2}" for i in range(n)]))  # two rows a patient
+    settings = {"resamples": 100, "seed": 4, "level": 0.9}
+    mine = records.with_intervals(collected, tasks, settings)
+    rec = records.record(collected, tasks, 0, resamples=100, seed=4, level=0.9)
+    assert mine["metrics"] == rec["metrics"] and mine["ci"] == rec["ci"]

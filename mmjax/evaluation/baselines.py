@@ -441,10 +441,12 @@ def metric_or_nan(tree: dict | None, path: str) -> float:
         return float("nan")
 
 
-def compare_with_baselines(experiment, split: str, step: int, collected, log=print) -> dict:
+def compare_with_baselines(experiment, split: str, step: int, collected, log=print, model_record=None) -> dict:
     """Fits the baselines on the training split of `experiment`'s dataset (settings and the best baseline
     chosen on validation), scores them on `split`, compares the deep model's `collected` predictions of
-    that split with the best; writes `W/eval/<split>_baselines.json` and `.npz` and logs the verdict."""
+    that split with the best; writes `W/eval/<split>_baselines.json` and `.npz` and logs the verdict.
+    `model_record`: the model's `eval/<split>.json` record of these predictions (its metrics and intervals
+    are reused; they are those `records.with_intervals` computes, the same resamples)."""
     from mmjax.evaluation.compare import compare_predictions
     from mmjax.evaluation.records import dump_json, eval_settings, with_intervals
 
@@ -473,7 +475,8 @@ def compare_with_baselines(experiment, split: str, step: int, collected, log=pri
                                                                     data[chooser].masks, tasks)}
         table[name] = row
     best, chooser = choose_best(table, chooser, metric)
-    model = with_intervals(collected, tasks, settings)
+    model = ({k: model_record[k] for k in ("metrics", "ci") if k in model_record} if model_record is not None
+             else with_intervals(collected, tasks, settings))
     paired = compare_predictions(preds, fitted[best][split], labels, masks, ids, tasks, settings["resamples"],
                                  settings["seed"], settings["level"])
     out = {"step": int(step), "split": split, "metric": metric, "best": best, "chosen_on": chooser,

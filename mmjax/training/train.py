@@ -414,14 +414,16 @@ def finish(run: Run, loop: dict) -> dict:
     run.writer.write("run", step, run_info)
     versus = None
     if jax.process_index() == 0:
-        versus = _baselines(exp, evaluated_step, collected) if "test" in results and baselines.enabled(c) else None
-        with open(exp.path(RESULTS_FILE), "w") as f:
-            json.dump({**results, "run": run_info, **({"baselines": versus} if versus else {})}, f, indent=2)
-        print(task_metrics.format_table(results, exp.tasks), flush=True)
         recs = {}
         for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
             recs[split] = records.write(run.workdir, split, collected[split], exp.tasks, evaluated_step, c,
                                         reference=collected.get("validation") if split != "validation" else None)
+        versus = None
+        if "test" in results and baselines.enabled(c):
+            versus = _baselines(exp, evaluated_step, collected, recs["test"])
+        with open(exp.path(RESULTS_FILE), "w") as f:
+            json.dump({**results, "run": run_info, **({"baselines": versus} if versus else {})}, f, indent=2)
+        print(task_metrics.format_table(results, exp.tasks), flush=True)
         if "test" in results:
             print(format_intervals(recs["test"], exp.tasks), flush=True)
             if versus:
@@ -436,11 +438,12 @@ def finish(run: Run, loop: dict) -> dict:
     return {**results, "run": run_info, **({"baselines": versus} if versus else {})}
 
 
-def _baselines(exp, step: int, collected: dict) -> dict | None:
+def _baselines(exp, step: int, collected: dict, record: dict) -> dict | None:
     """The classical baselines on the test split beside the model (`mmjax/evaluation/baselines.py`): what
     results.json keeps of them, or None (a failure is a warning: it must not lose the run's results)."""
     try:
-        out = baselines.compare_with_baselines(exp, "test", step, collected["test"], log=lambda _: None)
+        out = baselines.compare_with_baselines(exp, "test", step, collected["test"], log=lambda _: None,
+                                               model_record=record)
     except Exception as e:  # noqa: BLE001
         logging.warning("classical baselines not fitted: %s: %s", type(e).__name__, e)
         print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); the run's results are kept",
