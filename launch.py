@@ -77,7 +77,8 @@ def main(argv):
         if done["baselines"] is not None:
             from mmjax.evaluation.baselines import format_table
 
-            print(f"Classical baselines, fitted on train, chosen on validation:\n{format_table(done['baselines'])}\n"
+            print(f"Classical baselines, fitted on train, the best chosen on {done['baselines']['chosen_on']}:\n"
+                  f"{format_table(done['baselines'])}\n"
                   f"{done['baselines']['verdict']}")
         if done["robustness"] is not None:
             print(format_robustness(done["robustness"]))

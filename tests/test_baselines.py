@@ -258,3 +258,22 @@ def test_with_intervals_gives_the_records_metrics_and_intervals():
     mine = records.with_intervals(collected, tasks, settings)
     rec = records.record(collected, tasks, 0, resamples=100, seed=4, level=0.9)
     assert mine["metrics"] == rec["metrics"] and mine["ci"] == rec["ci"]
+
+
+def test_no_resamples_gives_point_differences_and_no_claim():
+    from mmjax.evaluation import records
+    from mmjax.evaluation.compare import compare_predictions
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(80) > 0.5).astype(float)
+    tasks, ids = (TaskSpec("dx", "binary"),), np.array([str(i) for i in range(80)])
+    labels, masks = {"dx": y}, {"dx": np.ones(80, bool)}
+    a, b = {"dx": y + rng.normal(0, 0.3, 80)}, {"dx": rng.random(80)}
+    paired = compare_predictions(a, b, labels, masks, ids, tasks, resamples=0)
+    m = paired["metrics"]["macro_auroc"]
+    assert np.isnan(m["p_value"]) and m["difference"] == pytest.approx(m["a"] - m["b"])
+    settings = {"resamples": 0, "seed": 0, "level": 0.95}
+    rec = lambda p: records.with_intervals((p, labels, masks, ids), tasks, settings)
+    line = B.verdict({"metric": "macro_auroc", "best": "b", "split": "test", "chosen_on": "validation",
+                      "model": rec(a), "baselines": {"b": {"test": rec(b)}}, "comparison": paired, "resamples": 0})
+    assert line.endswith("no paired test (no intervals)") and "better" not in line

@@ -135,3 +135,12 @@ def test_a_workdir_of_one_run_is_not_taken_for_a_cross_validation(cv_run, tmp_pa
     (tmp_path / "config.json").write_text("{}")  # a one-fold run from before fold=-1 was the default
     with pytest.raises(UserError, match=r"resume it with --config\.data\.fold=0"):
         cv.cross_validate(cv_run[0], str(tmp_path))
+
+
+def test_a_finished_fold_is_read_back_only_for_its_own_config(cv_run):
+    from mmjax.training import cv
+
+    c, workdir = cv_run[0].copy_and_resolve_references(), cv_run[1]
+    c.optimizer.learning_rate = 0.5  # not what trained the folds: refused before anything is read or trained
+    with pytest.raises(ValueError, match=r"holds a run of another config \(differs in \['optimizer.learning_rate'\]"):
+        cv.cross_validate(c, workdir)

@@ -73,28 +73,28 @@ def test_a_finished_run_of_another_config_is_an_error(tmp_path):
     stale["model"]["fusion"]["name"] = c.model.fusion.name  # as sweep() sets it for the run
     stale["sweep"]["fusions"] = "concat,late,mean"
     (run / "config.json").write_text(json.dumps(stale))
-    sweep._check_same_config(c, str(run))
+    sweep.check_same_config(c, str(run))
     # a setting that changes no result (`train.figures`, added since): a saved config without it, or with
     # another value, is still this config, so the run is read back
     c.train = ml_collections.ConfigDict(dict(figures=True))
-    sweep._check_same_config(c, str(run))
+    sweep.check_same_config(c, str(run))
     stale["train"] = {"figures": False}
     (run / "config.json").write_text(json.dumps(stale))
-    sweep._check_same_config(c, str(run))
+    sweep.check_same_config(c, str(run))
     stale["train"]["num_steps"] = 7  # beside it, one that does is still another config
     (run / "config.json").write_text(json.dumps(stale))
     with pytest.raises(ValueError, match=r"another config.*\['train.num_steps'\]"):
-        sweep._check_same_config(c, str(run))
+        sweep.check_same_config(c, str(run))
     # settings added later: the input pipeline's (no result depends on them) and `model.remat`, whose
     # absence from a saved config means what it says when '' (off), and only that
     del stale["train"]["num_steps"]
     (run / "config.json").write_text(json.dumps(stale))
     c.data = ml_collections.ConfigDict(dict(cache_mib=16, device_prefetch=3))
     c.model.remat = ""
-    sweep._check_same_config(c, str(run))
+    sweep.check_same_config(c, str(run))
     c.model.remat = "fusion"
     with pytest.raises(ValueError, match=r"another config.*\['model.remat'\]"):
-        sweep._check_same_config(c, str(run))
+        sweep.check_same_config(c, str(run))
 
 
 def test_sweep_rejects_an_unknown_fusion(tmp_path):

@@ -44,6 +44,7 @@ from mmjax.experiment import EVAL_DIR
 from mmjax.metrics import tasks as task_metrics
 
 SEED = 0
+FORMAT = 2  # of `<split>_baselines.json`; a file of another format is computed again, not reused
 TRIVIAL = ("majority class", "prior")
 LATE_FUSION = "late fusion"
 _LEADS = {"i", "ii", "iii", "avr", "avl", "avf", "v1", "v2", "v3", "v4", "v5", "v6"}
@@ -479,7 +480,7 @@ def compare_with_baselines(experiment, split: str, step: int, collected, log=pri
              else with_intervals(collected, tasks, settings))
     paired = compare_predictions(preds, fitted[best][split], labels, masks, ids, tasks, settings["resamples"],
                                  settings["seed"], settings["level"])
-    out = {"step": int(step), "split": split, "metric": metric, "best": best, "chosen_on": chooser,
+    out = {"format": FORMAT, "step": int(step), "split": split, "metric": metric, "best": best, "chosen_on": chooser,
            "rows": {s: int(len(d.ids)) for s, d in data.items()}, "ecg_intervals": intervals, "model": model,
            "baselines": table,
            "comparison": paired, "resamples": settings["resamples"], "seconds": round(time.perf_counter() - started, 1)}

@@ -57,14 +57,17 @@ def compare_predictions(pa: dict, pb: dict, labels: dict, masks: dict, ids, task
     la, ma = labels, masks  # the same rows and labels for both
     point_a = task_metrics.compute_metrics(pa, la, ma, tasks)
     point_b = task_metrics.compute_metrics(pb, la, ma, tasks)
-    boot = bootstrap.resample(lambda w: {"a": task_metrics.compute_metrics(pa, la, ma, tasks, sample_weight=w),
-                                         "b": task_metrics.compute_metrics(pb, la, ma, tasks, sample_weight=w)},
-                              ids, resamples, seed)
+    flat_b = dict(task_metrics.flat_metrics(point_b))
+    if resamples > 0:
+        boot = bootstrap.resample(lambda w: {"a": task_metrics.compute_metrics(pa, la, ma, tasks, sample_weight=w),
+                                             "b": task_metrics.compute_metrics(pb, la, ma, tasks, sample_weight=w)},
+                                  ids, resamples, seed)
+        boot_a, boot_b = (dict(task_metrics.flat_metrics(t)) for t in (boot["a"], boot["b"]))
     out = {}
-    flat_b, boot_a, boot_b = (dict(task_metrics.flat_metrics(t)) for t in (point_b, boot["a"], boot["b"]))
     for path, value_a in task_metrics.flat_metrics(point_a):
         value_b = flat_b[path]
-        diff = bootstrap.paired_difference(boot_a[path], boot_b[path], float(value_a - value_b), level)
+        diff = (bootstrap.paired_difference(boot_a[path], boot_b[path], float(value_a - value_b), level)
+                if resamples > 0 else {"difference": float(value_a - value_b), "p_value": float("nan")})  # no resamples
         out[path] = {"a": float(value_a), "b": float(value_b), **diff}
     delong = {}
     for t in tasks:
@@ -89,7 +92,7 @@ def format_comparison(result: dict) -> str:
     for path, m in result["metrics"].items():
         d = result["delong"].get(path, {})
         rows.append((path, f"{m['a']:.4f}", f"{m['b']:.4f}", f"{m['difference']:+.4f}",
-                     f"[{m['low']:+.4f}, {m['high']:+.4f}]", f"{m['p_value']:.3f}",
+                     f"[{m.get('low', float('nan')):+.4f}, {m.get('high', float('nan')):+.4f}]", f"{m['p_value']:.3f}",
                      f"{d['p_value']:.3f}" if "p_value" in d else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

@@ -50,8 +50,9 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
     written = [f"{split}.json", f"{split}_predictions.npz"]
     versus = None
     if with_baselines and baselines.enabled(predictor.config) and split != "train":
-        versus = (reuse and records.load_eval(predictor.workdir, f"{split}_baselines.json", step)) or \
-            _baselines(predictor, split, step, rec)
+        versus = reuse and records.load_eval(predictor.workdir, f"{split}_baselines.json", step)
+        if not versus or versus.get("format") != baselines.FORMAT:
+            versus = _baselines(predictor, split, step, rec)
         if versus is not None:
             written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
     rob = None

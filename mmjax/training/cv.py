@@ -59,6 +59,7 @@ def cross_validate(config, workdir: str, log=print) -> dict:
     """Trains (or reads back) every fold, then pools them (`pool`); returns W/cv/results.json's content."""
     import jax
 
+    from mmjax.training.sweep import check_same_config
     from mmjax.training.train import train_and_evaluate
 
     folds = int(config.data.folds)
@@ -68,12 +69,13 @@ def cross_validate(config, workdir: str, log=print) -> dict:
                         f"trained fold 0; resume it with --config.data.fold=0, or cross-validate in another --workdir")
     for k in range(folds):
         w = fold_dir(workdir, k)
+        c = config.copy_and_resolve_references()
+        c.data.fold = k
+        check_same_config(c, w)  # a finished fold is read back only for the config that trained it
         if os.path.exists(os.path.join(w, RESULTS_FILE)):
             log(f"Fold {k + 1}/{folds}: finished ({os.path.join(w, RESULTS_FILE)}), read back")
             continue
         log(f"Fold {k + 1}/{folds}: training in {w}")
-        c = config.copy_and_resolve_references()
-        c.data.fold = k
         out = train_and_evaluate(c, w)
         if "stopped_at_step" in out:  # train.stop_at_step: stopped on purpose; the next call resumes this fold
             return {"stopped_in_fold": k, **out}
@@ -96,7 +98,10 @@ def _load(workdir: str, k: int, tasks):
     if os.path.exists(path):
         z = np.load(path)
         with open(os.path.join(w, EVAL_DIR, "test_baselines.json")) as f:
-            best = json.load(f)["best"]
+            written = json.load(f)
+        if written.get("format") != B.FORMAT:  # by an older mmjax (another rule for the best): not pooled
+            return (preds, labels, masks, ids), results, None
+        best = written["best"]
         names = sorted({key[len("pred/"):].rsplit("/", 1)[0] for key in z.files if key.startswith("pred/")})
         base = {n: {t.name: z[f"pred/{n}/{t.name}"] for t in tasks} for n in names}
         base["best of each fold"] = base[best]
@@ -115,8 +120,10 @@ def pool(workdir: str, folds: int, log=print) -> dict:
     out = {"folds": folds, "per_fold": per_fold, "rows": int(len(ids)), "patients": int(len(np.unique(ids)))}
     headline = B.headline(config, per_fold[0]["test"])
     values = np.array([B.metric_or_nan(f["test"], headline) for f in per_fold])
-    out["fold_mean"] = {"metric": headline, "mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
-                        "sd": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else None}
+    defined = np.isfinite(values)
+    out["fold_mean"] = {"metric": headline, "folds_defined": int(defined.sum()),  # folds whose test set defines it
+                        "mean": float(values[defined].mean()) if defined.any() else None,
+                        "sd": float(values[defined].std(ddof=1)) if defined.sum() > 1 else None}
     folder = os.path.join(workdir, CV_DIR)
     os.makedirs(folder, exist_ok=True)
     if len(np.unique(ids)) < len(ids) and len(set(map(str, loaded[0][0][3])) & set(map(str, loaded[1][0][3]))):
@@ -131,8 +138,15 @@ def pool(workdir: str, folds: int, log=print) -> dict:
         arrays = {f"{kind}/{k}": v for kind, d in (("pred", preds), ("label", labels), ("mask", masks))
                   for k, v in d.items()}
         np.savez_compressed(os.path.join(folder, "predictions.npz"), patient_id=ids.astype(str), fold=fold_of, **arrays)
-        if all(b is not None for _, _, b in loaded):
-            out["versus"] = _versus(config, loaded, (preds, labels, masks, ids), tasks, settings)
+        missing = [k for k, (_, _, b) in enumerate(loaded) if b is None]
+        if missing:
+            out["note"] = (f"no classical baselines: fold(s) {missing} have none (eval.baselines=False when they "
+                           "trained, their fit failed, or an older mmjax wrote them)")
+        else:
+            try:
+                out["versus"] = _versus(config, loaded, (preds, labels, masks, ids), tasks, settings)
+            except Exception as e:  # noqa: BLE001  (the pooled metrics must not be lost to the baselines)
+                out["note"] = f"the pooled baselines failed: {type(e).__name__}: {e}"
     records.dump_json(out, os.path.join(folder, "results.json"))
     _write_per_fold(os.path.join(folder, "per_fold.csv"), per_fold, tasks)
     log(format_cv(out, tasks))
@@ -167,13 +181,14 @@ def _write_per_fold(path: str, per_fold: list, tasks) -> None:
 
 
 def format_cv(out: dict, tasks) -> str:
-    metric = out.get("versus", {}).get("metric", "macro_auroc")
+    metric = out.get("fold_mean", {}).get("metric", "macro_auroc")
     value = lambda tree: B.metric_or_nan(tree, metric)
     lines = [f"Cross-validation, {out['folds']} folds, {out['rows']} test rows in all ({out['patients']} patients)"]
     lines += [f"  fold {f['fold']}: {f['rows']} rows, test {metric} {value(f['test']):.4f}" for f in out["per_fold"]]
-    folds = np.array([value(f["test"]) for f in out["per_fold"]])
-    if np.isfinite(folds).sum() > 1:
-        lines.append(f"  mean over folds {np.nanmean(folds):.4f} (sd {np.nanstd(folds, ddof=1):.4f})")
+    mean = out.get("fold_mean", {})
+    if mean.get("sd") is not None:
+        lines.append(f"  mean over the {mean['folds_defined']} of {out['folds']} folds that define it: "
+                     f"{mean['mean']:.4f} (sd {mean['sd']:.4f})")
     if "pooled" in out:
         lines.append(f"  pooled out-of-fold {metric}: {B.cell(out['pooled'], metric, 4)}")
     if "versus" in out:

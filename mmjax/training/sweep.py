@@ -60,7 +60,10 @@ def measure_costs(config, steps: int) -> dict:
             "train_step_ms": bench["step_ms"], "compile_s": bench["compile_s"]}
 
 
-def _check_same_config(config, workdir: str) -> None:
+def check_same_config(config, workdir: str) -> None:
+    """Raises when `workdir` holds a run of another config (`NO_RESULT_DEPENDS` and the sweep block aside):
+    a finished run is read back only for the config that made it (the sweep's runs, the cross-validation's
+    folds)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
@@ -77,7 +80,7 @@ def _check_same_config(config, workdir: str) -> None:
 
 def run_one(config, workdir: str) -> dict:
     """The run's results: read back when it finished before, else trained (or resumed) now."""
-    _check_same_config(config, workdir)
+    check_same_config(config, workdir)
     done = os.path.join(workdir, "results.json")
     if os.path.exists(done):
         with open(done) as f:

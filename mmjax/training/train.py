@@ -418,11 +418,14 @@ def finish(run: Run, loop: dict) -> dict:
         for split in results:  # eval/<split>.json: the metrics with bootstrap intervals, and the predictions
             recs[split] = records.write(run.workdir, split, collected[split], exp.tasks, evaluated_step, c,
                                         reference=collected.get("validation") if split != "validation" else None)
-        versus = None
         if "test" in results and baselines.enabled(c):
             versus = _baselines(exp, evaluated_step, collected, recs["test"])
-        with open(exp.path(RESULTS_FILE), "w") as f:
+        # results.json marks a finished run (the sweep and the cross-validation read it back): written whole
+        # or not at all
+        partial = exp.path(RESULTS_FILE + ".partial")
+        with open(partial, "w") as f:
             json.dump({**results, "run": run_info, **({"baselines": versus} if versus else {})}, f, indent=2)
+        os.replace(partial, exp.path(RESULTS_FILE))
         print(task_metrics.format_table(results, exp.tasks), flush=True)
         if "test" in results:
             print(format_intervals(recs["test"], exp.tasks), flush=True)
