@@ -397,20 +397,23 @@ def fit_predict(data: dict, spec, modalities, tasks) -> tuple[dict, dict]:
                          "fit_seconds": round(time.perf_counter() - started, 2),
                          "undefined_feature_rows": {s: d.undefined.get(m.name, 0) for s, d in data.items()}}
         per_modality.append((name, m.name))
+    trivial = {}
+    for name in TRIVIAL:
+        by_task = {t.name: _trivial(t, data, name == "majority class") for t in tasks}
+        trivial[name] = {s: {k: v[s] for k, v in by_task.items()} for s in data}
     if len(per_modality) > 1:
-        preds[LATE_FUSION] = {s: {t.name: _late(t, [(preds[n][s][t.name], d.present[mod]) for n, mod in per_modality],
-                                                 _trivial(t, data, False)[s])
+        preds[LATE_FUSION] = {s: {t.name: _late([(preds[n][s][t.name], d.present[mod]) for n, mod in per_modality],
+                                                trivial["prior"][s][t.name])
                                   for t in tasks} for s, d in data.items()}
         details[LATE_FUSION] = {"of": [n for n, _ in per_modality],
                                 "rule": "mean of the present modalities' predictions (prior where none is present)"}
     for name in TRIVIAL:
-        trivial = {t.name: _trivial(t, data, name == "majority class") for t in tasks}
-        preds[name] = {s: {t.name: trivial[t.name][s] for t in tasks} for s in data}
+        preds[name] = trivial[name]
         details[name] = {"trivial": True}
     return preds, details
 
 
-def _late(t, parts: list, prior: np.ndarray) -> np.ndarray:
+def _late(parts: list, prior: np.ndarray) -> np.ndarray:
     """Mean of the modalities' predictions over those present in each row; the prior where none is."""
     total = np.zeros_like(prior)
     count = np.zeros(len(prior))
@@ -492,6 +495,18 @@ def compare_with_baselines(experiment, split: str, step: int, collected, log=pri
                         **{f"pred/{n}/{t}": v for n, by_split in fitted.items() for t, v in by_split[split].items()})
     log(out["verdict"])
     return out
+
+
+def compare_or_warn(experiment, split: str, step: int, collected, model_record=None) -> dict | None:
+    """`compare_with_baselines` (quietly), or None with a warning on the console when it fails: the run's
+    and the evaluation's other results must never be lost to the baselines (training and `--mode=evaluate`)."""
+    try:
+        return compare_with_baselines(experiment, split, step, collected, log=lambda _: None,
+                                      model_record=model_record)
+    except Exception as e:  # noqa: BLE001
+        print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); everything else is kept "
+              f"(--config.eval.baselines=False, or --baselines=false in evaluate and report, skips them)", flush=True)
+        return None
 
 
 def cell(rec: dict, metric: str, digits: int = 3) -> str:

@@ -52,7 +52,8 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
     if with_baselines and baselines.enabled(predictor.config) and split != "train":
         versus = reuse and records.load_eval(predictor.workdir, f"{split}_baselines.json", step)
         if not versus or versus.get("format") != baselines.FORMAT:
-            versus = _baselines(predictor, split, step, rec)
+            versus = baselines.compare_or_warn(predictor.experiment, split, step,
+                                               records.load_predictions(predictor.workdir, split, predictor.tasks), rec)
         if versus is not None:
             written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
     rob = None
@@ -67,19 +68,6 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
             attribution.explain(predictor, split, explain, output, patients=patients)
         written.append(f"{split}_attributions.npz")
     return {"record": rec, "baselines": versus, "robustness": rob, "explanation": ex, "written": written}
-
-
-def _baselines(predictor, split: str, step: int, record: dict) -> dict | None:
-    """The classical baselines beside the model on `split`, or None with a warning when they fail: the
-    evaluation's other files must not be lost to them."""
-    try:
-        return baselines.compare_with_baselines(predictor.experiment, split, step,
-                                                records.load_predictions(predictor.workdir, split, predictor.tasks),
-                                                log=lambda _: None, model_record=record)
-    except Exception as e:  # noqa: BLE001
-        print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); --baselines=false skips them",
-              flush=True)
-        return None
 
 
 def _stored_explanation(predictor, split: str, count: int, output: str, patients: tuple) -> dict | None:

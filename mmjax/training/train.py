@@ -444,13 +444,8 @@ def finish(run: Run, loop: dict) -> dict:
 def _baselines(exp, step: int, collected: dict, record: dict) -> dict | None:
     """The classical baselines on the test split beside the model (`mmjax/evaluation/baselines.py`): what
     results.json keeps of them, or None (a failure is a warning: it must not lose the run's results)."""
-    try:
-        out = baselines.compare_with_baselines(exp, "test", step, collected["test"], log=lambda _: None,
-                                               model_record=record)
-    except Exception as e:  # noqa: BLE001
-        logging.warning("classical baselines not fitted: %s: %s", type(e).__name__, e)
-        print(f"Warning: the classical baselines failed ({type(e).__name__}: {e}); the run's results are kept",
-              flush=True)
+    out = baselines.compare_or_warn(exp, "test", step, collected["test"], record)
+    if out is None:
         return None
     best = out["baselines"][out["best"]]["test"]
     return {"metric": out["metric"], "best": out["best"], "best_test": best["metrics"],
