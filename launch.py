@@ -11,6 +11,8 @@ See `mmjax/evaluation/evaluate.py`.
 
 `--mode=predict --manifest=M` writes predictions for new patients (`mmjax/evaluation/predict.py`);
 `--mode=report` writes `DIR/report/index.html` (`mmjax/evaluation/report.py`).
+`--mode=pretrain` pretrains the encoders self-supervised (masked modelling and a cross-modal contrastive
+objective, `mmjax/training/pretrain.py`); `--config.init_from=DIR` then warm-starts a supervised run.
 """
 
 import os
@@ -24,8 +26,9 @@ from mmjax.console import define_config_flag
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic_patients.py")
 _CONFIG = define_config_flag("config", _DEFAULT, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where config, checkpoints and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report"],
-                          "train (resumes a started workdir); evaluate, predict or report on a trained one.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report", "pretrain"],
+                          "train (resumes a started workdir); evaluate, predict or report on a trained one; "
+                          "pretrain: self-supervised pretraining of the encoders (resumes too).")
 _STEP = flags.DEFINE_integer("step", None, "evaluate: this checkpoint step instead of the best by validation.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the split.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "evaluate/report: also the classical baselines beside the model "
@@ -60,7 +63,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mmjax.console import log_to_workdir
 
-    if _MODE.value != "train" and not os.path.isdir(_WORKDIR.value):
+    if _MODE.value not in ("train", "pretrain") and not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--mode={_MODE.value}: workdir {_WORKDIR.value} does not exist")
     new_workdir = not os.path.exists(_WORKDIR.value)
     log_to_workdir(_WORKDIR.value)  # Orbax/TFDS INFO to DIR/mmjax.INFO; --verbosity=0 keeps it on the console
@@ -116,12 +119,16 @@ def main(argv):
         print(f"Report written to {path}")
         return
     from mmjax.training import cv, parallel
+    from mmjax.training.pretrain import pretrain
     from mmjax.training.train import train_and_evaluate
 
     parallel.maybe_initialize_distributed(_CONFIG.value.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value, _HEARTBEAT.value)
     try:
-        (cv.cross_validate if cv.every_fold(_CONFIG.value) else train_and_evaluate)(_CONFIG.value, _WORKDIR.value)
+        if _MODE.value == "pretrain":
+            pretrain(_CONFIG.value, _WORKDIR.value)
+        else:
+            (cv.cross_validate if cv.every_fold(_CONFIG.value) else train_and_evaluate)(_CONFIG.value, _WORKDIR.value)
     except Exception:
         workdir = _WORKDIR.value
         if new_workdir and os.path.isdir(workdir) and all(n.startswith("mmjax.") for n in os.listdir(workdir)):

@@ -73,7 +73,9 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         spectrogram=False, augment=True, worker_count=0,
         device_prefetch=2,  # training batches put on the device this many steps ahead (0: as the step needs them)
         cache_mib=2048,  # training examples read and prepared once, kept in memory if the split fits (0: never)
-        signal_eval_windows=0))  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
+        signal_eval_windows=0,  # evaluation: 0 centre-crops a long signal, W > 0 averages W windows
+        # label efficiency: train (and fit the baselines) on a seeded fraction of the training rows
+        label_fraction=1.0, label_seed=0))
     c.model = ml_collections.ConfigDict(dict(
         width=64, dtype="float32", num_heads=2, mlp_ratio=2, dropout=0.0, modality_dropout=0.15,
         # The fusion's and each kind's encoder settings: every registered fusion's (encoder's) fields
@@ -118,6 +120,11 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         # the best compared with the model (mmjax/evaluation/baselines.py)
         baselines=True,
         ecg_intervals_max_rows=2000))  # an ECG baseline's PQ/QS/QT intervals (~70 ms a record) up to this many rows
+    # --mode=pretrain (mmjax/training/pretrain.py): masked modelling per modality + cross-modal contrastive;
+    # batch_size 0: train.batch_size
+    c.pretrain = ml_collections.ConfigDict(dict(
+        num_steps=1000, batch_size=0, mask_ratio=0.5, text_mask_ratio=0.15, masked_weight=1.0,
+        contrastive_weight=1.0, temperature=0.1, projection_dim=128, log_every=50, checkpoint_every=250))
     c.parallel = "mesh"  # or "pmap"
     # mesh only: "replicated" (each device holds the whole state) or "fsdp" (parameters and optimizer state
     # sharded over the devices, gathered layer by layer in the step: a device-count-th of the state's memory)
@@ -146,7 +153,7 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
                   max_pixels=2**28,  # a bigger image (a DICOM: all frames) is a bad row, never decoded; 0: no cap
                   text_min_patients=5,  # a word enters a text vocabulary only from the notes of this many patients
                   prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
-                  device_prefetch=2, cache_mib=2048, signal_eval_windows=0)
+                  device_prefetch=2, cache_mib=2048, signal_eval_windows=0, label_fraction=1.0, label_seed=0)
     c.train.update(num_steps=1000, eval_every=250, checkpoint_every=250)
     return c
 

@@ -256,9 +256,21 @@ class Experiment:
         return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
                     spectrogram=d.spectrogram)
 
+    @property
+    def train_rows(self) -> np.ndarray | None:
+        """The training records that are trained on (`data.label_fraction` < 1: a seeded subset, the
+        baselines' too); None: all of them."""
+        d = self.config.data
+        fraction = float(d.get("label_fraction", 1.0))
+        if fraction == 1:
+            return None
+        count = len(pipeline.CheckedSource(self.builder, "train"))
+        return pipeline.label_rows(count, fraction, int(d.get("label_seed", 0)))
+
     def train_loader(self, batch_size: int, seed: int | None = None, **kwargs):
         """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process."""
         d = self.config.data
+        kwargs.setdefault("rows", self.train_rows)
         return pipeline.train_loader(self.builder, self.spec, batch_size, self.config.seed if seed is None else seed,
                                      augment=d.augment, worker_count=d.worker_count, cache_mib=d.get("cache_mib", 2048),
                                      **self.data_kwargs(), **kwargs)

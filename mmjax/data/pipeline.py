@@ -62,25 +62,41 @@ def read_ahead(spec: DatasetSpec, modalities, batch_size: int, text_max_length: 
 
 
 class CheckedSource:
-    """A data source whose read errors name the split, record and files."""
+    """A data source whose read errors name the split, record and files; `rows`: only those records of
+    the split, in that order (`label_rows`: the labelled subset of a label-efficiency run)."""
 
-    def __init__(self, builder, split: str):
+    def __init__(self, builder, split: str, rows: Sequence[int] | None = None):
         try:
             self._source = builder.as_data_source(split)
         except Exception as e:  # noqa: BLE001  (re-raised with context)
             raise T.DataError(f"cannot open split {split!r} of {builder.name} in {builder.data_dir}: {e}") from e
         self._split = split
         self._where = builder.data_dir
+        self._rows = None if rows is None else np.asarray(rows, np.int64)
 
     def __len__(self):
-        return len(self._source)
+        return len(self._source) if self._rows is None else len(self._rows)
 
     def __getitem__(self, i):
+        i = int(i if self._rows is None else self._rows[i])
         try:
             return self._source[i]
         except Exception as e:  # noqa: BLE001  (re-raised with context)
             raise T.DataError(f"split {self._split!r}, record {i} in {self._where}: cannot read or decode "
                               f"({type(e).__name__}: {e})") from e
+
+
+def label_rows(count: int, fraction: float, seed: int) -> np.ndarray | None:
+    """The records of a training split of `count` rows whose labels a label-efficiency run keeps
+    (`data.label_fraction`): round(fraction * count) of them (at least 1), drawn without replacement
+    with `seed`, sorted; None for fraction 1 (all). The draws are nested: a smaller fraction's rows are
+    a subset of a larger one's for the same seed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.label_fraction={fraction}: use a fraction in (0, 1]")
+    if fraction == 1:
+        return None
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[:max(1, round(fraction * count))])
 
 
 def preprocess_ops(spec: DatasetSpec, modalities: Sequence[str] | None, tasks: Sequence[TaskSpec],
@@ -209,13 +225,14 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
                  modalities: Sequence[str] | None = None, tasks: Sequence[TaskSpec] | None = None,
                  augment: bool = True, text_max_length: int = 96, spectrogram: bool = False,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0, start_batch: int = 0, cache_mib: int = 2048) -> grain.IterDataset:
+                 worker_count: int = 0, start_batch: int = 0, cache_mib: int = 2048,
+                 rows: Sequence[int] | None = None) -> grain.IterDataset:
     """Infinite, shuffled (differently each epoch, deterministic for `seed`), full batches of
     `batch_size` rows: this process's rows of each global batch, from global batch `start_batch` on.
 
     The examples' deterministic preprocessing (reading, checks, images, text, tables, labels) is done
     once per example and kept in memory up to `cache_mib` MiB in all (shared among the workers; 0:
-    never kept).
+    never kept). `rows`: only those records of the split (`label_rows`).
 
     The batches depend on `seed`, the global batch size and `start_batch`, not on the process count
     or `worker_count` (> 0: preprocessing in that many processes). `iter(loader)` is also
@@ -226,7 +243,7 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
     ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True)
     k = fixed_ops(ops)
     # each worker process keeps the examples it reads: the limit is shared among them
-    source = _CachedSource(CheckedSource(builder, split), ops[:k], cache_mib * 2**20 // max(worker_count, 1),
+    source = _CachedSource(CheckedSource(builder, split, rows), ops[:k], cache_mib * 2**20 // max(worker_count, 1),
                            f"{builder.name} {split}")
     ds = source.shuffle(seed=seed).repeat()
     # per-example random ops (crops) seeded by the example's global position

@@ -167,12 +167,12 @@ def feature_width(m, intervals: bool = True) -> int:
     return 0
 
 
-def read_split(builder, spec, modalities, tasks, split: str, intervals: bool = True) -> SplitData:
-    """Reads `split` of the prepared dataset (every row, checked as the pipeline checks them) and computes
-    each modality's features; absent modalities give NaN features (text: ''). `intervals`: an ECG's
-    delineated intervals (else NaN)."""
+def read_split(builder, spec, modalities, tasks, split: str, intervals: bool = True, rows=None) -> SplitData:
+    """Reads `split` of the prepared dataset (every row, or the records `rows`, checked as the pipeline
+    checks them) and computes each modality's features; absent modalities give NaN features (text: '').
+    `intervals`: an ECG's delineated intervals (else NaN)."""
     mods = spec.select_modalities(modalities)
-    source = pipeline.CheckedSource(builder, split)
+    source = pipeline.CheckedSource(builder, split, rows)
     check, collect = T.CheckExample(mods, tuple(tasks)), T.CollectLabels(tuple(tasks))
     ids, present = [], {m.name: [] for m in mods}
     feats = {m.name: [] for m in mods}
@@ -459,8 +459,10 @@ def compare_with_baselines(experiment, split: str, step: int, collected, log=pri
     builder, spec, tasks = experiment.builder, experiment.spec, experiment.tasks
     splits = list(dict.fromkeys(splits))
     most = int((experiment.config.get("eval", None) or {}).get("ecg_intervals_max_rows", ECG_INTERVALS_MAX_ROWS))
-    intervals = sum(len(pipeline.CheckedSource(builder, s)) for s in splits) <= most
-    data = {s: read_split(builder, spec, experiment.modalities, tasks, s, intervals) for s in splits}
+    # a label-efficiency run (data.label_fraction) fits the baselines on the same training rows as the model
+    rows = {s: experiment.train_rows if s == "train" else None for s in splits}
+    intervals = sum(len(pipeline.CheckedSource(builder, s, rows[s])) for s in splits) <= most
+    data = {s: read_split(builder, spec, experiment.modalities, tasks, s, intervals, rows[s]) for s in splits}
     preds, labels, masks, ids = collected
     here = data[split]
     if len(here.ids) != len(ids) or np.any(here.ids != np.asarray(ids).astype(str)):

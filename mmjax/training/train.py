@@ -30,6 +30,7 @@ from absl import logging
 
 from mmjax.config import RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
 from mmjax.console import ConfigError
+from mmjax.data import pipeline
 from mmjax.data.spec import DatasetSpec, truncation
 from mmjax.evaluation import baselines, records
 from mmjax.evaluation.format import format_intervals
@@ -125,6 +126,11 @@ def init_or_restore(config, workdir: str) -> Run:
         note = exp.describe_splits()
         if note:
             print(note, flush=True)
+        if exp.train_rows is not None:
+            d = config.data
+            print(f"Label efficiency: training on {len(exp.train_rows)} of {len(pipeline.CheckedSource(exp.builder, 'train'))} "
+                  f"training rows (data.label_fraction={d.label_fraction}, data.label_seed={d.get('label_seed', 0)}); "
+                  "the classical baselines fit on the same rows", flush=True)
     validate = "validation" in exp.splits
     if validate and config.train.checkpoint_every % config.train.eval_every:
         print(f"Warning: train.checkpoint_every={config.train.checkpoint_every} is not a multiple of "
@@ -281,6 +287,10 @@ def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
             print(f"Resuming from step {int(state.step)} in {workdir}", flush=True)
     elif config.init_from:
         subtrees = checkpoint.parse_subtrees(config.init_params)  # {}: every parameter
+        if not subtrees:  # a pretraining workdir (--mode=pretrain): the encoders both models have
+            from mmjax.training.pretrain import shared_encoders
+
+            subtrees = shared_encoders(config.init_from, state.params) or {}
         params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
         state = state.replace(params=strategy.put_params(params))
         loaded = sum(x.size for name in (subtrees or params) for x in jax.tree.leaves(params[name]))
