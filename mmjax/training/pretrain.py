@@ -46,6 +46,7 @@ from mmjax.models.layers import Dense, Dtype
 from mmjax.training import checkpoint, parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import TrainState
+from mmjax.training.step import tree_norm
 
 PRETRAIN_FILE = "pretrain.json"
 CHECKPOINTS = "checkpoints"
@@ -168,13 +169,13 @@ def mask_batch(batch: dict, objs: dict, rng, mask_ratio: float, text_mask_ratio:
             x, time_mask = inputs["values"], inputs["mask"]
             b, t, c = x.shape
             n = -(-t // unit)
-            hidden = (jax.random.uniform(key, (b, n)) < mask_ratio) & present[:, None]
-            steps = jnp.repeat(hidden, unit, axis=1)[:, :t]
-            inputs["values"] = jnp.where(steps[..., None], 0, x)
             pad = ((0, 0), (0, n * unit - t))
             segments = jnp.pad(x, pad + ((0, 0),)).reshape(b, n, unit * c)
             valid = jnp.repeat(jnp.pad(time_mask, pad).reshape(b, n, unit), c, axis=-1).astype(jnp.float32)
-            targets[m] = (segments, hidden & (valid.sum(-1) > 0), valid)
+            hidden = (jax.random.uniform(key, (b, n)) < mask_ratio) & present[:, None] & (valid.sum(-1) > 0)
+            steps = jnp.repeat(hidden, unit, axis=1)[:, :t]
+            inputs["values"] = jnp.where(steps[..., None], 0, x)
+            targets[m] = (segments, hidden, valid)
         batch[m] = inputs
     return batch, targets
 
@@ -248,7 +249,7 @@ def make_step(objective, tx):
         (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, rng, True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = tree_norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step

@@ -19,7 +19,7 @@ from mmjax.batch import TaskSpec
 from mmjax.training.state import TrainState
 
 # optax.tree.norm where it exists (optax.global_norm is deprecated there), else the old name.
-_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 def _reducer(axis_name):
@@ -177,8 +177,8 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
                                            weighting.dwa_window)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": _norm(grads), "param_norm": _norm(params),
-                   "update_norm": _norm(updates), **{f"loss_{k}": v for k, v in per_task.items()}, **extra}
+        metrics = {"loss": loss, "grad_norm": tree_norm(grads), "param_norm": tree_norm(params),
+                   "update_norm": tree_norm(updates), **{f"loss_{k}": v for k, v in per_task.items()}, **extra}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state), metrics
 
     return train_step

@@ -127,10 +127,10 @@ def init_or_restore(config, workdir: str) -> Run:
         if note:
             print(note, flush=True)
         if exp.train_rows is not None:
-            d = config.data
-            print(f"Label efficiency: training on {len(exp.train_rows)} of {len(pipeline.CheckedSource(exp.builder, 'train'))} "
-                  f"training rows (data.label_fraction={d.label_fraction}, data.label_seed={d.get('label_seed', 0)}); "
-                  "the classical baselines fit on the same rows", flush=True)
+            d, count = config.data, len(pipeline.CheckedSource(exp.builder, "train"))
+            print(f"Label efficiency: training on {len(exp.train_rows)} of {count} training rows (data.label_fraction="
+                  f"{d.label_fraction}, data.label_seed={d.get('label_seed', 0)}); the classical baselines fit on the "
+                  "same rows", flush=True)
     validate = "validation" in exp.splits
     if validate and config.train.checkpoint_every % config.train.eval_every:
         print(f"Warning: train.checkpoint_every={config.train.checkpoint_every} is not a multiple of "
