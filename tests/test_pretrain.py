@@ -96,10 +96,12 @@ def test_masked_losses_equal_float64_on_the_hidden_regions():
     weights = np.ones((2, 3, 4))
     weights[1, 2, 3] = 0  # a padded element
     logits, ids = rng.standard_normal((2, 3, 6)), rng.integers(2, 6, (2, 3))
-    out = {"s": {"reconstruction": jnp.asarray(pred, jnp.float32)}, "t": {"reconstruction": jnp.asarray(logits, jnp.float32)}}
+    out = {"s": {"reconstruction": jnp.asarray(pred, jnp.float32)},
+           "t": {"reconstruction": jnp.asarray(logits, jnp.float32)}}
     got = P.masked_losses(out, {"s": (jnp.asarray(target), jnp.asarray(hidden), jnp.asarray(weights)),
                                 "t": (jnp.asarray(ids), jnp.asarray(hidden), None)})
-    per = [(np.square(pred - target)[b, k] * weights[b, k]).sum() / weights[b, k].sum() for b, k in zip(*np.nonzero(hidden))]
+    per = [(np.square(pred - target)[b, k] * weights[b, k]).sum() / weights[b, k].sum()
+           for b, k in zip(*np.nonzero(hidden))]
     np.testing.assert_allclose(float(got["s"]), np.mean(per), rtol=1e-5)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = [-logp[b, k, ids[b, k]] for b, k in zip(*np.nonzero(hidden))]
