@@ -58,6 +58,7 @@ def smoke(c: ml_collections.ConfigDict, num_steps: int = 4, every: int = 2, warm
     c.eval_batch_size = eval_batch_size
     c.eval.bootstrap_resamples = 50
     c.eval.baselines = False  # ~5-30 s a run (neurokit2's import, the fits): tests that need them turn them on
+    c.recipe = "standard"  # the model as configured, whatever the (tiny) dataset's size
     return c
 
 
@@ -125,6 +126,10 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     c.pretrain = ml_collections.ConfigDict(dict(
         num_steps=1000, batch_size=0, mask_ratio=0.5, text_mask_ratio=0.15, masked_weight=1.0,
         contrastive_weight=1.0, temperature=0.1, projection_dim=128, log_every=50, checkpoint_every=250))
+    # 'auto': the small-data recipe below 1,000 training rows (mmjax/experiment.py, small_data_recipe: a small
+    # ResNet signal encoder, balanced multiclass weights; only settings left at their defaults), else none;
+    # 'small' or 'standard' to choose
+    c.recipe = "auto"
     c.parallel = "mesh"  # or "pmap"
     # mesh only: "replicated" (each device holds the whole state) or "fsdp" (parameters and optimizer state
     # sharded over the devices, gathered layer by layer in the step: a device-count-th of the state's memory)
@@ -151,6 +156,8 @@ def manifest_config(fusion="cross_attention", modalities="", manifest="", schema
                   # a public dataset: its source_dir too); '..', absolute paths and symlinks out of them are bad rows
                   allowed_roots="",
                   max_pixels=2**28,  # a bigger image (a DICOM: all frames) is a bad row, never decoded; 0: no cap
+                  # an ECG (named ecg/ekg, or lead-named channels) above this rate is prepared at it (0: schema's)
+                  ecg_rate=100,
                   text_min_patients=5,  # a word enters a text vocabulary only from the notes of this many patients
                   prepare_workers=0, text_max_length=64, spectrogram=False, augment=True, worker_count=0,
                   device_prefetch=2, cache_mib=2048, signal_eval_windows=0, label_fraction=1.0, label_seed=0)

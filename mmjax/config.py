@@ -16,7 +16,8 @@ NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change", "data.wor
 
 # Settings added to mmjax after configs were saved, with the value that means what the code did before
 # them: a saved config without the key compares as having that value.
-ADDED_DEFAULTS = {"model.remat": "", "data.label_fraction": 1.0, "data.label_seed": 0}
+ADDED_DEFAULTS = {"model.remat": "", "data.label_fraction": 1.0, "data.label_seed": 0,
+                  "data.ecg_rate": 0, "recipe": "standard"}
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
 # prepared data lies, on how many processes and devices), and prefixes of such groups; any other

@@ -119,10 +119,28 @@ class Experiment:
         return {t.name: weights.get(t.name, 1.0) for t in self.tasks}
 
     @functools.cached_property
+    def recipe(self) -> dict:
+        """The settings the training set's size changes (`config.recipe`, `small_data_recipe`):
+        {'name', 'train_rows', 'changes': {setting: value}}."""
+        return small_data_recipe(self.config, self.spec, self.tasks, self.modalities)
+
+    @functools.cached_property
+    def model_config(self):
+        """`config.model` with the recipe's changes."""
+        m = self.config.model.copy_and_resolve_references()
+        for key, value in self.recipe["changes"].items():
+            if key.startswith("model."):
+                group, _, field = key[len("model."):].rpartition(".")
+                (m[group] if group else m)[field] = value
+        return m
+
+    @functools.cached_property
     def class_weights(self) -> dict:
         """{task: class weights (multiclass) or positive weights (multilabel, binary)} from
         `loss.class_weights` ('task=balanced' or 'task=1:2:0.5'; balanced from the training split)."""
-        setting = parse_mapping(self.config.loss.get("class_weights", ""), "loss.class_weights")
+        setting = parse_mapping(self.recipe["changes"].get("loss.class_weights",
+                                                           self.config.loss.get("class_weights", "")),
+                                "loss.class_weights")
         known = {t.name: t for t in self.tasks}
         unknown = sorted(set(setting) - set(known))
         if unknown:
@@ -143,7 +161,7 @@ class Experiment:
     @functools.cached_property
     def model(self) -> MultimodalModel:
         """The model for the selected modalities (`config.modalities`, default all) and tasks."""
-        model = build_model(self.config.model, self.spec.select_modalities(self.modalities), self.tasks,
+        model = build_model(self.model_config, self.spec.select_modalities(self.modalities), self.tasks,
                             modality_heads=self.config.loss.modality_heads_weight > 0,
                             uncertainty_weighting=self.task_weighting.kind == "uncertainty")
         self._check_patches(model)
@@ -327,6 +345,39 @@ class Experiment:
         if read != step:
             chosen = f"step {step} cannot be read; the next by the same rule"
         return params, int(read), chosen
+
+
+SMALL_DATA_ROWS = 1000  # fewer training rows than this: the small-data recipe (config.recipe='auto')
+RECIPES = ("auto", "small", "standard")
+
+
+def small_data_recipe(config, spec: DatasetSpec, tasks, modalities) -> dict:
+    """What `config.recipe` changes: 'standard' nothing; 'small' (and 'auto' below `SMALL_DATA_ROWS`
+    training rows, counted after `data.label_fraction`) the settings left at their defaults that keep a
+    model from learning on a few hundred patients (docs/own_data.md, "A few hundred patients"):
+
+    - signal modalities with the default `signal` encoder (a patch Transformer) get `resnet1d` with
+      `stages='small'` (~0.2M parameters: one residual block per stage, 32-64-128 channels);
+    - multiclass tasks without `loss.class_weights` get balanced class weights, so that a dominant class
+      (72% sinus rhythm) is not the whole answer.
+    A setting the config changed from its default is kept as given."""
+    name = config.get("recipe", "standard")
+    if name not in RECIPES:
+        raise ConfigError(f"--config.recipe={name!r}: use one of {list(RECIPES)}")
+    rows = int(spec.split_sizes.get("train", 0))
+    fraction = float(config.data.get("label_fraction", 1.0))
+    rows = rows if fraction == 1 else max(1, round(fraction * rows))
+    if name == "auto":
+        name = "small" if rows < SMALL_DATA_ROWS else "standard"
+    changes = {}
+    if name == "small":
+        kinds = {m.kind for m in spec.select_modalities(modalities)}
+        if "signal" in kinds and config.model.signal.get("encoder", "signal") == "signal":
+            changes.update({"model.signal.encoder": "resnet1d", "model.signal.stages": "small"})
+        multiclass = [t.name for t in tasks if t.kind == "multiclass"]
+        if multiclass and not config.loss.get("class_weights", ""):
+            changes["loss.class_weights"] = ",".join(f"{t}=balanced" for t in multiclass)
+    return {"name": name, "train_rows": rows, "changes": changes}
 
 
 def task_weighting(config) -> losses.TaskWeighting:

@@ -75,4 +75,5 @@ def builder_from_config(data):
                                  max_pixels=int(data.get("max_pixels", manifest_builder.DEFAULT_MAX_PIXELS)),
                                  text_min_patients=int(data.get("text_min_patients",
                                                                 manifest_builder.DEFAULT_TEXT_MIN_PATIENTS)),
-                                 workers=int(data.get("prepare_workers", 0)) or None)
+                                 workers=int(data.get("prepare_workers", 0)) or None,
+                                 ecg_rate=float(data.get("ecg_rate", 0) or 0))

@@ -40,6 +40,7 @@ import numpy as np
 from mmjax.config import lower_is_better, metric_value
 from mmjax.data import pipeline
 from mmjax.data import transforms as T
+from mmjax.data.manifest.schema import looks_like_ecg
 from mmjax.experiment import EVAL_DIR
 from mmjax.metrics import tasks as task_metrics
 
@@ -47,7 +48,6 @@ SEED = 0
 FORMAT = 2  # of `<split>_baselines.json`; a file of another format is computed again, not reused
 TRIVIAL = ("majority class", "prior")
 LATE_FUSION = "late fusion"
-_LEADS = {"i", "ii", "iii", "avr", "avl", "avf", "v1", "v2", "v3", "v4", "v5", "v6"}
 _HGB_GRID = ({"learning_rate": 0.1, "max_leaf_nodes": 15}, {"learning_rate": 0.05, "max_leaf_nodes": 7})
 _TEXT_GRID = ({"C": 0.1}, {"C": 1.0}, {"C": 10.0})
 _IMAGE_GRID = ({"C": 0.01}, {"C": 0.1})  # hundreds of correlated pixel features: strong penalties (and fast fits)
@@ -64,9 +64,7 @@ def enabled(config) -> bool:
 # ---- Features ---------------------------------------------------------------------------------------------
 def is_ecg(m) -> bool:
     """Whether signal modality `m` is an ECG: named so, or its channels carry lead names."""
-    name = m.name.lower()
-    return "ecg" in name or "ekg" in name or bool(m.channel_names) and all(
-        str(c).lower() in _LEADS for c in m.channel_names)
+    return looks_like_ecg(m.name, m.channel_names)
 
 
 def image_features(x: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 
 from mmjax.data.manifest.builder import parse_roots
 from mmjax.data.manifest.prepare import DEFAULT_MAX_PIXELS, example, prepare_new, write_skipped
-from mmjax.data.manifest.schema import load_schema
+from mmjax.data.manifest.schema import cap_ecg_rate, load_schema
 from mmjax.data.spec import DataError
 from mmjax.evaluation import robustness
 from mmjax.evaluation.evaluate import evaluate_split
@@ -85,7 +85,9 @@ def predict(run: Predictor, manifest: str, output: str | None = None, *, schema:
     if not os.path.exists(schema_path):
         raise DataError(f"{run.workdir} has no {SCHEMA_FILE}: predict reads new patients in the schema of a run "
                         f"trained on a manifest dataset (experiments/manifest.py or a public one); pass --schema")
-    parsed_schema = load_schema(schema_path, manifest, on_error)
+    # ECGs at the rate the run was trained at (data.ecg_rate): the saved schema has the files' rate
+    parsed_schema, _ = cap_ecg_rate(load_schema(schema_path, manifest, on_error),
+                                    float(run.config.data.get("ecg_rate", 0) or 0))
     output = os.path.abspath(output or os.path.join(run.workdir, "predict", "predictions.csv"))
     folder = os.path.dirname(output)
     os.makedirs(folder, exist_ok=True)

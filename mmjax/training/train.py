@@ -126,6 +126,9 @@ def init_or_restore(config, workdir: str) -> Run:
         note = exp.describe_splits()
         if note:
             print(note, flush=True)
+        if exp.recipe["changes"]:
+            print(f"Small-data recipe ({exp.recipe['train_rows']} training rows; --config.recipe=standard turns it "
+                  f"off): {', '.join(f'{k}={v}' for k, v in exp.recipe['changes'].items())}", flush=True)
         if exp.train_rows is not None:
             d, count = config.data, len(pipeline.CheckedSource(exp.builder, "train"))
             print(f"Label efficiency: training on {len(exp.train_rows)} of {count} training rows (data.label_fraction="
@@ -411,9 +414,12 @@ def finish(run: Run, loop: dict) -> dict:
     n_proc = jax.process_count()
     run_info = {
         "steps_run": step - run.start_step, "evaluated_step": int(evaluated_step), "parameters": run.n_params,
+        "train_rows": len(exp.train_rows) if exp.train_rows is not None else len(pipeline.CheckedSource(
+            exp.builder, "train")),
         "devices": jax.device_count(), "processes": n_proc,
         "parallel": c.parallel, "sharding": c.get("sharding", "replicated"), "state_bytes_per_device": run.state_bytes,
-        "accum_steps": c.train.get("accum_steps", 1), "wall_seconds": round(loop["wall_seconds"], 2),
+        "recipe": exp.recipe, "accum_steps": c.train.get("accum_steps", 1),
+        "wall_seconds": round(loop["wall_seconds"], 2),
         "first_step_seconds_incl_compile": round(loop["first_step_s"] or 0.0, 3),
         "compilations_in_first_step": loop["first_step_compiles"],
         "train_step_recompilations_after_first_step": _cache_size(run.train_step) - 1,

@@ -37,7 +37,7 @@ from mmjax.data.manifest.prepare import (
     prepare,
     write_skipped,
 )
-from mmjax.data.manifest.schema import Schema, load_schema
+from mmjax.data.manifest.schema import Schema, cap_ecg_rate, load_schema
 from mmjax.data.manifest.table import read_table
 from mmjax.data.spec import DEFAULT_DATA_DIR, SPEC_FORMAT, DataError
 
@@ -56,8 +56,10 @@ class ManifestConfig(tfds.core.BuilderConfig):
 
     def __init__(self, *, manifest: str, schema: Schema, fractions: dict, folds: int = 0, fold: int = 0,
                  roots: tuple = (), max_pixels: int = DEFAULT_MAX_PIXELS,
-                 text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS, workers: int | None = None, log=print):
+                 text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS, workers: int | None = None, log=print,
+                 ecg_rate: float = 0):
         self.manifest, self.schema = os.path.abspath(manifest), schema
+        self.ecg_rate = ecg_rate  # the schema given is already capped (`cap_ecg_rate`); 0 or nothing capped: none
         self.fractions, self.folds, self.fold, self.workers = dict(fractions), folds, fold, workers
         self.roots = tuple(roots) or parse_roots("", manifest)
         self.max_pixels, self.text_min_patients = max_pixels, text_min_patients
@@ -73,7 +75,8 @@ class ManifestConfig(tfds.core.BuilderConfig):
         return {"prepared_by": PREPARE_VERSION, "manifest": self.manifest, "manifest_sha256": self.manifest_sha256,
                 "schema_sha256": self.schema_sha256, "on_error": self.schema.on_error,
                 "fractions": self.fractions, "folds": self.folds, "fold": self.fold, "allowed_roots": list(self.roots),
-                "max_pixels": self.max_pixels, "text_min_patients": self.text_min_patients}
+                "max_pixels": self.max_pixels, "text_min_patients": self.text_min_patients,
+                **({"ecg_rate": self.ecg_rate} if self.ecg_rate else {})}
 
 
 class Manifest(LocalPreparation, tfds.core.GeneratorBasedBuilder):
@@ -194,8 +197,9 @@ def changes(old: dict, new: dict) -> list[str]:
         out.append(f"the manifest {new['manifest']} changed")
     if old.get("schema_sha256") != new["schema_sha256"]:
         out.append(f"the schema {new['schema']} changed")
-    for key in ("on_error", "fractions", "folds", "fold", "allowed_roots", "max_pixels", "text_min_patients"):
-        if old.get(key) != new[key]:
+    for key in ("on_error", "fractions", "folds", "fold", "allowed_roots", "max_pixels", "text_min_patients",
+                "ecg_rate"):
+        if old.get(key) != new.get(key):
             out.append(f"{key} changed ({old.get(key)} -> {new[key]})")
     before, now = old.get("files", {}), new["files"]
     changed = sorted(p for p in now if p in before and before[p] != now[p])
@@ -210,18 +214,23 @@ def changes(old: dict, new: dict) -> list[str]:
 def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fractions: dict | None = None,
          folds: int = 0, fold: int = 0, on_error: str | None = None, allowed_roots: str = "",
          max_pixels: int = DEFAULT_MAX_PIXELS, text_min_patients: int = DEFAULT_TEXT_MIN_PATIENTS,
-         workers: int | None = None, log=print):
+         workers: int | None = None, ecg_rate: float = 0, log=print):
     """The prepared manifest builder: reused when its inputs are unchanged, else (re)built.
-    `allowed_roots`: comma-separated folders files may be read from (empty: the manifest's folder)."""
+    `allowed_roots`: comma-separated folders files may be read from (empty: the manifest's folder);
+    `ecg_rate` > 0: ECG modalities above it prepared at it (`schema.cap_ecg_rate`)."""
     if not os.path.isfile(manifest):
         raise DataError(f"manifest {manifest}: file not found")
     if max_pixels < 0 or text_min_patients < 1:
         raise DataError(f"max_pixels={max_pixels} (0: no cap) must be >= 0 and text_min_patients="
                         f"{text_min_patients} >= 1")
-    schema = load_schema(schema_path, manifest, on_error)
+    schema, capped = cap_ecg_rate(load_schema(schema_path, manifest, on_error), ecg_rate)
+    for name, before in capped.items():
+        log(f"ECG {name!r}: {before:g} Hz in the schema, prepared at {ecg_rate:g} Hz (data.ecg_rate; 0 keeps the "
+            "schema's rate)")
     cfg = ManifestConfig(manifest=manifest, schema=schema, fractions=fractions or DEFAULT_FRACTIONS, folds=folds,
                          fold=fold, roots=parse_roots(allowed_roots, manifest), max_pixels=max_pixels,
-                         text_min_patients=text_min_patients, workers=workers, log=log)
+                         text_min_patients=text_min_patients, workers=workers, log=log,
+                         ecg_rate=ecg_rate if capped else 0)
     data_dir = data_dir or DEFAULT_DATA_DIR
     tfds.disable_progress_bar()
     with preparing(_builder(cfg, data_dir)):  # one preparation at a time; an interrupted one's files removed

@@ -72,6 +72,37 @@ class Schema:
         return list(dict.fromkeys(cols))
 
 
+LEADS = frozenset({"i", "ii", "iii", "avr", "avl", "avf", "v1", "v2", "v3", "v4", "v5", "v6"})
+
+
+def looks_like_ecg(name: str, channel_names=()) -> bool:
+    """Whether a signal modality is an ECG: named so (ecg, ekg), or its channels carry lead names."""
+    lowered = name.lower()
+    names = [str(c).lower() for c in channel_names or () if isinstance(c, str)]
+    return "ecg" in lowered or "ekg" in lowered or bool(names) and all(c in LEADS for c in names)
+
+
+def cap_ecg_rate(schema: Schema, rate: float) -> tuple[Schema, dict]:
+    """(the schema with every ECG modality above `rate` Hz prepared at `rate`, {modality: its rate before}).
+
+    The files keep their own rate (a WFDB or MAT header's, else `file_rate`, else the schema's `rate`,
+    which becomes `file_rate`) and are resampled polyphase to `rate` as any other rate is. ECG rhythm
+    and morphology classifiers lose nothing at 100 Hz (Strodthoff et al. 2021, PTB-XL: 100 vs 500 Hz),
+    and a signal encoder's receptive field in seconds is five times longer than at 500 Hz. `rate` 0:
+    the schema as it is."""
+    if not rate:
+        return schema, {}
+    modalities, capped = {}, {}
+    for name, m in schema.modalities.items():
+        channels = m.get("channels")
+        if m["kind"] == "signal" and m["rate"] > rate and looks_like_ecg(name, channels if isinstance(channels, list)
+                                                                          else ()):
+            capped[name] = m["rate"]
+            m = {**m, "rate": rate, "file_rate": m.get("file_rate") or m["rate"]}
+        modalities[name] = m
+    return dataclasses.replace(schema, modalities=modalities), capped
+
+
 def _sanitize(name: str) -> str:
     out = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
     return out or "manifest"
