@@ -28,6 +28,7 @@ from mmjax.batch import fake_batch
 from mmjax.config import lower_is_better, parse_list, parse_mapping
 from mmjax.console import ConfigError
 from mmjax.data import pipeline, sources
+from mmjax.data.manifest.schema import ecg_rates_capped
 from mmjax.data.spec import DatasetSpec
 from mmjax.data.transforms import Spectrogram
 from mmjax.models.build import _as_dict, build_model
@@ -372,12 +373,62 @@ def small_data_recipe(config, spec: DatasetSpec, tasks, modalities) -> dict:
     changes = {}
     if name == "small":
         kinds = {m.kind for m in spec.select_modalities(modalities)}
-        if "signal" in kinds and config.model.signal.get("encoder", "signal") == "signal":
-            changes.update({"model.signal.encoder": "resnet1d", "model.signal.stages": "small"})
-        multiclass = [t.name for t in tasks if t.kind == "multiclass"]
-        if multiclass and not config.loss.get("class_weights", ""):
-            changes["loss.class_weights"] = ",".join(f"{t}=balanced" for t in multiclass)
+        signal = config.model.signal
+        if "signal" in kinds and signal.get("encoder", "signal") == "signal":
+            changes["model.signal.encoder"] = "resnet1d"
+            if signal.get("stages", "18") == "18":  # stages changed by the config: its choice
+                changes["model.signal.stages"] = "small"
+        given = config.loss.get("class_weights", "")
+        named = parse_mapping(given, "loss.class_weights")
+        # balanced weights need each class in the training split; a task the config weighs keeps its weights
+        balanced = [t.name for t in tasks if t.kind == "multiclass" and t.name not in named
+                    and len(t.class_counts) == t.num_outputs and min(t.class_counts) > 0]
+        if balanced:
+            changes["loss.class_weights"] = ",".join([given] * bool(given) + [f"{t}=balanced" for t in balanced])
     return {"name": name, "train_rows": rows, "changes": changes}
+
+
+# Settings compared by what they do to this run, not as written (a workdir from before they existed, or
+# with another value that resolves the same, resumes and is read back)
+RESOLVED = frozenset({"recipe", "data.ecg_rate"})
+
+
+def resolved_differences(before: dict, config, workdir: str) -> list[str]:
+    """Of `RESOLVED`, the settings that do something else to the run in `workdir` under `config` than under
+    the saved config `before` (a dict): the recipe's changes on the saved dataset spec, the ECG rates the
+    saved schema's signals are prepared at."""
+    old = ml_collections.ConfigDict(before)
+    with old.unlocked():
+        for key, value in (("recipe", "standard"), ("data.ecg_rate", 0)):  # what a config without them meant
+            group, _, field = key.rpartition(".")
+            holder = old[group] if group else old
+            if field not in holder:
+                holder[field] = value
+    differ = []
+    spec_path = os.path.join(workdir, SPEC_FILE)
+    if os.path.exists(spec_path):
+        spec = DatasetSpec.load(spec_path)
+        chosen = {t.strip() for t in str(config.get("tasks", "")).split(",") if t.strip()}
+        tasks = [t for t in spec.tasks if not chosen or t.name in chosen]
+        mods = [m for m in str(config.get("modalities", "")).split("+") if m] or None
+        changes = [small_data_recipe(c, spec, tasks, mods)["changes"] for c in (old, config)]
+        if changes[0] != changes[1]:
+            differ.append("recipe")
+    elif old.recipe != config.get("recipe", "standard"):
+        differ.append("recipe")
+    schema_path = os.path.join(workdir, SCHEMA_FILE)
+    rate_before, rate_now = float(old.data.get("ecg_rate", 0) or 0), float(config.data.get("ecg_rate", 0) or 0)
+    if os.path.exists(schema_path):
+        import yaml
+
+        with open(schema_path) as f:
+            modalities = (yaml.safe_load(f) or {}).get("modalities") or {}
+        capped = [{m: rate for m in ecg_rates_capped(modalities, rate)} for rate in (rate_before, rate_now)]
+        if capped[0] != capped[1]:
+            differ.append("data.ecg_rate")
+    elif rate_before != rate_now and config.data.get("name") == "manifest":
+        differ.append("data.ecg_rate")
+    return differ
 
 
 def task_weighting(config) -> losses.TaskWeighting:

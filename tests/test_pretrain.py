@@ -62,6 +62,25 @@ def test_masks_hide_the_regions_they_name_and_targets_are_the_originals():
     np.testing.assert_array_equal(np.asarray(masked["txt"]["values"]), np.where(hidden, P.UNK_ID, ids))
 
 
+def test_objectives_follow_each_encoders_tokens(tiny_builder):
+    """The regions come from the encoder's own stride, checked against its token count: a signal whose
+    length is no multiple of the patch (its last token covers a shorter tail) and the ResNet's strides."""
+    from mmjax.experiment import Experiment
+
+    config = smoke_config(tiny_builder)
+    exp = Experiment.from_config(config)
+    template = P._inputs(exp.template_batch(), exp.modalities)
+    assert P.objectives(exp, template)["signal"] == ("signal", config.model.signal.patch_size)
+    assert P.objectives(exp, template)["image"] == ("image", (config.model.image.patch_size,) * 2)
+    longer = dict(template, signal=dict(template["signal"]))
+    t = template["signal"]["values"].shape[1] + 10  # 1010 steps, patches of 50: 21 tokens, the last of 10 steps
+    longer["signal"]["values"] = jnp.zeros((1, t, template["signal"]["values"].shape[-1]))
+    longer["signal"]["mask"] = jnp.ones((1, t), bool)
+    assert P.objectives(exp, longer)["signal"] == ("signal", 50)
+    config.model.signal.update(encoder="resnet1d", stages="small")
+    assert P.objectives(Experiment.from_config(config), template)["signal"] == ("signal", 16)
+
+
 def _info_nce(za, zb, temperature):
     """CLIP's symmetric InfoNCE in float64 over the rows given."""
     logits = za @ zb.T / temperature
@@ -155,7 +174,7 @@ def test_pretraining_lowers_its_objective_and_resumes(pretrained, tiny_builder, 
     assert saved["encoders"] == ["image_encoder", "text_encoder", "tabular_encoder", "signal_encoder"]
     events = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     steps = [e["step"] for e in events if e["event"] == "pretrain"]
-    assert steps == [4, 8, 12]  # the resumed run logged each step once
+    assert steps == [4, 6, 8, 12]  # the resumed run logged each step once (6: the last of the first part)
     # the objective on validation, same masks: the pretrained encoders against freshly initialized ones
     from mmjax.experiment import Experiment
 
@@ -164,7 +183,9 @@ def test_pretraining_lowers_its_objective_and_resumes(pretrained, tiny_builder, 
     model, objs = P.build(exp, p)
     objective = P.make_objective(model, objs, p)
     fresh = model.init({"params": jax.random.PRNGKey(config.seed)}, P._inputs(exp.template_batch(), exp.modalities))
-    before = P.evaluate(exp, objective, fresh["params"])
+    from mmjax.training import parallel
+
+    before = P.evaluate(exp, parallel.make_strategy("mesh"), objective, fresh["params"])
     assert record["validation"]["loss"] < before["loss"] - 0.5, (before, record["validation"])
 
 
@@ -191,4 +212,9 @@ def test_a_supervised_run_warm_starts_every_shared_encoder(pretrained, tmp_path,
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state.params[name]), pre[name])
     with pytest.raises(ValueError, match="none of them"):
         P.shared_encoders(workdir, {"fusion": None})
+    # a supervised run on so few rows that the small-data recipe changes the signal encoder: refused, naming it
+    small = {"name": "small", "train_rows": 25, "changes": {"model.signal.encoder": "resnet1d"}}
+    with pytest.raises(ValueError, match="--config.recipe=standard"):
+        P.shared_encoders(workdir, {"signal_encoder": None}, small)
+    assert P.shared_encoders(workdir, {"signal_encoder": None}, {**small, "changes": {}})
 

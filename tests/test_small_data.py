@@ -93,6 +93,8 @@ def test_a_500_hz_ecg_is_prepared_at_100_hz_as_scipy_resamples_it(ecgs, tmp_path
 class _Task:
     name: str
     kind: str
+    num_outputs: int = 4
+    class_counts: tuple = (5, 3, 200, 40)
 
 
 def test_the_recipe_changes_only_defaults_and_only_for_small_training_sets(tiny_builder, tiny_spec):
@@ -110,8 +112,12 @@ def test_the_recipe_changes_only_defaults_and_only_for_small_training_sets(tiny_
     config.model.signal.encoder = "inception1d"
     config.loss.class_weights = "rhythm=1:2:1:1"
     assert small_data_recipe(config, tiny_spec, tasks, names)["changes"] == {}  # the config's own choices stay
-    config.recipe = "standard"
-    assert small_data_recipe(smoke_config(tiny_builder), tiny_spec, tasks, names)["changes"] == {}
+    more = tasks + [_Task("grade", "multiclass", 3, (4, 9, 1)), _Task("stage", "multiclass", 3, (4, 0, 1))]
+    assert small_data_recipe(config, tiny_spec, more, names)["changes"] == {  # task by task; 'stage' lacks a class
+        "loss.class_weights": "rhythm=1:2:1:1,grade=balanced"}
+    config.model.signal.update(encoder="signal", stages="34")
+    assert small_data_recipe(config, tiny_spec, tasks, names)["changes"] == {"model.signal.encoder": "resnet1d"}
+    assert small_data_recipe(smoke_config(tiny_builder), tiny_spec, tasks, names)["changes"] == {}  # standard
     big = dataclasses.replace(tiny_spec, split_sizes={**tiny_spec.split_sizes, "train": SMALL_DATA_ROWS})
     auto = smoke_config(tiny_builder)
     auto.recipe = "auto"
@@ -145,3 +151,31 @@ def test_the_model_and_loss_follow_the_recipe(ecgs, tmp_path, capsys):
     run.manager.close()
     assert ("Small-data recipe (9 training rows; --config.recipe=standard turns it off): model.signal.encoder="
             "resnet1d, model.signal.stages=small, loss.class_weights=y=balanced") in capsys.readouterr().out
+
+
+def test_a_workdir_from_before_the_recipe_resumes_when_nothing_resolves_differently(ecgs, tmp_path):
+    """`recipe` and `data.ecg_rate` are compared by what they do on the workdir's saved spec and schema."""
+    import json
+    import shutil
+
+    from experiments import manifest
+    from mmjax.experiment import SCHEMA_FILE, SPEC_FILE, Experiment, resolved_differences
+
+    config = manifest.get_config("smoke")
+    config.data.update(manifest=str(ecgs / "m.csv"), schema=str(ecgs / "s.yaml"), data_dir=str(tmp_path / "tfds"))
+    exp = Experiment.from_config(config, str(tmp_path / "w"))
+    (tmp_path / "w").mkdir()
+    exp.spec.save(str(tmp_path / "w" / SPEC_FILE))
+    shutil.copyfile(ecgs / "s.yaml", tmp_path / "w" / SCHEMA_FILE)
+    old = json.loads(config.to_json_best_effort())
+    del old["recipe"], old["data"]["ecg_rate"]  # a config saved before these settings existed
+    w = str(tmp_path / "w")
+    now = config.copy_and_resolve_references()
+    now.data.ecg_rate = 0
+    assert resolved_differences(old, now, w) == []  # smoke: recipe standard; no ECG cap: as before
+    now.data.ecg_rate = 100  # the 500 Hz ECG would now be prepared at 100 Hz
+    assert resolved_differences(old, now, w) == ["data.ecg_rate"]
+    now.data.ecg_rate, now.recipe = 0, "auto"  # 9 training rows: the small-data recipe changes the model
+    assert resolved_differences(old, now, w) == ["recipe"]
+    old["recipe"] = "small"
+    assert resolved_differences(old, now, w) == []  # 'auto' and 'small' give the same model here

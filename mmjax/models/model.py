@@ -43,6 +43,13 @@ def _call_fusion(fusion, names, tokens, masks, train):
 _remat_fusion = nn.remat(_call_fusion, static_argnums=(1, 4))
 
 
+def encoder_class(settings: Mapping) -> tuple[type, dict]:
+    """(the registered encoder class, its keyword arguments) of one modality's settings (`encoders[m]`:
+    kwargs plus `name`)."""
+    kwargs = dict(settings)
+    return ENCODERS.get(kwargs.pop("name")), kwargs
+
+
 def drop_modalities(present: dict, rate: float, rng) -> dict:
     """Drops each present modality with probability `rate`, never all of a patient's modalities."""
     names = list(present)
@@ -110,8 +117,7 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"model.remat: unknown parts {sorted(unknown)}; choose from {list(REMAT_PARTS)}")
         tokens, masks = {}, {}
         for m in self.modalities:
-            kwargs = dict(self.encoders[m])
-            cls = ENCODERS.get(kwargs.pop("name"))
+            cls, kwargs = encoder_class(self.encoders[m])
             inputs = dict(batch[m], present=present[m])
             remat = "encoders" in self.remat
             if remat:  # __call__(self, inputs, train): `train` positional and static

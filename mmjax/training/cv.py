@@ -118,6 +118,11 @@ def pool(workdir: str, folds: int, log=print) -> dict:
                  "test": r["test"]} for k, (c, r, _) in enumerate(loaded)]
     ids = np.concatenate([c[3] for c, _, _ in loaded])
     out = {"folds": folds, "per_fold": per_fold, "rows": int(len(ids)), "patients": int(len(np.unique(ids)))}
+    recipes = [r["run"].get("recipe", {}).get("name", "standard") for _, r, _ in loaded]
+    out["recipes"] = recipes
+    if len(set(recipes)) > 1:  # config.recipe='auto' with folds on both sides of its threshold
+        log(f"Warning: the folds trained with different recipes {recipes} (config.recipe=auto: their training sets "
+            "are on both sides of its threshold); set --config.recipe=small or standard for one model")
     headline = B.headline(config, per_fold[0]["test"])
     values = np.array([B.metric_or_nan(f["test"], headline) for f in per_fold])
     defined = np.isfinite(values)

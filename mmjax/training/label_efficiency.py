@@ -7,7 +7,9 @@ First `--mode=pretrain` on every training row of the experiment (`WORKDIR/pretra
 `--config.pretrain.*` sets it), then for each fraction f and seed s two supervised runs on the same
 seeded f of the training rows (`data.label_fraction=f`, `data.label_seed=s`, `seed=s`): from scratch
 (`WORKDIR/f<f>/seed<s>/scratch`) and warm-started from the pretrained encoders (`.../pretrained`).
-The classical baselines of each run fit on the same rows, so the table has them beside. Like the
+The classical baselines of each run fit on the same rows, so the table has them beside. Every run
+has the model of the whole training split (`config.recipe='auto'` resolved once: a small fraction would
+otherwise get the small-data recipe's encoders, which the pretrained ones are not). Like the
 sweep, a finished run is read back (only for the config that made it) and an unfinished one resumes.
 
 Writes `WORKDIR/label_efficiency.csv` (one row per run) and `label_efficiency.md` (per fraction: the
@@ -42,11 +44,10 @@ def pretrain_once(config, workdir: str) -> dict:
     if os.path.exists(done):
         with open(done) as f:
             record = json.load(f)
-        if record["settings"] == pretraining.settings(config):
+        now = pretraining.settings(config)
+        if all(record["settings"].get(k) == v for k, v in now.items() if k not in ("log_every", "checkpoint_every")):
             return record
-        raise ValueError(f"{workdir} holds a pretraining with other settings ({record['settings']}); use another "
-                         "workdir or remove it")
-    return pretraining.pretrain(config, workdir)
+    return pretraining.pretrain(config, workdir)  # other settings than the finished one's: refused there
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -59,6 +60,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def run(config, workdir: str, fractions: list[float], seeds: list[int], metric: str) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
+    if config.get("recipe", "standard") == "auto":  # one model for every arm: the recipe of all training rows
+        from mmjax.experiment import Experiment
+
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.recipe = Experiment.from_config(config).recipe["name"]
+        print(f"recipe={config.recipe} (what 'auto' gives the whole training split) for the pretraining and every "
+              "run, so that every arm trains the same model", flush=True)
     with compilation_cache(workdir):
         pre_dir = os.path.join(workdir, "pretrain")
         quietly(pretrain_once, config, pre_dir, "==== pretraining the encoders on every training row")

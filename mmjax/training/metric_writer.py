@@ -108,7 +108,8 @@ def _drop_after(path: str, step: int) -> None:
             except json.JSONDecodeError:
                 continue
             s, event = record.get("step", 0), record.get("event")
-            if event not in ("test", "run") and (s < step or (s == step and event in ("train", "validation"))):
+            at_resume = s == step and event in ("train", "validation", "pretrain")  # written before the checkpoint
+            if event not in ("test", "run") and (s < step or at_resume):
                 kept.append(json.dumps(record) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

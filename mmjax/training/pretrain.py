@@ -30,7 +30,6 @@ settings must be the same (the same experiment file and model flags).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,18 +39,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.data import pipeline
+from mmjax.data.tokenizer import PAD, UNK
 from mmjax.experiment import Experiment
-from mmjax.models.encoders import ENCODERS
 from mmjax.models.layers import Dense, Dtype
+from mmjax.models.model import encoder_class
 from mmjax.training import checkpoint, parallel
 from mmjax.training.optimizer import make_optimizer
 from mmjax.training.state import TrainState
 from mmjax.training.step import tree_norm
 
 PRETRAIN_FILE = "pretrain.json"
+MAY_CHANGE = ("num_steps", "log_every", "checkpoint_every")  # a finished pretraining continues with more steps
 CHECKPOINTS = "checkpoints"
-UNK_ID = 1  # the tokenizer's [UNK]: the masked word pieces' input
-_FIRST_WORD_ID = 2  # ids below are [PAD] and [UNK]: never a masked-modelling target
+UNK_ID = UNK  # the masked word pieces' input
+_FIRST_WORD_ID = max(PAD, UNK) + 1  # [PAD] and [UNK] are never a masked-modelling target
 
 
 def settings(config) -> dict:
@@ -64,6 +66,9 @@ def settings(config) -> dict:
         raise ValueError(f"config.pretrain: unknown setting(s) {unknown}; known: {sorted(p)}")
     p.update(given)
     p["batch_size"] = int(p["batch_size"] or config.train.batch_size)
+    if p["batch_size"] % jax.device_count() or p["batch_size"] % jax.process_count():
+        raise ValueError(f"pretrain.batch_size={p['batch_size']} must be divisible by the {jax.device_count()} "
+                         f"devices and the {jax.process_count()} processes")
     if not 0 < p["mask_ratio"] < 1 or not 0 < p["text_mask_ratio"] < 1:
         raise ValueError("pretrain.mask_ratio and pretrain.text_mask_ratio must be in (0, 1)")
     if p["temperature"] <= 0:
@@ -73,27 +78,27 @@ def settings(config) -> dict:
 
 # ---- What each encoder can reconstruct --------------------------------------------------------------
 def objectives(exp: Experiment, template: dict) -> dict:
-    """{modality: its masked-modelling target} for the encoders whose tokens cover the input as a grid:
-    ('image', (rows, cols) of a token's pixels), ('signal', steps per token), ('text', vocabulary size);
-    None for the rest (contrastive only)."""
+    """{modality: its masked-modelling target} for the encoders whose tokens tile the input
+    (`token_stride`, checked against the token count the encoder gives on this input): ('image', (rows,
+    cols) of a token's pixels), ('signal', steps per token), ('text', vocabulary size); None for the
+    rest (contrastive only)."""
     model = exp.model
     out = {}
     for m in model.modalities:
-        kwargs = dict(model.encoders[m])
-        cls = ENCODERS.get(kwargs.pop("name"))
+        cls, kwargs = encoder_class(model.encoders[m])
         encoder = cls(width=model.width, dtype=model.dtype, **kwargs)
         inputs = template[m]
         tokens, _ = jax.eval_shape(lambda x, e=encoder: e.init_with_output(jax.random.PRNGKey(0), x)[0], inputs)
-        n = tokens.shape[1]
-        kind, shape = cls.kind, inputs["values"].shape
+        n, shape, stride = tokens.shape[1], inputs["values"].shape, encoder.token_stride()
         out[m] = None
-        if kind == "image":
-            g = math.isqrt(n)
-            if g * g == n and shape[1] % g == 0 and shape[2] % g == 0:
-                out[m] = ("image", (shape[1] // g, shape[2] // g))
-        elif kind == "signal" and -(-shape[1] // n) * n - shape[1] < -(-shape[1] // n):
-            out[m] = ("signal", -(-shape[1] // n))
-        elif kind == "text" and n == shape[1] and "vocab_size" in kwargs:
+        if stride is None:
+            continue
+        if cls.kind == "image" and shape[1] % stride[0] == 0 and shape[2] % stride[1] == 0 \
+                and (shape[1] // stride[0]) * (shape[2] // stride[1]) == n:
+            out[m] = ("image", tuple(stride))
+        elif cls.kind == "signal" and -(-shape[1] // stride) == n:
+            out[m] = ("signal", int(stride))
+        elif cls.kind == "text" and n == shape[1] and "vocab_size" in kwargs:
             out[m] = ("text", int(kwargs["vocab_size"]))
     return out
 
@@ -122,8 +127,7 @@ class PretrainModel(nn.Module):
     def __call__(self, batch, train: bool = False):
         out = {}
         for m in self.modalities:
-            kwargs = dict(self.encoders[m])
-            cls = ENCODERS.get(kwargs.pop("name"))
+            cls, kwargs = encoder_class(self.encoders[m])
             tokens, mask = cls(width=self.width, dtype=self.dtype, name=f"{m}_encoder", **kwargs)(batch[m], train=train)
             tokens = tokens.astype(jnp.float32)
             w = mask.astype(jnp.float32)
@@ -263,28 +267,34 @@ def build(exp: Experiment, p: dict):
     if len(exp.modalities) < 2 and not any(objs.values()):
         raise ValueError(f"nothing to pretrain: one modality ({exp.modalities[0]}) whose encoder has no masked "
                          "modelling objective (tabular, or tokens that are not a grid over the input)")
-    spec = {s.name: s for s in exp.spec.select_modalities(exp.modalities)}
-    targets = {m: _target_width(o, spec[m].shape[-1] if o[0] != "text" else 0) for m, o in objs.items() if o}
+    # the input's last axis: channels (a spectrogram: frequency bins x channels)
+    targets = {m: _target_width(o, template[m]["values"].shape[-1] if o[0] != "text" else 0)
+               for m, o in objs.items() if o}
     model = exp.model
     return PretrainModel(tuple(model.modalities), model.encoders, targets, model.width, int(p["projection_dim"]),
                          model.dtype), objs
 
 
-def evaluate(exp: Experiment, objective, params, split: str = "validation", seed: int = 0) -> dict:
-    """The objective's terms on `split` (the same masks for every evaluation: a fixed key per batch),
-    weighted by rows."""
-    fn = jax.jit(lambda params, batch, rng: objective(params, batch, rng, False)[1])
+def evaluate(exp: Experiment, strategy, objective, params, split: str = "validation", seed: int = 0) -> dict:
+    """The objective's terms on `split`, weighted by rows, with the same masks at every evaluation (a
+    fixed key per batch); one window per signal whatever `data.signal_eval_windows` says; every
+    process's rows (the global batch, as training has it)."""
+
+    def terms(params, batch, rng):
+        metrics = objective(params, _inputs(batch, exp.modalities), rng, False)[1]
+        return metrics, jnp.sum(batch["example_mask"])
+
+    fn = jax.jit(terms)
+    size = exp.config.eval_batch_size // jax.process_count()
+    batches = pipeline.eval_batches(exp.builder, exp.spec, split, size, signal_windows=0, **exp.data_kwargs())
     sums, rows = {}, 0
-    for i, batch in enumerate(exp.eval_batches(split)):
-        n = int(np.asarray(batch["example_mask"]).sum())
-        if n == 0:
-            continue
-        batch = {k: v for k, v in batch.items() if k in exp.modalities}
+    for i, batch in enumerate(batches):
+        batch = {k: v for k, v in batch.items() if k in exp.modalities or k == "example_mask"}
         # padding rows are absent from every modality: they add nothing to any term
-        metrics = jax.device_get(fn(params, parallel.device_batch(batch), jax.random.PRNGKey(seed + i)))
+        metrics, n = jax.device_get(fn(params, strategy.put(batch), jax.random.PRNGKey(seed + i)))
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        rows += n
+            sums[k] = sums.get(k, 0.0) + float(v) * float(n)
+        rows += int(n)
     return {k: v / rows for k, v in sums.items()} if rows else {}
 
 
@@ -297,12 +307,25 @@ def pretrain(config, workdir: str) -> dict:
     returns what `pretrain.json` records."""
     if config.parallel != "mesh":
         raise ValueError("--mode=pretrain runs with parallel='mesh' (the default)")
+    parallel.maybe_initialize_distributed(config.distributed)
     p = settings(config)
     strategy = parallel.make_strategy("mesh", config.get("sharding", "replicated"))
+    is_main = jax.process_index() == 0
+    done = _read_record(workdir)
+    differ = [k for k in p if k not in MAY_CHANGE and done is not None and done["settings"].get(k) != p[k]]
+    if differ:
+        listed = ", ".join(f"{k}: {done['settings'].get(k)!r} -> {p[k]!r}" for k in differ)
+        raise ValueError(f"{workdir} holds a pretraining with other settings ({listed}); use another workdir or "
+                         "remove it")
+    if not is_main:  # one process prepares the dataset; the others wait for it, then read it
+        parallel.barrier("mmjax: dataset prepared")
     exp = Experiment.from_config(config, workdir)
+    if is_main:
+        parallel.barrier("mmjax: dataset prepared")
     exp.check()
     os.makedirs(workdir, exist_ok=True)
-    exp.save()
+    if is_main:
+        exp.save()
     model, objs = build(exp, p)
     tx = make_optimizer(config.optimizer, p["num_steps"])
     template = _inputs(exp.template_batch(), exp.modalities)
@@ -319,9 +342,12 @@ def pretrain(config, workdir: str) -> dict:
             state = strategy.restore(manager, state)[0]
             print(f"Resuming pretraining from step {int(state.step)} in {workdir}", flush=True)
         start = int(jax.device_get(state.step))
-        n_params = {m: int(sum(x.size for x in jax.tree.leaves(state.params[f"{m}_encoder"]))) for m in exp.modalities}
-        described = ", ".join(f"{m} ({'masked ' + o[0] + ' + ' if o else ''}contrastive)" if len(objs) > 1 else
-                              f"{m} (masked {o[0]})" for m, o in objs.items())
+        n_params = {m: int(sum(x.size for x in jax.tree.leaves(state.params[f"{m}_encoder"])))
+                    for m in exp.modalities}
+        contrastive = len(objs) > 1 and p["contrastive_weight"] > 0
+        terms = {m: ([f"masked {o[0]}"] if o else []) + (["contrastive"] if contrastive else [])
+                 for m, o in objs.items()}
+        described = ", ".join(f"{m} ({' + '.join(t) or 'nothing'})" for m, t in terms.items())
         print(f"Pretraining {described}: {p['num_steps']} steps of {p['batch_size']} training rows", flush=True)
         objective = make_objective(model, objs, p)
         step_fn = strategy.train_step(lambda *_: make_step(objective, tx))
@@ -352,11 +378,10 @@ def pretrain(config, workdir: str) -> dict:
     finally:
         manager.close()
     record = {"encoders": [f"{m}_encoder" for m in exp.modalities], "parameters": n_params,
-              "objectives": {m: (o[0] if o else None) for m, o in objs.items()},
-              "contrastive": len(objs) > 1 and p["contrastive_weight"] > 0, "settings": p, "steps": step,
-              "seconds": round(time.perf_counter() - started, 1)}
+              "objectives": {m: (o[0] if o else None) for m, o in objs.items()}, "contrastive": contrastive,
+              "settings": p, "recipe": exp.recipe, "steps": step, "seconds": round(time.perf_counter() - started, 1)}
     if "validation" in exp.splits:
-        record["validation"] = evaluate(exp, objective, state.params)
+        record["validation"] = evaluate(exp, strategy, objective, state.params)
         print("Validation: " + ", ".join(f"{k} {v:.4f}" for k, v in record["validation"].items()), flush=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, PRETRAIN_FILE), "w") as f:
@@ -367,16 +392,35 @@ def pretrain(config, workdir: str) -> dict:
     return record
 
 
-def shared_encoders(init_from: str, params) -> dict | None:
-    """{subtree: subtree} of the encoders a pretraining workdir `init_from` has and `params` (the supervised
-    model's) has too; None when `init_from` is not a pretraining workdir."""
-    path = os.path.join(os.path.abspath(init_from), PRETRAIN_FILE)
+def _read_record(workdir: str) -> dict | None:
+    path = os.path.join(os.path.abspath(workdir), PRETRAIN_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        encoders = json.load(f)["encoders"]
+        return json.load(f)
+
+
+def shared_encoders(init_from: str, params, recipe: dict | None = None) -> dict | None:
+    """{subtree: subtree} of the encoders a pretraining workdir `init_from` has and `params` (the supervised
+    model's) has too; None when `init_from` is not a pretraining workdir. `recipe`: the supervised run's
+    (`Experiment.recipe`), whose encoder changes must be the pretraining's."""
+    record = _read_record(init_from)
+    if record is None:
+        return None
+    encoders = record["encoders"]
     shared = [e for e in encoders if e in params]
     if not shared:
         raise ValueError(f"init_from={init_from}: pretrained encoders {encoders}, none of them in this model "
                          f"({sorted(params)}); name them with init_params='target=source'")
+    if recipe is not None and "recipe" in record:
+        def encoders_of(r):
+            return {k: v for k, v in r["changes"].items() if k.startswith("model.")}
+
+        if encoders_of(record["recipe"]) != encoders_of(recipe):
+            before = record["recipe"]
+            raise ValueError(f"init_from={init_from}: pretrained with the {before['name']!r} recipe "
+                             f"({before['train_rows']} rows: {encoders_of(before) or 'no change'}), "
+                             f"this run resolves to {recipe['name']!r} ({recipe['train_rows']} rows: "
+                             f"{encoders_of(recipe) or 'no change'}): set --config.recipe="
+                             f"{record['recipe']['name']} so that the encoders are the same")
     return {e: e for e in shared}

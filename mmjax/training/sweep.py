@@ -37,6 +37,7 @@ from mmjax import console
 from mmjax.benchmarks import train_step as step_benchmark
 from mmjax.config import NO_RESULT_DEPENDS, config_differences, lower_is_better, metric_value, parse_list
 from mmjax.console import log_to_workdir
+from mmjax.experiment import RESOLVED, resolved_differences
 from mmjax.models.fusion import FUSIONS
 from mmjax.training.train import train_and_evaluate
 
@@ -72,7 +73,8 @@ def check_same_config(config, workdir: str) -> None:
     now = json.loads(config.to_json_best_effort())
     # the sweep block says which runs to make, not how to make one (a narrower sweep reuses them), and
     # NO_RESULT_DEPENDS on the others (a run made before one existed, or with another value, counts)
-    differ = config_differences(before, now, NO_RESULT_DEPENDS | {"sweep."})
+    differ = config_differences(before, now, NO_RESULT_DEPENDS | {"sweep."} | RESOLVED)
+    differ += resolved_differences(before, config, workdir)
     if differ:
         raise ValueError(f"{workdir} holds a run of another config (differs in {differ[:6]}); "
                          f"use another sweep workdir or remove that run")

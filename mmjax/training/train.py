@@ -39,10 +39,12 @@ from mmjax.experiment import (
     CHECKPOINTS,
     CONFIG_FILE,
     CONFIG_HISTORY,
+    RESOLVED,
     RESULTS_FILE,
     SPEC_FILE,
     Experiment,
     check_divisible,
+    resolved_differences,
 )
 from mmjax.metrics import tasks as task_metrics
 from mmjax.training import checkpoint, parallel
@@ -154,7 +156,7 @@ def init_or_restore(config, workdir: str) -> Run:
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
     try:
-        state = _restore_or_warm_start(config, workdir, state, manager, strategy, n_params)
+        state = _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, exp.recipe)
     except BaseException:
         manager.close()
         raise
@@ -206,7 +208,8 @@ def check_resume(config, workdir: str) -> bool:
         before = json.load(f)
     now = json.loads(config.to_json_best_effort())
     flat_before, flat_now = flatten(before), flatten(now)
-    differ = config_differences(before, now, RESUME_MAY_CHANGE, new_keys=False)
+    differ = config_differences(before, now, RESUME_MAY_CHANGE | RESOLVED, new_keys=False)
+    differ += resolved_differences(before, config, workdir)
     listed = "; ".join(f"{k}: {flat_before.get(k, '(none)')!r} -> {flat_now.get(k, '(none)')!r}" for k in differ[:8])
     more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
     if differ and not config.get("allow_config_change", False):
@@ -279,7 +282,7 @@ def check_data_position(config, data_state: dict, step: int) -> None:
         print(f"Note: resuming on another layout ({', '.join(moved)}): the global batches are the same", flush=True)
 
 
-def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
+def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, recipe=None):
     """The state of this workdir's latest checkpoint, else `init_from`'s parameters in `state`, else
     `state` as it is."""
     if manager.latest_step() is not None:
@@ -293,7 +296,7 @@ def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params):
         if not subtrees:  # a pretraining workdir (--mode=pretrain): the encoders both models have
             from mmjax.training.pretrain import shared_encoders
 
-            subtrees = shared_encoders(config.init_from, state.params) or {}
+            subtrees = shared_encoders(config.init_from, state.params, recipe) or {}
         params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
         state = state.replace(params=strategy.put_params(params))
         loaded = sum(x.size for name in (subtrees or params) for x in jax.tree.leaves(params[name]))

@@ -230,7 +230,7 @@ def load(manifest: str, schema_path: str, data_dir: str | None = None, *, fracti
     cfg = ManifestConfig(manifest=manifest, schema=schema, fractions=fractions or DEFAULT_FRACTIONS, folds=folds,
                          fold=fold, roots=parse_roots(allowed_roots, manifest), max_pixels=max_pixels,
                          text_min_patients=text_min_patients, workers=workers, log=log,
-                         ecg_rate=ecg_rate if capped else 0)
+                         ecg_rate=float(ecg_rate) if capped else 0)
     data_dir = data_dir or DEFAULT_DATA_DIR
     tfds.disable_progress_bar()
     with preparing(_builder(cfg, data_dir)):  # one preparation at a time; an interrupted one's files removed

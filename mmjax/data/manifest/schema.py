@@ -82,6 +82,19 @@ def looks_like_ecg(name: str, channel_names=()) -> bool:
     return "ecg" in lowered or "ekg" in lowered or bool(names) and all(c in LEADS for c in names)
 
 
+def ecg_rates_capped(modalities: Mapping, rate: float) -> dict:
+    """{modality: its schema rate} of the ECG modalities (`looks_like_ecg`) above `rate` Hz (0: none)."""
+    if not rate:
+        return {}
+    out = {}
+    for name, m in modalities.items():
+        channels = m.get("channels")
+        if m.get("kind") == "signal" and m["rate"] > rate and looks_like_ecg(
+                name, channels if isinstance(channels, list) else ()):
+            out[name] = m["rate"]
+    return out
+
+
 def cap_ecg_rate(schema: Schema, rate: float) -> tuple[Schema, dict]:
     """(the schema with every ECG modality above `rate` Hz prepared at `rate`, {modality: its rate before}).
 
@@ -90,16 +103,9 @@ def cap_ecg_rate(schema: Schema, rate: float) -> tuple[Schema, dict]:
     and morphology classifiers lose nothing at 100 Hz (Strodthoff et al. 2021, PTB-XL: 100 vs 500 Hz),
     and a signal encoder's receptive field in seconds is five times longer than at 500 Hz. `rate` 0:
     the schema as it is."""
-    if not rate:
-        return schema, {}
-    modalities, capped = {}, {}
-    for name, m in schema.modalities.items():
-        channels = m.get("channels")
-        if m["kind"] == "signal" and m["rate"] > rate and looks_like_ecg(name, channels if isinstance(channels, list)
-                                                                          else ()):
-            capped[name] = m["rate"]
-            m = {**m, "rate": rate, "file_rate": m.get("file_rate") or m["rate"]}
-        modalities[name] = m
+    capped = ecg_rates_capped(schema.modalities, rate)
+    modalities = {name: {**m, "rate": rate, "file_rate": m.get("file_rate") or m["rate"]} if name in capped else m
+                  for name, m in schema.modalities.items()}
     return dataclasses.replace(schema, modalities=modalities), capped
 
 

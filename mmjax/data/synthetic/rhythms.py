@@ -4,16 +4,17 @@ r"""Simulated ECG rhythms: a small manifest dataset for the small-data signal wo
     python launch.py --config=experiments/manifest.py --config.data.manifest=DIR/manifest.csv \
         --config.data.schema=DIR/schema.yaml --config.data.folds=5 --workdir=W
 
-Writes `DIR/records/<id>.npy` (10 s of one lead, float32), `DIR/manifest.csv` (id, ecg, age, sex,
-rhythm) and `DIR/schema.yaml`: a manifest dataset like a real study's, with a few hundred patients
-and one dominant class. ECGs come from neurokit2's ECGSYN model (McSharry et al. 2003) with noise:
+Writes `DIR/records/<id>.npy` (10 s of 12 leads, float32; `--leads=1`: one lead), `DIR/manifest.csv`
+(id, ecg, age, sex, rhythm) and `DIR/schema.yaml`: a manifest dataset like a real study's, with a few
+hundred patients and one dominant class. ECGs come from neurokit2's 12-lead ECGSYN model (McSharry et
+al. 2003) with each patient's own wave amplitudes and the noise of real recordings (`simulate`):
 
 | rhythm | share | heart rate (bpm) | beat-to-beat variation | P wave |
 |---|---|---|---|---|
-| sinus rhythm | 72.5% | 60-100 | heart_rate_std 1-4 bpm | yes |
-| sinus bradycardia | 10% | 40-59 | 1-4 bpm | yes |
-| sinus tachycardia | 10% | 101-150 | 1-4 bpm | yes |
-| atrial fibrillation | 7.5% | 70-130 | 20-35 bpm (irregular R-R) | none |
+| sinus rhythm | 72.5% | 60-100 | heart_rate_std 1-4 bpm (a quarter: 4-8, sinus arrhythmia) | yes |
+| sinus bradycardia | 10% | 40-59 | as sinus rhythm | yes |
+| sinus tachycardia | 10% | 101-150 | as sinus rhythm | yes |
+| atrial fibrillation | 7.5% | 70-130 | 12-35 bpm (irregular R-R) | none; 4-8 Hz f-waves |
 
 (the held-back set of the issue: 145 of 200 sinus). Age and sex are drawn with atrial fibrillation
 older on average (a weak tabular cue, as in real cohorts). The rhythm is defined by the R-R
@@ -53,7 +54,8 @@ def simulate(cls: int, rate: int, rng: np.random.Generator, seconds: float = 10.
     amplitudes (+-40% per wave and lead), sinus arrhythmia in a quarter of the sinus records (heart_rate_std
     up to 8 bpm, so 'irregular' is not 'atrial fibrillation' alone), fibrillatory f-waves (4-8 Hz) in place of
     P waves, baseline wander, mains hum, muscle noise and an electrode-motion step on some leads, and a
-    per-record gain. `leads=1`: one clean-ish lead (the first version; the default model learns it).
+    per-record gain. `leads=1`: one lead with white noise and baseline wander only (like the first version
+    of this module, which the default model learned perfectly; not its exact random stream).
     """
     import neurokit2 as nk
 

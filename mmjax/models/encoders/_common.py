@@ -41,6 +41,12 @@ class EncoderBase(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
 
+    def token_stride(self):
+        """What one output token covers of the input, where tokens form a regular grid over it: input
+        steps (signals), (rows, cols) of pixels (images), 1 (text: a token per input token); None when
+        they do not (the self-supervised masked modelling needs it: `mmjax/training/pretrain.py`)."""
+        return 1 if self.kind == "text" else None
+
     def trunk(self, x, mask, train):
         return Trunk(self.depth, self.num_heads, self.mlp_ratio, self.dropout, self.dtype, name="trunk")(
             x, mask, train)

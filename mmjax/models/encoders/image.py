@@ -19,6 +19,9 @@ class ImageEncoder(EncoderBase):
 
     patch_size: int = 8
 
+    def token_stride(self):
+        return (self.patch_size, self.patch_size)
+
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         x = inputs["values"]  # [B, H, W, C]

@@ -66,6 +66,9 @@ class InceptionTimeEncoder(EncoderBase):
     inception_modules: int = 6
     norm_groups: int = 32
 
+    def token_stride(self):
+        return self.patch_size
+
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         x, time_mask = inputs["values"], inputs["mask"] & inputs["present"][:, None]  # [B, T, C], [B, T]

@@ -81,6 +81,9 @@ class ResNet1DEncoder(EncoderBase):
     kernel_size: int = 5
     norm_groups: int = 32
 
+    def token_stride(self):
+        return 4 * 2 ** (len(STAGES[self.stages][0]) - 1) if self.stages in STAGES else None
+
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         x, time_mask = inputs["values"], inputs["mask"] & inputs["present"][:, None]  # [B, T, C], [B, T]
@@ -88,7 +91,7 @@ class ResNet1DEncoder(EncoderBase):
             raise ValueError(f"resnet1d stages={self.stages!r}; use one of {sorted(STAGES)}")
         blocks, channels = STAGES[self.stages]
         channels = [max(c * self.base_channels // 64, 1) for c in channels]
-        stride = 4 * 2 ** (len(blocks) - 1)
+        stride = self.token_stride()
         pad = ((0, 0), (0, -x.shape[1] % stride))
         mask = jnp.pad(time_mask, pad)
         x = jnp.where(mask[..., None], jnp.pad(x, pad + ((0, 0),)), 0).astype(self.dtype)

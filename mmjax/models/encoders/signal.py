@@ -28,6 +28,9 @@ class SignalEncoder(EncoderBase):
     conv: bool = True
     channels: int = 32
 
+    def token_stride(self):
+        return self.patch_size
+
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         x, time_mask = inputs["values"], inputs["mask"]  # [B, T, C], [B, T]
