@@ -218,3 +218,22 @@ def test_a_supervised_run_warm_starts_every_shared_encoder(pretrained, tmp_path,
         P.shared_encoders(workdir, {"signal_encoder": None}, small)
     assert P.shared_encoders(workdir, {"signal_encoder": None}, {**small, "changes": {}})
 
+
+
+def test_the_label_efficiency_table_pairs_the_arms_by_seed():
+    from mmjax.training import label_efficiency as le
+
+    rows = [{"fraction": f, "seed": s, "arm": arm, "train_rows": int(100 * f), "test": v, "baseline": b,
+             "baseline_name": "x", "wall_s": 1.0}
+            for f, s, arm, v, b in [(0.1, 0, "scratch", 0.70, 0.60), (0.1, 0, "pretrained", 0.80, 0.60),
+                                    (0.1, 1, "scratch", 0.60, 0.70), (0.1, 1, "pretrained", 0.65, 0.70),
+                                    (1.0, 0, "scratch", 0.90, 0.85), (1.0, 0, "pretrained", 0.89, 0.85)]]
+    first, second = le.summary(rows)
+    assert first["fraction"] == 0.1 and first["train_rows"] == 10 and first["seeds"] == 2
+    np.testing.assert_allclose(first["gains"], [0.10, 0.05])
+    np.testing.assert_allclose(first["gain"], (0.075, np.std([0.10, 0.05], ddof=1)))
+    np.testing.assert_allclose(first["scratch"], (0.65, np.std([0.7, 0.6], ddof=1)))
+    np.testing.assert_allclose(first["baseline"][0], 0.65)
+    assert second["gains"] == pytest.approx([-0.01]) and second["gain"][1] == 0.0
+    table = le.markdown(rows, "macro_auroc")
+    assert "| 0.1 | 10 | 0.650 ± 0.071 | 0.725 ± 0.106 | +0.075 (+0.100 +0.050) | 0.650 ± 0.071 |" in table
