@@ -372,9 +372,11 @@ def small_data_recipe(config, spec: DatasetSpec, tasks, modalities) -> dict:
         name = "small" if rows < SMALL_DATA_ROWS else "standard"
     changes = {}
     if name == "small":
-        kinds = {m.kind for m in spec.select_modalities(modalities)}
         signal = config.model.signal
-        if "signal" in kinds and signal.get("encoder", "signal") == "signal":
+        per_modality = _as_dict(config.model.get("per_modality"))
+        signals = [m.name for m in spec.select_modalities(modalities) if m.kind == "signal"]
+        # a signal modality with its own settings (model.per_modality) keeps the encoder they are for
+        if signals and not any(m in per_modality for m in signals) and signal.get("encoder", "signal") == "signal":
             changes["model.signal.encoder"] = "resnet1d"
             if signal.get("stages", "18") == "18":  # stages changed by the config: its choice
                 changes["model.signal.stages"] = "small"
@@ -407,12 +409,8 @@ def resolved_differences(before: dict, config, workdir: str) -> list[str]:
     differ = []
     spec_path = os.path.join(workdir, SPEC_FILE)
     if os.path.exists(spec_path):
-        spec = DatasetSpec.load(spec_path)
-        chosen = {t.strip() for t in str(config.get("tasks", "")).split(",") if t.strip()}
-        tasks = [t for t in spec.tasks if not chosen or t.name in chosen]
-        mods = [m for m in str(config.get("modalities", "")).split("+") if m] or None
-        changes = [small_data_recipe(c, spec, tasks, mods)["changes"] for c in (old, config)]
-        if changes[0] != changes[1]:
+        spec = DatasetSpec.load(spec_path)  # the modalities and tasks each config selects, as training does
+        if Experiment.from_spec(spec, old).recipe["changes"] != Experiment.from_spec(spec, config).recipe["changes"]:
             differ.append("recipe")
     elif old.recipe != config.get("recipe", "standard"):
         differ.append("recipe")

@@ -169,6 +169,14 @@ def pretrained(tiny_builder, tmp_path_factory):
 def test_pretraining_lowers_its_objective_and_resumes(pretrained, tiny_builder, capsys):
     config, workdir, record = pretrained
     assert record["steps"] == 12
+    from mmjax.console import ConfigError
+
+    for key, value, named in (("model.width", 48, "model.width"), ("pretrain.mask_ratio", 0.3, "pretrain.mask_ratio")):
+        other = config.copy_and_resolve_references()
+        group, _, field = key.rpartition(".")
+        other[group][field] = value
+        with pytest.raises(ConfigError, match=named):  # a resume with another config is refused, naming it
+            P.pretrain(other, workdir)
     assert record["objectives"] == {"image": "image", "text": "text", "tabular": None, "signal": "signal"}
     saved = json.load(open(os.path.join(workdir, P.PRETRAIN_FILE)))
     assert saved["encoders"] == ["image_encoder", "text_encoder", "tabular_encoder", "signal_encoder"]
@@ -212,11 +220,13 @@ def test_a_supervised_run_warm_starts_every_shared_encoder(pretrained, tmp_path,
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state.params[name]), pre[name])
     with pytest.raises(ValueError, match="none of them"):
         P.shared_encoders(workdir, {"fusion": None})
-    # a supervised run on so few rows that the small-data recipe changes the signal encoder: refused, naming it
-    small = {"name": "small", "train_rows": 25, "changes": {"model.signal.encoder": "resnet1d"}}
-    with pytest.raises(ValueError, match="--config.recipe=standard"):
-        P.shared_encoders(workdir, {"signal_encoder": None}, small)
-    assert P.shared_encoders(workdir, {"signal_encoder": None}, {**small, "changes": {}})
+    # a supervised run whose signal encoder differs (as the small-data recipe would make it): refused, naming it
+    recorded = json.load(open(os.path.join(workdir, P.PRETRAIN_FILE)))["encoder_settings"]["signal_encoder"]
+    other = {"signal": {**recorded, "name": "resnet1d"}}
+    with pytest.raises(ValueError, match="signal_encoder was pretrained with other settings.*name: 'signal' -> "
+                                         "'resnet1d'.*--config.recipe"):
+        P.shared_encoders(workdir, {"signal_encoder": None}, other)
+    assert P.shared_encoders(workdir, {"signal_encoder": None}, {"signal": recorded})
 
 
 

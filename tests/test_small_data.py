@@ -118,6 +118,9 @@ def test_the_recipe_changes_only_defaults_and_only_for_small_training_sets(tiny_
     config.model.signal.update(encoder="signal", stages="34")
     assert small_data_recipe(config, tiny_spec, tasks, names)["changes"] == {"model.signal.encoder": "resnet1d"}
     assert small_data_recipe(smoke_config(tiny_builder), tiny_spec, tasks, names)["changes"] == {}  # standard
+    config.model.signal.stages = "18"
+    config.model.per_modality = '{"signal": {"patch_size": 25}}'  # settings for the signal's own encoder
+    assert small_data_recipe(config, tiny_spec, tasks, names)["changes"] == {}
     big = dataclasses.replace(tiny_spec, split_sizes={**tiny_spec.split_sizes, "train": SMALL_DATA_ROWS})
     auto = smoke_config(tiny_builder)
     auto.recipe = "auto"

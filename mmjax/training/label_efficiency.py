@@ -26,6 +26,7 @@ import os
 import statistics
 import time
 
+import ml_collections
 from absl import app, flags
 
 from mmjax import console
@@ -48,6 +49,21 @@ def pretrain_once(config, workdir: str) -> dict:
         if all(record["settings"].get(k) == v for k, v in now.items() if k not in ("log_every", "checkpoint_every")):
             return record
     return pretraining.pretrain(config, workdir)  # other settings than the finished one's: refused there
+
+
+def check_same_pretraining(config, run_dir: str) -> None:
+    """A pretrained arm's run is read back only when its encoders came from this pretraining's settings
+    (`pretrain.*` is no part of the supervised run's own config comparison)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = pretraining.settings(ml_collections.ConfigDict(json.load(f)))
+    now = pretraining.settings(config)
+    differ = [k for k in now if k not in ("log_every", "checkpoint_every") and before.get(k) != now[k]]
+    if differ:
+        raise ValueError(f"{run_dir} was warm-started from a pretraining with other settings ({differ}); use "
+                         "another workdir or remove it")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -83,6 +99,8 @@ def run(config, workdir: str, fractions: list[float], seeds: list[int], metric: 
                         c.init_from = pre_dir if arm == "pretrained" else ""
                         c.init_params = ""
                     run_dir = os.path.join(workdir, f"f{fraction:g}", f"seed{seed}", arm)
+                    if arm == "pretrained":
+                        check_same_pretraining(c, run_dir)
                     results = quietly(run_one, c, run_dir, f"==== {arm}, {fraction:g} of the training labels, seed "
                                       f"{seed} ({time.perf_counter() - start:.0f} s so far)")
                     base = results.get("baselines") or {}

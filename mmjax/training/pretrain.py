@@ -11,10 +11,10 @@ or without labels (labels are never read), on two objectives:
   standardization is the mean; text tokens replaced by `[UNK]` at `pretrain.text_mask_ratio`) and a
   linear head on the encoder's token reconstructs what was hidden: standardized pixels or samples
   (mean squared error, MAE of He et al. 2022 without its decoder) or the word piece (cross-entropy,
-  BERT's masked language modelling). A token's region is the part of the input it covers: an image
-  encoder's N tokens as a sqrt(N) x sqrt(N) grid, a signal encoder's as N equal segments of the
-  (padded) time axis, a text encoder's one per word piece. An encoder whose tokens are not such a
-  grid, and tabular encoders, learn from the contrastive objective alone.
+  BERT's masked language modelling). A token's region is the part of the input it covers, from the
+  encoder's `token_stride` checked against its token count: a ViT's patches, a signal encoder's
+  patches or total stride (the last one padded), a text encoder's word pieces. An encoder without a
+  stride (a 2-D ResNet, an RNN), and tabular encoders, learn from the contrastive objective alone.
 - **cross-modal contrastive** (CLIP, Radford et al. 2021): each encoder's pooled tokens, projected and
   normalized, should pick the same patient's other modalities out of the batch (InfoNCE over every
   pair of modalities, both directions, temperature `pretrain.temperature`); a patient without one of
@@ -37,11 +37,14 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from mmjax.config import RESUME_MAY_CHANGE, config_differences
+from mmjax.console import ConfigError
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import PAD, UNK
-from mmjax.experiment import Experiment
+from mmjax.experiment import CHECKPOINTS, CONFIG_FILE, RESOLVED, Experiment, resolved_differences
 from mmjax.models.layers import Dense, Dtype
 from mmjax.models.model import encoder_class
 from mmjax.training import checkpoint, parallel
@@ -51,7 +54,6 @@ from mmjax.training.step import tree_norm
 
 PRETRAIN_FILE = "pretrain.json"
 MAY_CHANGE = ("num_steps", "log_every", "checkpoint_every")  # a finished pretraining continues with more steps
-CHECKPOINTS = "checkpoints"
 UNK_ID = UNK  # the masked word pieces' input
 _FIRST_WORD_ID = max(PAD, UNK) + 1  # [PAD] and [UNK] are never a masked-modelling target
 
@@ -311,12 +313,7 @@ def pretrain(config, workdir: str) -> dict:
     p = settings(config)
     strategy = parallel.make_strategy("mesh", config.get("sharding", "replicated"))
     is_main = jax.process_index() == 0
-    done = _read_record(workdir)
-    differ = [k for k in p if k not in MAY_CHANGE and done is not None and done["settings"].get(k) != p[k]]
-    if differ:
-        listed = ", ".join(f"{k}: {done['settings'].get(k)!r} -> {p[k]!r}" for k in differ)
-        raise ValueError(f"{workdir} holds a pretraining with other settings ({listed}); use another workdir or "
-                         "remove it")
+    check_resume(config, workdir, p)
     if not is_main:  # one process prepares the dataset; the others wait for it, then read it
         parallel.barrier("mmjax: dataset prepared")
     exp = Experiment.from_config(config, workdir)
@@ -378,6 +375,7 @@ def pretrain(config, workdir: str) -> dict:
     finally:
         manager.close()
     record = {"encoders": [f"{m}_encoder" for m in exp.modalities], "parameters": n_params,
+              "encoder_settings": _plain({f"{m}_encoder": dict(model.encoders[m]) for m in exp.modalities}),
               "objectives": {m: (o[0] if o else None) for m, o in objs.items()}, "contrastive": contrastive,
               "settings": p, "recipe": exp.recipe, "steps": step, "seconds": round(time.perf_counter() - started, 1)}
     if "validation" in exp.splits:
@@ -392,6 +390,33 @@ def pretrain(config, workdir: str) -> dict:
     return record
 
 
+# what a resumed pretraining may change: how long it runs and what it logs and keeps, and the settings of
+# the supervised run and evaluation (pretrain.* otherwise compared as `settings` resolves them)
+_RESUME_MAY_CHANGE = ((RESUME_MAY_CHANGE - {"pretrain."}) | RESOLVED
+                      | {"train.", "loss.", "best_metric", "data.label_fraction", "data.label_seed", "pretrain."})
+
+
+def check_resume(config, workdir: str, p: dict) -> None:
+    """A workdir with pretraining checkpoints resumes only with the config that made them (but for
+    `_RESUME_MAY_CHANGE` and `MAY_CHANGE`): a `ConfigError` lists the differences, unless
+    `--config.allow_config_change=True`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, CHECKPOINTS))):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    differ = config_differences(before, json.loads(config.to_json_best_effort()), _RESUME_MAY_CHANGE, new_keys=False)
+    differ += resolved_differences(before, config, workdir)
+    old = settings(ml_collections.ConfigDict(before))
+    differ += [f"pretrain.{k}" for k in p if k not in MAY_CHANGE and old.get(k) != p[k]]
+    if differ and not config.get("allow_config_change", False):
+        raise ConfigError(f"{workdir} holds pretraining checkpoints of another config (differs in {differ[:8]}); "
+                          "pretrain in another --workdir, or continue with --config.allow_config_change=True")
+    if old["num_steps"] != p["num_steps"]:
+        print(f"Note: pretrain.num_steps {old['num_steps']} -> {p['num_steps']}: the learning-rate schedule follows "
+              "the new length from here", flush=True)
+
+
 def _read_record(workdir: str) -> dict | None:
     path = os.path.join(os.path.abspath(workdir), PRETRAIN_FILE)
     if not os.path.exists(path):
@@ -400,27 +425,33 @@ def _read_record(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def shared_encoders(init_from: str, params, recipe: dict | None = None) -> dict | None:
+def _plain(tree):
+    """JSON's view of settings (tuples as lists), so that recorded and current ones compare equal."""
+    return json.loads(json.dumps(tree))
+
+
+def shared_encoders(init_from: str, params, encoders: Mapping | None = None) -> dict | None:
     """{subtree: subtree} of the encoders a pretraining workdir `init_from` has and `params` (the supervised
-    model's) has too; None when `init_from` is not a pretraining workdir. `recipe`: the supervised run's
-    (`Experiment.recipe`), whose encoder changes must be the pretraining's."""
+    model's) has too; None when `init_from` is not a pretraining workdir. `encoders`: the supervised model's
+    {modality: encoder settings} (`MultimodalModel.encoders`), which must be the pretraining's for every
+    shared encoder (the same class and settings, not only the same parameter shapes)."""
     record = _read_record(init_from)
     if record is None:
         return None
-    encoders = record["encoders"]
-    shared = [e for e in encoders if e in params]
+    names = record["encoders"]
+    shared = [e for e in names if e in params]
     if not shared:
-        raise ValueError(f"init_from={init_from}: pretrained encoders {encoders}, none of them in this model "
+        raise ValueError(f"init_from={init_from}: pretrained encoders {names}, none of them in this model "
                          f"({sorted(params)}); name them with init_params='target=source'")
-    if recipe is not None and "recipe" in record:
-        def encoders_of(r):
-            return {k: v for k, v in r["changes"].items() if k.startswith("model.")}
-
-        if encoders_of(record["recipe"]) != encoders_of(recipe):
-            before = record["recipe"]
-            raise ValueError(f"init_from={init_from}: pretrained with the {before['name']!r} recipe "
-                             f"({before['train_rows']} rows: {encoders_of(before) or 'no change'}), "
-                             f"this run resolves to {recipe['name']!r} ({recipe['train_rows']} rows: "
-                             f"{encoders_of(recipe) or 'no change'}): set --config.recipe="
-                             f"{record['recipe']['name']} so that the encoders are the same")
+    if encoders is not None and "encoder_settings" in record:
+        now = _plain({f"{m}_encoder": dict(v) for m, v in encoders.items()})
+        differ = {e: (record["encoder_settings"][e], now[e]) for e in shared
+                  if record["encoder_settings"].get(e) != now.get(e)}
+        for e, (before, after) in differ.items():
+            keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            raise ValueError(f"init_from={init_from}: {e} was pretrained with other settings ("
+                             + ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys)
+                             + "); use the pretraining's model settings (a different config.recipe resolution "
+                             "changes the signal encoder: set --config.recipe to the pretraining's "
+                             f"{record.get('recipe', {}).get('name', '?')!r})")
     return {e: e for e in shared}

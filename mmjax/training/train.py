@@ -156,7 +156,7 @@ def init_or_restore(config, workdir: str) -> Run:
                                       config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
     try:
-        state = _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, exp.recipe)
+        state = _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, exp.model.encoders)
     except BaseException:
         manager.close()
         raise
@@ -282,7 +282,7 @@ def check_data_position(config, data_state: dict, step: int) -> None:
         print(f"Note: resuming on another layout ({', '.join(moved)}): the global batches are the same", flush=True)
 
 
-def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, recipe=None):
+def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, encoders=None):
     """The state of this workdir's latest checkpoint, else `init_from`'s parameters in `state`, else
     `state` as it is."""
     if manager.latest_step() is not None:
@@ -296,7 +296,7 @@ def _restore_or_warm_start(config, workdir, state, manager, strategy, n_params, 
         if not subtrees:  # a pretraining workdir (--mode=pretrain): the encoders both models have
             from mmjax.training.pretrain import shared_encoders
 
-            subtrees = shared_encoders(config.init_from, state.params, recipe) or {}
+            subtrees = shared_encoders(config.init_from, state.params, encoders) or {}
         params, from_step = checkpoint.restore_params(config.init_from, state.params, subtrees=subtrees)
         state = state.replace(params=strategy.put_params(params))
         loaded = sum(x.size for name in (subtrees or params) for x in jax.tree.leaves(params[name]))

@@ -30,6 +30,8 @@ _MAX_PIXELS = flags.DEFINE_integer("max_pixels", manifest_builder.DEFAULT_MAX_PI
 _MIN_PATIENTS = flags.DEFINE_integer("text_min_patients", manifest_builder.DEFAULT_TEXT_MIN_PATIENTS,
                                      "A word enters a text vocabulary only from the notes of this many patients.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Decoding processes (default: all cores).")
+_ECG_RATE = flags.DEFINE_float("ecg_rate", 100, "An ECG above this rate (Hz) is prepared at it, as training's "
+                               "data.ecg_rate does (0: the schema's rate).")
 _JSON = flags.DEFINE_string("json", None, "Also write the summary to this JSON file.")
 
 
@@ -41,7 +43,7 @@ def main(argv):
                                     folds=_FOLDS.value, fold=_FOLD.value, on_error=_ON_ERROR.value,
                                     allowed_roots=_ROOTS.value, max_pixels=_MAX_PIXELS.value,
                                     text_min_patients=_MIN_PATIENTS.value,
-                                    workers=_WORKERS.value or None)
+                                    workers=_WORKERS.value or None, ecg_rate=_ECG_RATE.value)
     spec = DatasetSpec.from_builder(builder)
     summary = dict(builder.info.metadata["summary"])
     print(format_summary(spec, summary, builder.data_dir))

@@ -200,7 +200,7 @@ def changes(old: dict, new: dict) -> list[str]:
     for key in ("on_error", "fractions", "folds", "fold", "allowed_roots", "max_pixels", "text_min_patients",
                 "ecg_rate"):
         if old.get(key) != new.get(key):
-            out.append(f"{key} changed ({old.get(key)} -> {new[key]})")
+            out.append(f"{key} changed ({old.get(key)} -> {new.get(key)})")
     before, now = old.get("files", {}), new["files"]
     changed = sorted(p for p in now if p in before and before[p] != now[p])
     added = sorted(set(now) - set(before))

@@ -48,7 +48,8 @@ _LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "
 
 
 def simulate(cls: int, rate: int, rng: np.random.Generator, seconds: float = 10.0, leads: int = 12) -> np.ndarray:
-    """One ECG of rhythm class `cls` (an index into `RHYTHMS`): [rate * seconds, leads] float32 in mV-like units.
+    """One ECG of rhythm class `cls` (an index into `RHYTHMS`): [rate * seconds, 12] float32 in mV-like units
+    ([rate * seconds] with `leads=1`).
 
     `leads=12`: ECGSYN's 12-lead model with what makes real recordings hard: each patient's own wave
     amplitudes (+-40% per wave and lead), sinus arrhythmia in a quarter of the sinus records (heart_rate_std
