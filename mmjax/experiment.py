@@ -401,11 +401,8 @@ def resolved_differences(before: dict, config, workdir: str) -> list[str]:
     saved schema's signals are prepared at."""
     old = ml_collections.ConfigDict(before)
     with old.unlocked():
-        for key, value in (("recipe", "standard"), ("data.ecg_rate", 0)):  # what a config without them meant
-            group, _, field = key.rpartition(".")
-            holder = old[group] if group else old
-            if field not in holder:
-                holder[field] = value
+        if "recipe" not in old:  # what a config without it meant
+            old.recipe = "standard"
     differ = []
     spec_path = os.path.join(workdir, SPEC_FILE)
     if os.path.exists(spec_path):
@@ -415,7 +412,7 @@ def resolved_differences(before: dict, config, workdir: str) -> list[str]:
     elif old.recipe != config.get("recipe", "standard"):
         differ.append("recipe")
     schema_path = os.path.join(workdir, SCHEMA_FILE)
-    rate_before, rate_now = float(old.data.get("ecg_rate", 0) or 0), float(config.data.get("ecg_rate", 0) or 0)
+    rate_before, rate_now = (float((c.get("data") or {}).get("ecg_rate", 0) or 0) for c in (old, config))
     if os.path.exists(schema_path):
         import yaml
 
@@ -424,7 +421,7 @@ def resolved_differences(before: dict, config, workdir: str) -> list[str]:
         capped = [{m: rate for m in ecg_rates_capped(modalities, rate)} for rate in (rate_before, rate_now)]
         if capped[0] != capped[1]:
             differ.append("data.ecg_rate")
-    elif rate_before != rate_now and config.data.get("name") == "manifest":
+    elif rate_before != rate_now and (config.get("data") or {}).get("name") == "manifest":
         differ.append("data.ecg_rate")
     return differ
 
