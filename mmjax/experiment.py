@@ -275,7 +275,7 @@ class Experiment:
         return dict(modalities=self.modalities, tasks=self.tasks, text_max_length=d.text_max_length,
                     spectrogram=d.spectrogram)
 
-    @property
+    @functools.cached_property
     def train_rows(self) -> np.ndarray | None:
         """The training records that are trained on (`data.label_fraction` < 1: a seeded subset, the
         baselines' too); None: all of them."""
@@ -283,8 +283,7 @@ class Experiment:
         fraction = float(d.get("label_fraction", 1.0))
         if fraction == 1:
             return None
-        count = len(pipeline.CheckedSource(self.builder, "train"))
-        return pipeline.label_rows(count, fraction, int(d.get("label_seed", 0)))
+        return pipeline.label_rows(int(self.spec.split_sizes["train"]), fraction, int(d.get("label_seed", 0)))
 
     def train_loader(self, batch_size: int, seed: int | None = None, **kwargs):
         """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process."""

@@ -30,7 +30,6 @@ from absl import logging
 
 from mmjax.config import RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
 from mmjax.console import ConfigError
-from mmjax.data import pipeline
 from mmjax.data.spec import DatasetSpec, truncation
 from mmjax.evaluation import baselines, records
 from mmjax.evaluation.format import format_intervals
@@ -132,7 +131,7 @@ def init_or_restore(config, workdir: str) -> Run:
             print(f"Small-data recipe ({exp.recipe['train_rows']} training rows; --config.recipe=standard turns it "
                   f"off): {', '.join(f'{k}={v}' for k, v in exp.recipe['changes'].items())}", flush=True)
         if exp.train_rows is not None:
-            d, count = config.data, len(pipeline.CheckedSource(exp.builder, "train"))
+            d, count = config.data, exp.spec.split_sizes["train"]
             print(f"Label efficiency: training on {len(exp.train_rows)} of {count} training rows (data.label_fraction="
                   f"{d.label_fraction}, data.label_seed={d.get('label_seed', 0)}); the classical baselines fit on the "
                   "same rows", flush=True)
@@ -417,8 +416,7 @@ def finish(run: Run, loop: dict) -> dict:
     n_proc = jax.process_count()
     run_info = {
         "steps_run": step - run.start_step, "evaluated_step": int(evaluated_step), "parameters": run.n_params,
-        "train_rows": len(exp.train_rows) if exp.train_rows is not None else len(pipeline.CheckedSource(
-            exp.builder, "train")),
+        "train_rows": len(exp.train_rows) if exp.train_rows is not None else int(exp.spec.split_sizes["train"]),
         "devices": jax.device_count(), "processes": n_proc,
         "parallel": c.parallel, "sharding": c.get("sharding", "replicated"), "state_bytes_per_device": run.state_bytes,
         "recipe": exp.recipe, "accum_steps": c.train.get("accum_steps", 1),
