@@ -293,9 +293,10 @@ class Experiment:
                                      augment=d.augment, worker_count=d.worker_count, cache_mib=d.get("cache_mib", 2048),
                                      **self.data_kwargs(), **kwargs)
 
-    def eval_batches(self, split: str, batch_size: int | None = None, source=None):
+    def eval_batches(self, split: str, batch_size: int | None = None, source=None, windows: int | None = None):
         """One padded pass over `split` (this process's shard), or over `source`, a list of examples
-        in the dataset's feature format (new patients)."""
+        in the dataset's feature format (new patients); `windows`: signal windows per example instead of
+        the config's (`data.signal_eval_windows`; 0: one centre crop)."""
         size = batch_size or self.config.eval_batch_size // jax.process_count()
         if size * jax.process_count() % jax.device_count():
             raise ConfigError(f"--config.eval_batch_size={size * jax.process_count()} must be divisible by the "
@@ -303,7 +304,8 @@ class Experiment:
         if source is None and split not in self.builder.info.splits:
             raise ValueError(f"split {split!r} not in the dataset; it has {sorted(self.builder.info.splits)}")
         return pipeline.eval_batches(self.builder if source is None else source, self.spec, split, size,
-                                     signal_windows=self.windows, **self.data_kwargs())
+                                     signal_windows=self.windows if windows is None else windows,
+                                     **self.data_kwargs())
 
     # ---- Workdir -------------------------------------------------------------------------------------
     def path(self, *names: str) -> str:

@@ -42,7 +42,6 @@ import numpy as np
 
 from mmjax.config import RESUME_MAY_CHANGE, config_differences
 from mmjax.console import ConfigError
-from mmjax.data import pipeline
 from mmjax.data.tokenizer import PAD, UNK
 from mmjax.experiment import CHECKPOINTS, CONFIG_FILE, RESOLVED, Experiment, resolved_differences
 from mmjax.models.layers import Dense, Dtype
@@ -262,9 +261,10 @@ def make_step(objective, tx):
 
 
 # ---- The run -----------------------------------------------------------------------------------------
-def build(exp: Experiment, p: dict):
-    """(PretrainModel, objectives) of the experiment's encoders."""
-    template = exp.template_batch()
+def build(exp: Experiment, p: dict, template: dict | None = None):
+    """(PretrainModel, objectives) of the experiment's encoders; `template`: the model's input batch, if
+    the caller has it (`exp.template_batch()` otherwise)."""
+    template = exp.template_batch() if template is None else template
     objs = objectives(exp, template)
     if len(exp.modalities) < 2 and not any(objs.values()):
         raise ValueError(f"nothing to pretrain: one modality ({exp.modalities[0]}) whose encoder has no masked "
@@ -287,10 +287,8 @@ def evaluate(exp: Experiment, strategy, objective, params, split: str = "validat
         return metrics, jnp.sum(batch["example_mask"])
 
     fn = jax.jit(terms)
-    size = exp.config.eval_batch_size // jax.process_count()
-    batches = pipeline.eval_batches(exp.builder, exp.spec, split, size, signal_windows=0, **exp.data_kwargs())
     sums, rows = {}, 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(exp.eval_batches(split, windows=0)):
         batch = {k: v for k, v in batch.items() if k in exp.modalities or k == "example_mask"}
         # padding rows are absent from every modality: they add nothing to any term
         metrics, n = jax.device_get(fn(params, strategy.put(batch), jax.random.PRNGKey(seed + i)))
@@ -323,9 +321,9 @@ def pretrain(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         exp.save()
-    model, objs = build(exp, p)
-    tx = make_optimizer(config.optimizer, p["num_steps"])
     template = _inputs(exp.template_batch(), exp.modalities)
+    model, objs = build(exp, p, template)
+    tx = make_optimizer(config.optimizer, p["num_steps"])
 
     def init(rng):
         k_params, k_dropout, k_run = jax.random.split(rng, 3)
