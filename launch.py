@@ -47,6 +47,8 @@ _CALIBRATED = flags.DEFINE_bool("calibrated", False, "predict: temperature-scale
                                 "validation).")
 _PATIENTS = flags.DEFINE_list("patients", [], "evaluate/report: explain these patient ids of the split instead "
                               "of the first --explain ones.")
+_GROUPS = flags.DEFINE_list("groups", [], "evaluate/report: manifest columns to give results per group of, beside "
+                            "sex, age bands, site and modality subsets (and config.eval.groups).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "train: several processes without a cluster "
                                    "environment (SLURM and Open MPI are read from theirs): process 0's host:port; "
                                    "with --num_processes and --process_id.")
@@ -75,8 +77,11 @@ def main(argv):
         run = Predictor.from_workdir(_WORKDIR.value, _STEP.value)
         print(f"{_SPLIT.value} split, checkpoint step {run.step} ({run.chosen}) of {run.workdir}")
         done = evaluate(run, _SPLIT.value, analyze=_ROBUSTNESS.value, explain=_EXPLAIN.value, output=_OUTPUT.value,
-                        patients=_PATIENTS.value, with_baselines=_BASELINES.value)
+                        patients=_PATIENTS.value, with_baselines=_BASELINES.value, groups=_GROUPS.value)
         print(format_intervals(done["record"], run.tasks))
+        from mmjax.evaluation.subgroups import format_table as format_groups
+
+        print(f"By subgroup (gap: best minus worst group; p: permutation test):\n{format_groups(done['subgroups'])}")
         if done["baselines"] is not None:
             from mmjax.evaluation.baselines import format_table
 
@@ -115,7 +120,8 @@ def main(argv):
             path = cv.build_report(_WORKDIR.value)
         else:
             path = build_report(_WORKDIR.value, _SPLIT.value, _STEP.value, explain=_EXPLAIN.value,
-                                output=_OUTPUT.value, patients=_PATIENTS.value, baselines=_BASELINES.value)
+                                output=_OUTPUT.value, patients=_PATIENTS.value, baselines=_BASELINES.value,
+                                groups=_GROUPS.value)
         print(f"Report written to {path}")
         return
     from mmjax.training import cv, parallel

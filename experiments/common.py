@@ -120,7 +120,17 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
         # classical baselines fitted on the same split beside the end-of-training and --mode=evaluate results,
         # the best compared with the model (mmjax/evaluation/baselines.py)
         baselines=True,
-        ecg_intervals_max_rows=2000))  # an ECG baseline's PQ/QS/QT intervals (~70 ms a record) up to this many rows
+        ecg_intervals_max_rows=2000,  # an ECG baseline's PQ/QS/QT intervals (~70 ms a record) up to this many rows
+        # --mode=evaluate's results per subgroup (mmjax/evaluation/subgroups.py): sex, age bands, site, these
+        # manifest columns (comma-separated) and subsets of present modalities; smaller groups only counted
+        groups="", age_bands="40,60,80", min_group_patients=10, group_permutations=1000))
+    # DP-SGD (mmjax/training/privacy.py; pip install -e ".[privacy]"): per-example clipping to clip_norm, Gaussian
+    # noise of noise_multiplier * clip_norm (or calibrated to target_epsilon at delta; delta 0: 1 / (10 N)),
+    # batches Poisson-sampled with train.batch_size expected rows (capacity 0: B + 4 sqrt(B), the rest truncated
+    # and accounted) or 'fixed'-size; epsilon from dp-accounting's PLD accountant, logged at each evaluation
+    c.privacy = ml_collections.ConfigDict(dict(
+        dp=False, clip_norm=1.0, noise_multiplier=1.0, target_epsilon=0.0, delta=0.0, sampling="poisson",
+        capacity=0, microbatch=0))
     # --mode=pretrain (mmjax/training/pretrain.py): masked modelling per modality + cross-modal contrastive;
     # batch_size 0: train.batch_size
     c.pretrain = ml_collections.ConfigDict(dict(

@@ -12,12 +12,15 @@ from __future__ import annotations
 # its value of them (the input pipeline's workers and memory give the same batches: tests; the classical
 # baselines are written beside the model's results and change none of them).
 NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change", "data.worker_count", "data.device_prefetch",
-                               "data.cache_mib", "eval.baselines", "eval.ecg_intervals_max_rows", "pretrain."})
+                               "data.cache_mib", "eval.baselines", "eval.ecg_intervals_max_rows", "eval.groups",
+                               "eval.age_bands", "eval.min_group_patients", "eval.group_permutations", "pretrain."})
 
 # Settings added to mmjax after configs were saved, with the value that means what the code did before
 # them: a saved config without the key compares as having that value.
 ADDED_DEFAULTS = {"model.remat": "", "data.label_fraction": 1.0, "data.label_seed": 0,
-                  "data.ecg_rate": 0, "recipe": "standard"}
+                  "data.ecg_rate": 0, "recipe": "standard", "privacy.dp": False, "privacy.clip_norm": 1.0,
+                  "privacy.noise_multiplier": 1.0, "privacy.target_epsilon": 0.0, "privacy.delta": 0.0,
+                  "privacy.sampling": "poisson", "privacy.capacity": 0, "privacy.microbatch": 0}
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
 # prepared data lies, on how many processes and devices), and prefixes of such groups; any other

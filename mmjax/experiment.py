@@ -33,7 +33,7 @@ from mmjax.data.spec import DatasetSpec
 from mmjax.data.transforms import Spectrogram
 from mmjax.models.build import _as_dict, build_model
 from mmjax.models.model import MultimodalModel
-from mmjax.training import checkpoint
+from mmjax.training import checkpoint, privacy
 from mmjax.training.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.training.parallel import device_batch
 from mmjax.training.state import TrainState, create_state
@@ -201,8 +201,20 @@ class Experiment:
                                   f"patch sizes that fit: {fits}; set {flag}")
 
     @functools.cached_property
+    def privacy(self) -> privacy.Plan | None:
+        """The DP-SGD plan of `config.privacy` (None: ordinary training): its noise, sampling and epsilon."""
+        rows = self.train_rows
+        count = len(rows) if rows is not None else int(self.spec.split_sizes["train"])
+        return privacy.plan(self.config, count, jax.device_count())
+
+    @functools.cached_property
     def optimizer(self):
-        return make_optimizer(self.config.optimizer, self.config.train.num_steps)
+        tx = make_optimizer(self.config.optimizer, self.config.train.num_steps)
+        if self.privacy is None:
+            return tx
+        import optax
+
+        return optax.chain(privacy.privatizer(self.privacy, self.config.seed), tx)
 
     def learning_rate(self, step: int) -> float:
         return float(learning_rate_schedule(self.config.optimizer, self.config.train.num_steps)(step))
@@ -234,8 +246,11 @@ class Experiment:
 
     def train_step(self, axis_name: str | None = None, num_shards: int = 1):
         """The pure train step (`mmjax/training/step.py`); `axis_name` under pmap."""
+        dp = self.privacy
         return make_train_step(self.model, self.optimizer, self.tasks, self.loss_weights, axis_name=axis_name,
-                               num_shards=num_shards, accum_steps=accum_steps(self.config), **self.loss_settings)
+                               num_shards=num_shards, accum_steps=accum_steps(self.config), **self.loss_settings,
+                               dp_clip=None if dp is None else dp.clip_norm, dp_microbatch=0 if dp is None else
+                               dp.microbatch)
 
     def eval_step(self):
         """The pure eval step: params, batch -> predictions (probabilities or values) per task."""
@@ -285,10 +300,18 @@ class Experiment:
             return None
         return pipeline.label_rows(int(self.spec.split_sizes["train"]), fraction, int(d.get("label_seed", 0)))
 
-    def train_loader(self, batch_size: int, seed: int | None = None, **kwargs):
-        """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process."""
+    def train_loader(self, batch_size: int, seed: int | None = None, sampled: bool = True, **kwargs):
+        """The training split's loader (`mmjax/data/pipeline.py`), `batch_size` rows per process; with
+        `config.privacy.dp` (and `sampled`) the privacy plan's sampled batches of its capacity."""
         d = self.config.data
         kwargs.setdefault("rows", self.train_rows)
+        if sampled and self.privacy is not None:  # DP-SGD: the plan's sampled batches of its capacity rows
+            if jax.process_count() > 1:
+                raise ConfigError("--config.privacy.dp=True trains in one process")
+            return pipeline.sampled_loader(self.builder, self.spec, self.privacy.batches(self.config.seed),
+                                           self.privacy.capacity, self.config.seed if seed is None else seed,
+                                           augment=d.augment, worker_count=d.worker_count,
+                                           cache_mib=d.get("cache_mib", 2048), **self.data_kwargs(), **kwargs)
         return pipeline.train_loader(self.builder, self.spec, batch_size, self.config.seed if seed is None else seed,
                                      augment=d.augment, worker_count=d.worker_count, cache_mib=d.get("cache_mib", 2048),
                                      **self.data_kwargs(), **kwargs)

@@ -267,6 +267,61 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
     return ds
 
 
+def _through(x, ops, rng: np.random.Generator):
+    """`x` through grain `ops`, the random ones drawing from `rng`."""
+    for op in ops:
+        x = op.random_map(x, rng) if isinstance(op, grain.transforms.RandomMap) else op.map(x)
+    return x
+
+
+class _SampledBatches:
+    """Step s -> the batch of the training records `batches[s]` (a DP-SGD run's sampled rows), padded to
+    `capacity` rows; the random ops and the augmentation drawn from (seed, s)."""
+
+    def __init__(self, source, random_ops: list, batches, capacity: int, finish, seed: int):
+        self._source, self._ops, self._batches = source, random_ops, batches
+        self._capacity, self._finish, self._seed = capacity, finish, seed
+
+    def __call__(self, step: int):
+        import jax
+
+        rng = np.random.default_rng([self._seed, int(step)])
+        examples = [_through(self._source[int(i)], self._ops, rng) for i in self._batches[step]]
+        if not examples:  # a Poisson draw of no row: a batch of padding, shaped on record 0
+            x = jax.tree.map(np.zeros_like, _through(self._source[0], self._ops, rng))
+            examples = [{**x, "example_mask": np.bool_(False)}]
+        batch = pad_batch(jax.tree.map(lambda *xs: np.stack(xs), *examples), self._capacity)
+        return _through(batch, [self._finish], rng)
+
+
+def sampled_loader(builder, spec: DatasetSpec, batches: Sequence[np.ndarray], capacity: int, seed: int, *,
+                   split: str = "train", modalities: Sequence[str] | None = None,
+                   tasks: Sequence[TaskSpec] | None = None, augment: bool = True, text_max_length: int = 96,
+                   spectrogram: bool = False, start_batch: int = 0, cache_mib: int = 2048,
+                   rows: Sequence[int] | None = None, worker_count: int = 0) -> grain.IterDataset:
+    """The batches of a DP-SGD run (`mmjax/training/privacy.py`): batch s holds the training records
+    `batches[s]` (indices into the split, or into `rows`), drawn by the privacy plan, padded to `capacity`
+    rows with `example_mask` False; from batch `start_batch` on. One process. The preprocessing is
+    `train_loader`'s (deterministic ops cached, random crops and augmentation seeded by (seed, step))."""
+    ops = preprocess_ops(spec, modalities, tasks or spec.tasks, text_max_length, spectrogram, train=True)
+    k = fixed_ops(ops)
+    source = _CachedSource(CheckedSource(builder, split, rows), ops[:k], cache_mib * 2**20 // max(worker_count, 1),
+                           f"{builder.name} {split}")
+    images = _image_specs(spec, modalities)
+    finish = T.AugmentImages(specs=images, rows=(0, capacity)) if augment and images else T.ImageToFloat(images)
+    ds = grain.MapDataset.range(start_batch, len(batches)).map(
+        _SampledBatches(source, ops[k:], batches, capacity, finish, seed))
+    ahead = read_ahead(spec, modalities, capacity, text_max_length, worker_count)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead))
+    if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_cpu_only_worker)
+    return ds
+
+
 def _cpu_only_worker(worker_index: int, worker_count: int) -> None:
     """A Grain worker's JAX (the augmentation's warp) uses the host's CPU alone: it must not open an
     accelerator the training process holds (on a GPU host every worker would otherwise start CUDA)."""

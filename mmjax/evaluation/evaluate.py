@@ -9,7 +9,9 @@ saved at training time), with the best checkpoint by validation `best_metric` (o
 rows come from the split of the dataset that `config.data` names. What is written to `W/eval/`:
 `<split>.json` and `<split>_predictions.npz` (`records.py`), `<split>_baselines.json` and `.npz` (the
 classical baselines beside the model: `baselines.py`), `<split>_robustness.json` and
-`<split>_shapley.npz` (`robustness.py`), `<split>_attributions.npz` (`attribution.py`).
+`<split>_shapley.npz` (`robustness.py`), `<split>_subgroups.json` (every metric per sex, age band, site,
+`--groups=` column and subset of present modalities, with the gap's permutation test: `subgroups.py`),
+`<split>_attributions.npz` (`attribution.py`).
 
 `evaluate` is the one sequence of these; the launcher calls it, and so does the report (with
 `reuse=True`: files of the same checkpoint step are read back instead of computed again).
@@ -21,7 +23,7 @@ import os
 
 import numpy as np
 
-from mmjax.evaluation import attribution, baselines, records, robustness
+from mmjax.evaluation import attribution, baselines, records, robustness, subgroups
 from mmjax.experiment import EVAL_DIR
 
 # Arrays of an attributions file with one row per patient (the rest are per-file).
@@ -40,8 +42,9 @@ def evaluate_split(predictor, split: str = "test") -> dict:
 
 
 def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: int = 4, output: str = "",
-             patients=(), reuse: bool = False, with_baselines: bool = True) -> dict:
-    """{'record', 'baselines', 'robustness', 'explanation', 'written'} of `split` (baselines None with
+             patients=(), reuse: bool = False, with_baselines: bool = True, groups=()) -> dict:
+    """{'record', 'baselines', 'subgroups', 'robustness', 'explanation', 'written'} of `split` (subgroups per
+    `config.eval` and the extra manifest columns `groups`; baselines None with
     `with_baselines=False` (`--baselines=false`), the run's `eval.baselines=False`, on the training split
     or when they fail (a warning), robustness and explanation None when not asked:
     `analyze=False`, `explain=0` with no `patients`)."""
@@ -56,6 +59,12 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
                                                records.load_predictions(predictor.workdir, split, predictor.tasks), rec)
         if versus is not None:
             written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
+    groups = tuple(groups)
+    by_group = reuse and records.load_eval(predictor.workdir, f"{split}_subgroups.json", step)
+    if not by_group or by_group.get("format") != subgroups.FORMAT or by_group.get("asked", []) != list(groups):
+        by_group = subgroups.evaluate(predictor.experiment, split, step,
+                                      records.load_predictions(predictor.workdir, split, predictor.tasks), groups)
+    written.append(f"{split}_subgroups.json")
     rob = None
     if analyze:
         rob = (reuse and records.load_eval(predictor.workdir, f"{split}_robustness.json", step)) or \
@@ -67,7 +76,8 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
         ex = (reuse and _stored_explanation(predictor, split, explain, output, patients)) or \
             attribution.explain(predictor, split, explain, output, patients=patients)
         written.append(f"{split}_attributions.npz")
-    return {"record": rec, "baselines": versus, "robustness": rob, "explanation": ex, "written": written}
+    return {"record": rec, "baselines": versus, "subgroups": by_group, "robustness": rob, "explanation": ex,
+            "written": written}
 
 
 def _stored_explanation(predictor, split: str, count: int, output: str, patients: tuple) -> dict | None:

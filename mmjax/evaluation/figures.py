@@ -175,6 +175,38 @@ def robustness_figure(rob: dict, metric: str = "macro_auroc"):
     return fig
 
 
+def subgroup_figure(result: dict, overall: dict | None = None, metric: str = "macro_auroc"):
+    """One panel per group variable of a subgroup analysis (`subgroups.py`): each group's metric with its
+    interval, the whole split's value as a line, and the gap's permutation p-value in the title."""
+    from mmjax.evaluation import subgroups
+
+    shown = {k: v for k, v in result["variables"].items() if v["groups"]}
+    if not shown:
+        return None
+    plt = _plt()
+    heights = [max(1.6, 0.35 * len(v["groups"]) + 0.9) for v in shown.values()]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(7.5, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (name, var) in zip(axes[:, 0], shown.items()):
+        m = subgroups.shown(var, metric)
+        names = list(var["groups"])
+        vals = np.array([subgroups.value_and_interval(var["groups"][g], m) for g in names])
+        y = np.arange(len(names))[::-1]
+        err = np.abs(np.stack([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]]))
+        ax.errorbar(vals[:, 0], y, xerr=np.nan_to_num(err), fmt="o", ms=4, capsize=3)
+        ax.set_yticks(y, [f"{g} (n={var['groups'][g]['patients']})" for g in names])
+        if overall is not None:
+            try:
+                ax.axvline(float(subgroups._get(overall, m)), color="k", lw=0.8, ls="--", label="all patients")
+                ax.legend(fontsize=7, loc="lower right")
+            except (KeyError, TypeError):
+                pass
+        gap = var["gaps"].get(m)
+        note = f"; gap {gap['gap']:.3f}, permutation p={gap.get('p_value', float('nan')):.3g}" if gap else ""
+        ax.set_title(f"{name}: {m}{note}", fontsize=9)
+    return fig
+
+
 def shapley_figure(rob: dict, tasks, metric: str = "macro_auroc"):
     """Shapley values over modalities of `metric` (summing to all minus none), next to the
     leave-one-out deltas; and the mean |Shapley| of each output per modality."""

@@ -33,18 +33,19 @@ _FIGURES = [("roc", "ROC curves"), ("pr", "Precision-recall curves"), ("confusio
 
 
 def build_report(workdir: str, split: str = "test", step: int | None = None, explain: int = 4,
-                 output: str = "", patients=(), baselines: bool = True) -> str:
+                 output: str = "", patients=(), baselines: bool = True, groups=()) -> str:
     """Writes `W/report/index.html` (and each figure as PNG beside it); returns its path."""
     run = Predictor.from_workdir(workdir, step)
     done = evaluate(run, split, explain=explain, output=output, patients=patients, reuse=True,
-                    with_baselines=baselines)
+                    with_baselines=baselines, groups=groups)
     rec, rob, ex = done["record"], done["robustness"], done["explanation"]
     versus = done["baselines"]
     preds, labels, masks, _ = load_predictions(run.workdir, split, run.tasks)
     drawn = {"roc": figures.roc_figure(preds, labels, masks, run.tasks),
              "pr": figures.pr_figure(preds, labels, masks, run.tasks),
              "confusion": figures.confusion_figure(rec, run.tasks), "reliability": figures.reliability_figure(rec),
-             "robustness": figures.robustness_figure(rob), "shapley": figures.shapley_figure(rob, run.tasks)}
+             "robustness": figures.robustness_figure(rob), "shapley": figures.shapley_figure(rob, run.tasks),
+             "subgroups": figures.subgroup_figure(done["subgroups"], rec["metrics"])}
     out_dir = os.path.join(run.workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
     images = {}
@@ -60,7 +61,7 @@ def build_report(workdir: str, split: str = "test", step: int | None = None, exp
                 f.write(data)
     path = os.path.join(out_dir, "index.html")
     with open(path, "w") as f:
-        f.write(_page(run, split, rec, rob, images, patients, versus))
+        f.write(_page(run, split, rec, rob, images, patients, versus, done["subgroups"]))
     return path
 
 
@@ -81,7 +82,22 @@ def baselines_section(versus: dict | None) -> str:
             f"<p><b>{html.escape(versus['verdict'])}</b></p><pre>{html.escape(format_table(versus))}</pre>")
 
 
-def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, versus: dict | None = None) -> str:
+def subgroups_section(result: dict, image: bytes | None) -> str:
+    """Per-group results (`mmjax/evaluation/subgroups.py`): the figure and the table with the gaps."""
+    from mmjax.evaluation.subgroups import format_table
+
+    text = format_table(result)
+    if not text:
+        return "<h2>Who the model fails: subgroups</h2><p>No group variable with two groups of enough patients.</p>"
+    return ("<h2>Who the model fails: subgroups</h2><p>Each group's metric with its patient-level bootstrap "
+            f"interval (groups of at least {result['min_patients']} patients); the gap is the best group minus the "
+            f"worst, its p-value from {result['permutations']} permutations of the patients' groups. Full "
+            "results, per-group calibration included, in <code>eval/&lt;split&gt;_subgroups.json</code>.</p>"
+            + (figure_html("subgroups", image) if image else "") + f"<pre>{html.escape(text)}</pre>")
+
+
+def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, versus: dict | None = None,
+          by_group: dict | None = None) -> str:
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(n)}</td><td>{v:.4f}</td><td>{'' if lo is None else f'[{lo:.4f}, {hi:.4f}]'}"
                    f"</td></tr>" for n, v, lo, hi in interval_rows(rec, run.tasks))
@@ -120,6 +136,8 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, v
         "<th>NPV</th></tr>" + points + "</table>",
         baselines_section(versus),
     ]
+    if by_group is not None:
+        parts.append(subgroups_section(by_group, images.get("subgroups")))
     for name, title in _FIGURES:
         if name in images:
             parts.append(f"<h2>{esc(title)}</h2>" + figure_html(name, images[name]))

@@ -346,7 +346,8 @@ def pretrain(config, workdir: str) -> dict:
         print(f"Pretraining {described}: {p['num_steps']} steps of {p['batch_size']} training rows", flush=True)
         objective = make_objective(model, objs, p)
         step_fn = strategy.train_step(lambda *_: make_step(objective, tx))
-        loader = exp.train_loader(p["batch_size"] // jax.process_count(), start_batch=start, rows=None)
+        loader = exp.train_loader(p["batch_size"] // jax.process_count(), start_batch=start, rows=None,
+                                  sampled=False)  # pretraining is not private
         batches = parallel.prefetch_to_device((_inputs(b, exp.modalities) for b in loader),
                                               config.data.get("device_prefetch", 2), strategy.put)
         from mmjax.training.metric_writer import MetricWriter

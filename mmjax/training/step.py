@@ -125,14 +125,19 @@ def _accumulate(contributions, params, batch, rng, k: int, reduce):
 def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axis_name: str | None = None,
                     num_shards: int = 1, modality_heads_weight: float = 0.0, class_weights=None,
                     task_weighting: losses.TaskWeighting | str = "fixed", focal_gamma: float = 0.0,
-                    focal_alpha=None, accum_steps: int = 1):
+                    focal_alpha=None, accum_steps: int = 1, dp_clip: float | None = None, dp_microbatch: int = 0):
     """train_step(state, batch) -> (state, metrics). `task_weighting`: 'fixed' and 'uncertainty' (the
     model's `task_log_vars`) differentiate the joint loss; 'dwa' scales the fixed weights by DWA's
     (`state.loss_state` carries the window statistics); 'pcgrad' takes each task's gradient (one
     forward pass, K backward passes under vmap), sums them over devices under pmap, then projects.
     `accum_steps` = k > 1: the batch in k microbatches, their gradients summed before the one update
     (the same loss and update as the whole batch at a k-th of the activation memory; dropout and
-    modality dropout draw other masks, from a key per microbatch)."""
+    modality dropout draw other masks, from a key per microbatch).
+    `dp_clip` = C (DP-SGD, `mmjax/training/privacy.py`): the gradients are the sum over the batch's rows of
+    each row's gradient of its own loss clipped to L2 norm C (`jax_privacy.clipped_grad`, vmapped over rows,
+    `dp_microbatch` rows at a time if > 0; each row's own dropout key); padding rows (`example_mask`
+    False) have no known label, so no loss and no gradient. The optimizer adds the noise and divides by
+    the expected batch size; the logged losses are the means over the real rows."""
     weighting = losses.TaskWeighting(task_weighting) if isinstance(task_weighting, str) else task_weighting
     reduce = _reducer(axis_name)
     settings = (modality_heads_weight, class_weights, focal_gamma, focal_alpha)
@@ -141,12 +146,27 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
         """What is summed over devices (and microbatches): the loss, or PCGrad's task terms; the
         per-task losses; the gradients, or each task's."""
         loss_fn, objectives = _loss_fns(model, tasks, loss_weights, count_reduce, shards, *settings)
+        if dp_clip is not None:
+            return _clipped(loss_fn, params, batch, rng, scale)
         if weighting.kind == "pcgrad":
             terms, task_vjp, per_task = jax.vjp(lambda p: objectives(p, batch, rng), params, has_aux=True)
             (task_grads,) = jax.vmap(task_vjp)(jnp.eye(len(tasks), dtype=terms.dtype))  # leaves [K, ...]
             return terms, per_task, task_grads
         (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, scale)
         return loss, per_task, grads
+
+    def _clipped(loss_fn, params, batch, rng, scale):
+        from jax_privacy import clipped_grad
+
+        if axis_name is not None or accum_steps != 1 or weighting.kind in ("pcgrad", "uncertainty"):
+            raise ValueError("DP-SGD's per-example clipping runs jitted over a mesh, with accum_steps=1 and "
+                             "task weighting 'fixed' or 'dwa'")
+        grad = clipped_grad(lambda p, row, key: loss_fn(p, row, key, scale), has_aux=True, l2_clip_norm=dp_clip,
+                            batch_argnums=1, prng_argnum=2, return_values=True, microbatch_size=dp_microbatch or None)
+        grads, aux = grad(params, batch, rng)
+        rows = batch["example_mask"].astype(jnp.float32)
+        mean = lambda v: jnp.sum(jnp.reshape(v, rows.shape) * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+        return mean(aux.values), {k: mean(v) for k, v in aux.aux.items()}, grads
 
     def train_step(state: TrainState, batch):
         key, rng = step_keys(state, axis_name)

@@ -130,6 +130,8 @@ def init_or_restore(config, workdir: str) -> Run:
         if exp.recipe["changes"]:
             print(f"Small-data recipe ({exp.recipe['train_rows']} training rows; --config.recipe=standard turns it "
                   f"off): {', '.join(f'{k}={v}' for k, v in exp.recipe['changes'].items())}", flush=True)
+        if exp.privacy is not None:
+            print(exp.privacy.describe(), flush=True)
         if exp.train_rows is not None:
             d, count = config.data, exp.spec.split_sizes["train"]
             print(f"Label efficiency: training on {len(exp.train_rows)} of {count} training rows (data.label_fraction="
@@ -366,8 +368,14 @@ def fit(run: Run) -> dict:
             val, collected = _metrics_on(run, "validation")
             validation = (step, val, collected)
             run.writer.write("validation", step, val)
+            spent = ""
+            if run.exp.privacy is not None:
+                epsilon = run.exp.privacy.epsilon(step)
+                run.writer.write("privacy", step, {"epsilon": epsilon})
+                spent = f" (epsilon {epsilon:.3g} spent)"
             if jax.process_index() == 0:
-                print(f"step {step}: validation {c.best_metric} {metric_value(val, c.best_metric):.4f}", flush=True)
+                print(f"step {step}: validation {c.best_metric} {metric_value(val, c.best_metric):.4f}{spent}",
+                      flush=True)
             run.writer.reset_clock(step)
         if step % c.train.checkpoint_every == 0 or last:
             metric = {c.best_metric: metric_value(val, c.best_metric)} if val else None
@@ -426,6 +434,8 @@ def finish(run: Run, loop: dict) -> dict:
         "train_step_recompilations_after_first_step": _cache_size(run.train_step) - 1,
         "data_wait_fraction": round(loop["data_wait"] / max(loop["wall_seconds"], 1e-9), 4),
     }
+    if exp.privacy is not None:  # what the whole run spent (the evaluated checkpoint's steps spent less)
+        run_info["privacy"] = exp.privacy.summary(step)
     if "test" in results:
         run.writer.write("test", evaluated_step, results["test"])
     run.writer.write("run", step, run_info)
