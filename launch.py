@@ -124,7 +124,7 @@ def main(argv):
                                 groups=_GROUPS.value)
         print(f"Report written to {path}")
         return
-    from mmjax.training import cv, parallel
+    from mmjax.training import cv, federated, parallel
     from mmjax.training.pretrain import pretrain
     from mmjax.training.train import train_and_evaluate
 
@@ -133,6 +133,8 @@ def main(argv):
     try:
         if _MODE.value == "pretrain":
             pretrain(_CONFIG.value, _WORKDIR.value)
+        elif federated.enabled(_CONFIG.value):
+            federated.train_federated(_CONFIG.value, _WORKDIR.value)
         else:
             (cv.cross_validate if cv.every_fold(_CONFIG.value) else train_and_evaluate)(_CONFIG.value, _WORKDIR.value)
     except Exception:

@@ -128,6 +128,13 @@ def base_config(fusion: str = "cross_attention", modalities: str = "") -> ml_col
     # noise of noise_multiplier * clip_norm (or calibrated to target_epsilon at delta; delta 0: 1 / (10 N)),
     # batches Poisson-sampled with train.batch_size expected rows (capacity 0: B + 4 sqrt(B), the rest truncated
     # and accounted) or 'fixed'-size; epsilon from dp-accounting's PLD accountant, logged at each evaluation
+    # federated training (mmjax/training/federated.py): sites = a manifest column or a count of simulated sites
+    # ('' off); train.num_steps counts local steps (num_steps / local_steps rounds); algorithm fedavg | fedprox
+    # (mu) | centralized | local (only_site); fraction of sites per round; simulated sites: Dirichlet label skew
+    # and absent modalities ('auto': site 0 has no signal)
+    c.federated = ml_collections.ConfigDict(dict(
+        sites="", algorithm="fedavg", local_steps=10, fraction=1.0, mu=0.01, label_skew=0.5, absent="auto",
+        only_site=""))
     c.privacy = ml_collections.ConfigDict(dict(
         dp=False, clip_norm=1.0, noise_multiplier=1.0, target_epsilon=0.0, delta=0.0, sampling="poisson",
         capacity=0, microbatch=0))

@@ -20,7 +20,10 @@ NO_RESULT_DEPENDS = frozenset({"train.figures", "allow_config_change", "data.wor
 ADDED_DEFAULTS = {"model.remat": "", "data.label_fraction": 1.0, "data.label_seed": 0,
                   "data.ecg_rate": 0, "recipe": "standard", "privacy.dp": False, "privacy.clip_norm": 1.0,
                   "privacy.noise_multiplier": 1.0, "privacy.target_epsilon": 0.0, "privacy.delta": 0.0,
-                  "privacy.sampling": "poisson", "privacy.capacity": 0, "privacy.microbatch": 0}
+                  "privacy.sampling": "poisson", "privacy.capacity": 0, "privacy.microbatch": 0,
+                  "federated.sites": "", "federated.algorithm": "fedavg", "federated.local_steps": 10,
+                  "federated.fraction": 1.0, "federated.mu": 0.01, "federated.label_skew": 0.5,
+                  "federated.absent": "auto", "federated.only_site": ""}
 
 # Settings a resumed run may change (how long it trains, what it logs, keeps and reports, where the
 # prepared data lies, on how many processes and devices), and prefixes of such groups; any other

@@ -308,6 +308,7 @@ class Experiment:
         if sampled and self.privacy is not None:  # DP-SGD: the plan's sampled batches of its capacity rows
             if jax.process_count() > 1:
                 raise ConfigError("--config.privacy.dp=True trains in one process")
+            kwargs.pop("shard_index", None), kwargs.pop("shard_count", None)  # one process: all of each batch
             return pipeline.sampled_loader(self.builder, self.spec, self.privacy.batches(self.config.seed),
                                            self.privacy.capacity, self.config.seed if seed is None else seed,
                                            augment=d.augment, worker_count=d.worker_count,

@@ -4,7 +4,8 @@
 
 `W/report/index.html` shows the run's config and data summary, the metrics with their bootstrap
 intervals, ROC and precision-recall curves, confusion matrices of multiclass tasks, reliability
-diagrams before and after temperature scaling, the classical baselines beside the model, robustness
+diagrams before and after temperature scaling, the classical baselines beside the model, the privacy a
+DP-SGD run spent, every metric per subgroup (sex, age band, site, modality subset) with the gap's test, robustness
 to missing and noisy modalities, Shapley values over modalities, and a few patients: image heatmaps
 of integrated gradients, highlighted text, tabular bars and signal saliency, plus what the
 cross-attention fusion attended to. Each figure is also written as `W/report/<name>.png`.
@@ -26,6 +27,7 @@ from mmjax.evaluation.evaluate import evaluate
 from mmjax.evaluation.format import format_robustness, interval_rows, presence_rate
 from mmjax.evaluation.predictor import Predictor
 from mmjax.evaluation.records import load_predictions
+from mmjax.experiment import RESULTS_FILE
 
 _FIGURES = [("roc", "ROC curves"), ("pr", "Precision-recall curves"), ("confusion", "Confusion matrices"),
             ("reliability", "Reliability diagrams (before and after temperature scaling, fitted on validation)"),
@@ -82,6 +84,23 @@ def baselines_section(versus: dict | None) -> str:
             f"<p><b>{html.escape(versus['verdict'])}</b></p><pre>{html.escape(format_table(versus))}</pre>")
 
 
+def privacy_section(workdir: str) -> str:
+    """The privacy a DP-SGD run spent (`results.json`'s `run.privacy`), or nothing for an ordinary run."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        spent = json.load(f).get("run", {}).get("privacy")
+    if not spent:
+        return ""
+    return ("<h2>Differential privacy</h2><p>DP-SGD (mmjax/training/privacy.py): <b>epsilon "
+            f"{spent['epsilon']:.3g} at delta {spent['delta']:.2e}</b> after {spent['steps']} steps "
+            f"({html.escape(spent['adjacency'])}; {html.escape(spent['accountant'])}); noise multiplier "
+            f"{spent['noise_multiplier']:.4g}, clip norm {spent['clip_norm']:g}, {html.escape(spent['sampling'])} "
+            f"sampling at rate {spent['sampling_rate']:.4g}. The preprocessing's statistics and vocabulary and the "
+            "classical baselines are not private.</p>")
+
+
 def subgroups_section(result: dict, image: bytes | None) -> str:
     """Per-group results (`mmjax/evaluation/subgroups.py`): the figure and the table with the gaps."""
     from mmjax.evaluation.subgroups import format_table
@@ -135,6 +154,7 @@ def _page(run, split: str, rec: dict, rob: dict, images: dict, patients: list, v
         "<table><tr><th>output</th><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th>"
         "<th>NPV</th></tr>" + points + "</table>",
         baselines_section(versus),
+        privacy_section(run.workdir),
     ]
     if by_group is not None:
         parts.append(subgroups_section(by_group, images.get("subgroups")))

@@ -147,6 +147,16 @@ def _get(tree, path: str):
     return tree
 
 
+def _order(group: str) -> tuple:
+    """Groups in a readable order: age bands by age, names alphabetically, `missing` last."""
+    import re
+
+    band = re.fullmatch(r"(<|>=)?(-?[0-9.]+)(-[0-9.]+)?", group)
+    if band:
+        return (1, float("-inf") if band.group(1) == "<" else float(band.group(2)), group)
+    return (3 if group == MISSING else 2, 0.0, group)
+
+
 def _subset(collected, rows: np.ndarray) -> tuple:
     preds, labels, masks, ids = collected
     take = lambda d: {k: v[rows] for k, v in d.items()}
@@ -212,7 +222,7 @@ def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dic
     """One group variable: {'groups': {name: {...}}, 'too_small': {name: patients}, 'gaps': {metric: ...}}."""
     ids = collected[3]
     out, small = {}, {}
-    for g in sorted(set(groups.tolist())):
+    for g in sorted(set(groups.tolist()), key=_order):
         rows = groups == g
         patients = int(len(np.unique(ids[rows])))
         if patients < options["min_patients"]:
