@@ -205,7 +205,12 @@ class Experiment:
         """The DP-SGD plan of `config.privacy` (None: ordinary training): its noise, sampling and epsilon."""
         rows = self.train_rows
         count = len(rows) if rows is not None else int(self.spec.split_sizes["train"])
-        return privacy.plan(self.config, count, jax.device_count())
+        plan = privacy.plan(self.config, count, jax.device_count())
+        weighted = [t.name for t in self.tasks if t.kind == "multiclass" and t.name in self.class_weights]
+        if plan is not None and weighted:  # one row's weighted mean is its unweighted loss: the weights vanish
+            raise ConfigError(f"--config.privacy.dp=True: multiclass class weights (loss.class_weights for "
+                              f"{', '.join(weighted)}) are not supported with DP-SGD's per-example losses")
+        return plan
 
     @functools.cached_property
     def optimizer(self):
@@ -410,7 +415,7 @@ def small_data_recipe(config, spec: DatasetSpec, tasks, modalities) -> dict:
         # balanced weights need each class in the training split; a task the config weighs keeps its weights
         balanced = [t.name for t in tasks if t.kind == "multiclass" and t.name not in named
                     and len(t.class_counts) == t.num_outputs and min(t.class_counts) > 0]
-        if balanced:
+        if balanced and not (config.get("privacy", None) or {}).get("dp", False):  # DP-SGD: see privacy.py
             changes["loss.class_weights"] = ",".join([given] * bool(given) + [f"{t}=balanced" for t in balanced])
     return {"name": name, "train_rows": rows, "changes": changes}
 

@@ -16,8 +16,8 @@ from mmjax.training.train import train_and_evaluate
 from tests.test_training import _final_params, smoke_config
 
 
-def _config(tiny_builder, sites="3", **kw):
-    c = smoke_config(tiny_builder, "smoke,modalities=tabular+signal")
+def _config(tiny_builder, sites="3", modalities="tabular+signal", **kw):
+    c = smoke_config(tiny_builder, f"smoke,modalities={modalities}")
     c.federated.update(sites=sites, local_steps=2, **kw)
     c.train.update(num_steps=6, eval_every=4, checkpoint_every=2)
     return c
@@ -59,6 +59,27 @@ def test_weighted_average_and_the_proximal_term():
     assert not np.array_equal(federated.participants(10, 0.3, 0, 5), federated.participants(10, 0.3, 0, 6))
 
 
+def test_a_round_trains_every_site_from_the_round_model_and_averages_the_participants():
+    """A toy step (params += batch) through `make_round`: each site starts from the round's model, a site that
+    does not take part keeps its state and stays out of the average, even when it holds NaN."""
+    from mmjax.training.state import TrainState
+
+    def step(state, batch):
+        return state.replace(params=state.params + batch, step=state.step + 1), {"loss": jnp.sum(batch)}
+
+    round_fn = federated.make_round(step, prox=False)
+    sites = TrainState(step=jnp.zeros(3, jnp.int32), params=jnp.array([[7.0], [8.0], [9.0]]), opt_state=jnp.zeros(3),
+                       rng=jnp.zeros((3, 2), jnp.uint32))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=jnp.array([1.0]), opt_state=(),
+                       rng=jnp.zeros(2, jnp.uint32))
+    batches = jnp.array([[1.0, 1.0], [2.0, 2.0], [np.nan, 3.0]])[:, :, None]  # [S, L, 1]
+    new, sites_after, metrics = round_fn(state, sites, batches, jnp.array([1.0, 3.0, 0.0]))
+    np.testing.assert_allclose(new.params, [0.25 * (1 + 2) + 0.75 * (1 + 4)])
+    np.testing.assert_allclose(sites_after.params[:2, 0], [3.0, 5.0])
+    assert sites_after.params[2, 0] == 9.0 and list(sites_after.step) == [2, 2, 0]
+    assert metrics["loss"].shape == (3, 2) and int(new.step) == 1
+
+
 def test_a_site_reads_only_its_own_rows_and_lacks_its_absent_modality(tiny_builder, tmp_path):
     c = _config(tiny_builder, sites="3")
     fed = federated.init_or_restore(c, str(tmp_path))
@@ -79,7 +100,7 @@ def test_a_site_reads_only_its_own_rows_and_lacks_its_absent_modality(tiny_build
 
 def test_one_site_is_ordinary_training(tiny_builder, tmp_path):
     """One site trains on the ordinary run's batches with its keys and optimizer, so it ends where it does."""
-    c = _config(tiny_builder, sites="1")
+    c = _config(tiny_builder, sites="1", modalities="tabular")
     c.federated.local_steps = 3
     fed = federated.init_or_restore(c, str(tmp_path / "ids"))
     fed.writer.close(), fed.manager.close()

@@ -102,6 +102,19 @@ def test_the_permutation_test_finds_a_real_gap_and_not_a_made_up_one():
     assert "p_value" not in perm_free["gaps"]["died.auroc"]
 
 
+def test_a_patient_counts_in_the_group_of_its_first_row():
+    """Rows of one patient in two groups (a later visit in another age band): the patient is evaluated in
+    its first row's group, the unit the permutation test permutes, and the moved rows are counted."""
+    collected = _collected(n=120)
+    ids = collected[3]
+    groups = np.array(["A", "B"])[np.arange(120) // 2 % 2]
+    groups[1] = "B"  # patient p0's second row
+    out = subgroups.analyze_variable(collected, TASKS, groups, OPTIONS)
+    assert out["moved_rows"] == 1
+    assert out["groups"]["A"]["rows"] == 60 and out["groups"]["B"]["rows"] == 60  # p0's two rows both in A
+    assert out["groups"]["A"]["patients"] == len(set(ids[groups == "A"])) == 30
+
+
 def test_age_bands_and_the_table():
     assert [subgroups.age_band(a) for a in (5, 39.9, 40, 59, 60, 79.5, 80, 101, float("nan"), None, "")] == \
         ["<40", "<40", "40-59", "40-59", "60-79", "60-79", ">=80", ">=80", "missing", "missing", "missing"]
@@ -120,9 +133,10 @@ def test_settings_read_the_config():
     c = ml_collections.ConfigDict({"eval": {"groups": "site,smoker", "age_bands": "18,65", "min_group_patients": 5}})
     s = subgroups.settings(c, ["dx", "site"])
     assert s["groups"] == ["site", "smoker", "dx"] and s["age_bands"] == (18.0, 65.0) and s["min_patients"] == 5
-    c.eval.age_bands = "65,18"
-    with pytest.raises(ConfigError, match="eval.age_bands"):
-        subgroups.settings(c)
+    for bad in ("65,18", ""):
+        c.eval.age_bands = bad
+        with pytest.raises(ConfigError, match="eval.age_bands"):
+            subgroups.settings(c)
 
 
 def test_group_variables_come_from_the_manifest(tmp_path):
@@ -133,7 +147,8 @@ def test_group_variables_come_from_the_manifest(tmp_path):
     rows = _rows(tmp_path)[0]
     manifest = _write_csv(tmp_path / "manifest.csv", rows)
     builder = mb.load(manifest, _write_schema(tmp_path / "schema.yaml", SCHEMA), str(tmp_path / "tfds"))
-    exp = types.SimpleNamespace(builder=builder, spec=DatasetSpec.from_builder(builder))
+    spec = DatasetSpec.from_builder(builder)
+    exp = types.SimpleNamespace(builder=builder, spec=spec, modalities=spec.modality_names)
     ids, variables = subgroups.attributes(exp, "test", {**OPTIONS, "groups": ["dx"]})
     by_id = {r["pid"]: r for r in rows}
     expect_sex = [by_id[i]["sex"] or "missing" for i in ids]

@@ -61,7 +61,8 @@ def evaluate(predictor, split: str = "test", *, analyze: bool = True, explain: i
             written += [f"{split}_baselines.json", f"{split}_baselines.npz"]
     groups = tuple(groups)
     by_group = reuse and records.load_eval(predictor.workdir, f"{split}_subgroups.json", step)
-    if not by_group or by_group.get("format") != subgroups.FORMAT or by_group.get("asked", []) != list(groups):
+    wanted = subgroups.resolved(subgroups.settings(predictor.config, groups))
+    if not by_group or by_group.get("format") != subgroups.FORMAT or by_group.get("options") != wanted:
         by_group = subgroups.evaluate(predictor.experiment, split, step,
                                       records.load_predictions(predictor.workdir, split, predictor.tasks), groups)
     written.append(f"{split}_subgroups.json")

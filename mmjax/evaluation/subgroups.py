@@ -55,7 +55,7 @@ def settings(config, groups=()) -> dict:
     extra = [*parse_list(e.get("groups", "") or ""), *groups]
     bands = e.get("age_bands", None)
     bands = AGE_BANDS if bands is None else tuple(float(b) for b in parse_list(bands))
-    if list(bands) != sorted(set(bands)):
+    if not bands or list(bands) != sorted(set(bands)):
         raise ConfigError(f"eval.age_bands={e.get('age_bands')!r}: give increasing ages, e.g. '40,60,80'")
     return {"groups": list(dict.fromkeys(extra)), "age_bands": bands,
             "min_patients": int(e.get("min_group_patients", MIN_PATIENTS)),
@@ -82,9 +82,10 @@ def age_band(age, edges=AGE_BANDS) -> str:
 def attributes(experiment, split: str, options: dict) -> tuple[np.ndarray, dict]:
     """(patient ids, {variable: [N] group names}) of every record of `split`, in the split's order."""
     source = CheckedSource(experiment.builder, split)
-    recs = [source[i] for i in range(len(source))]
+    keep = ("patient_id", "present", "row", "female", "age")  # not the images and signals: memory
+    recs = [{k: r[k] for k in keep if k in r} for r in (source[i] for i in range(len(source)))]
     ids = np.array([_text(r["patient_id"]) for r in recs])
-    names = [m for m in experiment.spec.modality_names if all(m in r["present"] for r in recs)]
+    names = [m for m in experiment.modalities if all(m in r["present"] for r in recs)]  # the run's modalities
     out = {"modalities": np.array(["+".join(m for m in names if bool(r["present"][m])) or "none" for r in recs])}
     table = _manifest_table(experiment)
     if table is not None:
@@ -219,8 +220,15 @@ def permutation_gaps(collected, tasks, groups: np.ndarray, names: list, metrics:
 
 
 def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dict:
-    """One group variable: {'groups': {name: {...}}, 'too_small': {name: patients}, 'gaps': {metric: ...}}."""
+    """One group variable: {'groups': {name: {...}}, 'too_small': {name: patients}, 'gaps': {metric: ...},
+    'moved_rows'}. A patient belongs to the group of its first row (the unit the permutation test
+    permutes): rows of a patient in another group than its first row's (e.g. a later visit in another
+    age band) are counted in `moved_rows` and evaluated with the first row's group."""
     ids = collected[3]
+    inverse, num_patients = bootstrap.group_index(ids)
+    first = np.full(num_patients, -1)
+    first[inverse[::-1]] = np.arange(len(inverse))[::-1]
+    given, groups = groups, groups[first][inverse]
     out, small = {}, {}
     for g in sorted(set(groups.tolist()), key=_order):
         rows = groups == g
@@ -231,7 +239,7 @@ def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dic
         sub = _subset(collected, rows)
         out[g] = {"patients": patients, "rows": int(rows.sum()), **records.with_intervals(sub, tasks, options),
                   "calibration": group_calibration(sub, tasks, options["bins"])}
-    result = {"groups": out, "too_small": small, "gaps": {}}
+    result = {"groups": out, "too_small": small, "gaps": {}, "moved_rows": int(np.sum(given != groups))}
     names = list(out)
     if len(names) < 2:
         return result
@@ -279,11 +287,16 @@ def align(collected_ids, ids: np.ndarray, variables: dict) -> dict:
     return {k: v[at] for k, v in variables.items()}
 
 
+def resolved(options: dict) -> dict:
+    """What of the settings a stored analysis must match to be reused."""
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in options.items()}
+
+
 def evaluate(experiment, split: str, step: int, collected, groups=()) -> dict:
     """Writes `eval/<split>_subgroups.json`; returns what it wrote."""
     options = settings(experiment.config, groups)
     ids, variables = attributes(experiment, split, options)
-    result = {"step": int(step), "split": split, "asked": list(groups),
+    result = {"step": int(step), "split": split, "options": resolved(options),
               **analyze(collected, experiment.tasks, align(collected[3], ids, variables), options)}
     folder = os.path.join(experiment.workdir, records.EVAL_DIR)
     os.makedirs(folder, exist_ok=True)

@@ -73,7 +73,11 @@ class Sites:
     absent: dict  # site index -> modalities it lacks
 
     def of_patients(self, split: str) -> dict:
-        return dict(zip(self.ids[split].tolist(), self.of_split[split].tolist()))
+        """{patient id: the site of the patient's first record}."""
+        out = {}
+        for p, k in zip(self.ids[split].tolist(), self.of_split[split].tolist()):
+            out.setdefault(p, k)
+        return out
 
 
 def settings(config) -> dict:
@@ -88,6 +92,8 @@ def settings(config) -> dict:
     fraction = float(f.get("fraction", 1.0))
     if not 0 < fraction <= 1:
         raise ConfigError(f"--config.federated.fraction={fraction}: a fraction of the sites in (0, 1]")
+    if config.get("init_from", ""):
+        raise ConfigError("--config.init_from with federated training is not supported yet")
     if config.get("privacy", {}).get("dp", False):
         raise ConfigError("--config.privacy.dp=True with federated training (DP-FedAvg) is not supported yet")
     return {"sites": str(f.sites), "algorithm": algorithm, "local_steps": local, "fraction": fraction,
@@ -97,17 +103,16 @@ def settings(config) -> dict:
 
 
 # ---- Sites ------------------------------------------------------------------------------------------------
-def _first_label(records: list, tasks) -> np.ndarray:
-    """Each record's class of the first classification output (a multilabel task's first label; -1: unknown)."""
+def _id_and_label(record: dict, tasks) -> tuple[str, int]:
+    """A record's patient id and class of the first classification output (a multilabel task's first
+    label; -1: unknown; 0 without a classification task)."""
+    pid = subgroups._text(record["patient_id"])
     task = next((t for t in tasks if t.kind != "regression"), None)
     if task is None:
-        return np.zeros(len(records), int)
-    out = []
-    for r in records:
-        y = np.ravel(np.asarray(r["labels"][task.name]))
-        known = np.ravel(np.asarray(r.get("label_known", {}).get(task.name, True)))
-        out.append(int(y[0]) if bool(known[0]) else -1)
-    return np.array(out)
+        return pid, 0
+    y = np.ravel(np.asarray(record["labels"][task.name]))
+    known = np.ravel(np.asarray(record.get("label_known", {}).get(task.name, True)))
+    return pid, int(y[0]) if bool(known[0]) else -1
 
 
 def assign_sites(exp: Experiment, opts: dict) -> Sites:
@@ -125,6 +130,13 @@ def assign_sites(exp: Experiment, opts: dict) -> Sites:
         names = tuple(sorted(every))
         index = {n: k for k, n in enumerate(names)}
         of = {split: np.array([index[c] for c in cells[split]]) for split in splits}
+        found = Sites(names, of, ids, {})
+        spanning = {p for split in splits for first in [found.of_patients(split)]
+                    for p, k in zip(ids[split].tolist(), of[split].tolist()) if first[p] != k}
+        if spanning:
+            print(f"Warning: {len(spanning)} patient(s) have rows at several sites ({count}); each is counted at the "
+                  "site of its first row when rows are matched by patient (absent modalities, per-site results)",
+                  flush=True)
         absent = _parse_absent("" if opts["absent"] == "auto" else opts["absent"], names, exp)
         return Sites(names, of, ids, absent)
     num = int(count)
@@ -136,17 +148,19 @@ def assign_sites(exp: Experiment, opts: dict) -> Sites:
     of, ids = {}, {}
     for j, split in enumerate(splits):
         source = CheckedSource(exp.builder, split)
-        recs = [source[i] for i in range(len(source))]
-        ids[split] = np.array([subgroups._text(r["patient_id"]) for r in recs])
-        labels = _first_label(recs, exp.tasks)
+        fields = [_id_and_label(source[i], exp.tasks) for i in range(len(source))]  # not the images: memory
+        ids[split] = np.array([f[0] for f in fields])
+        # a patient's records go to one site together, by the first record's label
+        patients, first, inverse = np.unique(ids[split], return_index=True, return_inverse=True)
+        labels = np.array([fields[i][1] for i in first], int)
         draw = np.random.default_rng([exp.config.seed, j])
-        sites = np.zeros(len(recs), int)
+        sites = np.zeros(len(patients), int)
         for c in sorted(set(labels.tolist())):
             if c not in proportions:
                 proportions[c] = rng.dirichlet(np.full(num, opts["label_skew"]))
-            rows = np.flatnonzero(labels == c)
-            sites[rows] = draw.choice(num, size=len(rows), p=proportions[c])
-        of[split] = sites
+            members = np.flatnonzero(labels == c)
+            sites[members] = draw.choice(num, size=len(members), p=proportions[c])
+        of[split] = sites[inverse.ravel()]
     auto = "0:signal" if num > 1 and "signal" in exp.modalities else ""
     absent = _parse_absent(auto if opts["absent"] == "auto" else opts["absent"], names, exp)
     return Sites(names, of, ids, absent)
@@ -157,7 +171,7 @@ def _parse_absent(text: str, names: tuple, exp: Experiment) -> dict:
     out = {}
     for item in parse_list(text):
         site, _, mods = item.partition(":")
-        k = int(site) if site.isdigit() else (names.index(site) if site in names else -1)
+        k = names.index(site) if site in names else (int(site) if site.isdigit() else -1)
         if not 0 <= k < len(names):
             raise ConfigError(f"--config.federated.absent={text!r}: no site {site!r} among {', '.join(names)}")
         wanted = tuple(m for m in mods.split("+") if m)
@@ -211,7 +225,9 @@ def make_round(train_step, prox: bool):
         taking = weights > 0
         keep = lambda new, old: jnp.where(taking.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
         sites = jax.tree.map(keep, trained, sites)
-        params = aggregate(trained.params, weights)
+        # a site that does not take part trained too (one program), on garbage if it diverged: out of the sum
+        params = aggregate(jax.tree.map(lambda p: jnp.where(taking.reshape((-1,) + (1,) * (p.ndim - 1)), p, 0),
+                                        trained.params), weights)
         return state.replace(step=state.step + 1, params=params), sites, metrics
 
     return jax.jit(round_fn, donate_argnums=(0, 1))
@@ -229,6 +245,7 @@ class Federation:
     exp: Experiment
     opts: dict
     sites: Sites
+    trained: list  # the names of the sites that train
     members: list  # per training site: the indices of its training records
     state: TrainState
     site_states: TrainState
@@ -247,16 +264,17 @@ def _training_sites(sites: Sites, opts: dict, train_rows) -> tuple[list[str], li
         return ["all sites"], [pool]
     names = list(sites.names)
     members = [pool[of[pool] == k] for k in range(len(names))]
+    training = [n for n, m in zip(names, members) if len(m)]
     if opts["algorithm"] == "local":
-        if opts["only_site"] not in names:
-            raise ConfigError(f"--config.federated.algorithm=local needs --config.federated.only_site, one of "
-                              f"{', '.join(names)}")
+        if opts["only_site"] not in training:
+            raise ConfigError(f"--config.federated.algorithm=local needs --config.federated.only_site, a site with "
+                              f"training rows: one of {', '.join(training)}")
         k = names.index(opts["only_site"])
         return [names[k]], [members[k]]
-    empty = [n for n, m in zip(names, members) if not len(m)]
-    if empty:
-        raise ConfigError(f"site(s) {', '.join(empty)} have no training row")
-    return names, members
+    if not training:
+        raise ConfigError("no site has training rows")
+    # a site with no training rows (e.g. an external test site) is evaluated, not trained on
+    return training, [m for m in members if len(m)]
 
 
 def site_loaders(fed: Federation, start_round: int):
@@ -316,8 +334,8 @@ def init_or_restore(config, workdir: str) -> Federation:
           f"{max(1, round(opts['fraction'] * len(names)))} site(s) a round", flush=True)
     writer = MetricWriter(workdir, opts["rounds"], config.train.batch_size, resume_step=start)
     predict = parallel.MeshStrategy().predictor(exp.eval_step())
-    return Federation(exp, opts, sites, members, state, site_states, make_round(train_step, prox), manager, writer,
-                      start, predict)
+    return Federation(exp, opts, sites, names, members, state, site_states, make_round(train_step, prox), manager,
+                      writer, start, predict)
 
 
 def evaluate_split(fed: Federation, split: str, params) -> tuple:
@@ -390,7 +408,7 @@ def finish(fed: Federation, loop: dict) -> dict:
     info = {"algorithm": fed.opts["algorithm"], "rounds": loop["round"], "evaluated_round": int(best),
             "local_steps": fed.opts["local_steps"], "fraction": fed.opts["fraction"], "mu": fed.opts["mu"],
             "sites": list(fed.sites.names),
-            "training_rows": {n: int(np.sum(fed.sites.of_split["train"] == k)) for k, n in enumerate(fed.sites.names)},
+            "training_rows": dict(zip(fed.trained, map(len, fed.members))),
             "absent": {fed.sites.names[k]: list(m) for k, m in fed.sites.absent.items()},
             "wall_seconds": round(loop["wall_seconds"], 2)}
     out = {**results, "run": {"federated": info, "evaluated_step": int(best)}, "sites": by_site}

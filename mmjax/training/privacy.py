@@ -26,12 +26,15 @@ training on the training rows. It does not cover what is computed from the train
 training: the tabular standardization statistics, the image mean and standard deviation and the text
 vocabulary (words of at least `text_min_patients` patients) of a manifest's preparation, the
 small-data recipe's choice (from the row count) and class weights (from the label counts), and the
-classical baselines (fitted without privacy): these are not private. The per-example loss values that
-the console logs are not private either (they are monitoring; report only the model).
+classical baselines (fitted without privacy): these are not private. The losses and the gradient norm
+(of the clipped sum, before the noise) that the console and metrics.jsonl log are not private either
+(they are monitoring; report only the model).
 
-Limits: one process (the batches are drawn on the host for the whole run); `task_weighting` 'fixed' or
-'dwa' (uncertainty weighting's log-variances and PCGrad's projections are not per-example sums);
-`accum_steps` 1 (`microbatch` bounds the per-example gradients' memory instead).
+Limits: one process (the batches are drawn on the host for the whole run); `task_weighting` 'fixed'
+(DWA's weights come from the training losses, which are not privatized; uncertainty weighting's
+log-variances and PCGrad's projections are not per-example sums); no multiclass class weights (one
+row's weighted mean is its unweighted loss: the small-data recipe adds none under DP); `accum_steps` 1
+(`microbatch` bounds the per-example gradients' memory instead); a resume keeps `train.num_steps`.
 """
 
 from __future__ import annotations
@@ -158,16 +161,17 @@ def plan(config, num_examples: int, devices: int = 1) -> Plan | None:
     if sampling not in SAMPLINGS:
         raise ConfigError(f"--config.privacy.sampling={sampling!r}: use one of {', '.join(SAMPLINGS)}")
     kind = config.loss.get("task_weighting", "fixed")
-    if kind not in ("fixed", "dwa") or config.loss.get("uncertainty_weighting", False):
-        raise ConfigError(f"--config.privacy.dp=True works with loss.task_weighting 'fixed' or 'dwa', not {kind!r} "
-                          "(its terms are not sums of per-example losses)")
+    if kind != "fixed" or config.loss.get("uncertainty_weighting", False):
+        raise ConfigError(f"--config.privacy.dp=True works with loss.task_weighting='fixed', not {kind!r} (its "
+                          "weights come from the training losses, not privatized, or its terms are not sums of "
+                          "per-example losses)")
     if int(config.train.get("accum_steps", 1)) != 1:
         raise ConfigError("--config.privacy.dp=True: use privacy.microbatch to bound memory, not train.accum_steps")
     if config.get("parallel", "mesh") != "mesh":
         raise ConfigError("--config.privacy.dp=True runs with --config.parallel=mesh")
     clip = float(p.get("clip_norm", 1.0))
-    if not clip > 0:
-        raise ConfigError(f"--config.privacy.clip_norm={clip} must be > 0 (inf: no clipping, no privacy)")
+    if not 0 < clip < math.inf:
+        raise ConfigError(f"--config.privacy.clip_norm={clip} must be finite and > 0")
     batch = int(config.train.batch_size)
     if batch > num_examples:
         raise ConfigError(f"--config.train.batch_size={batch} is larger than the {num_examples} training rows")
@@ -176,10 +180,13 @@ def plan(config, num_examples: int, devices: int = 1) -> Plan | None:
     capacity = int(devices * math.ceil(capacity / devices))  # the batch splits over the devices
     if capacity < batch:
         raise ConfigError(f"--config.privacy.capacity={capacity} is below the expected batch of {batch} rows")
+    microbatch = int(p.get("microbatch", 0))
+    if microbatch < 0 or (microbatch and capacity % microbatch):
+        raise ConfigError(f"--config.privacy.microbatch={microbatch} must divide the batch of {capacity} rows")
     delta = float(p.get("delta", 0.0)) or 1.0 / (10 * num_examples)
     out = Plan(clip_norm=clip, noise_multiplier=float(p.get("noise_multiplier", 1.0)), delta=delta,
                num_examples=int(num_examples), batch_size=batch, capacity=capacity,
-               num_steps=int(config.train.num_steps), sampling=sampling, microbatch=int(p.get("microbatch", 0)))
+               num_steps=int(config.train.num_steps), sampling=sampling, microbatch=microbatch)
     target = float(p.get("target_epsilon", 0.0))
     if target > 0:
         from jax_privacy.accounting import calibrate

@@ -158,9 +158,9 @@ def make_train_step(model, tx, tasks: Sequence[TaskSpec], loss_weights=None, axi
     def _clipped(loss_fn, params, batch, rng, scale):
         from jax_privacy import clipped_grad
 
-        if axis_name is not None or accum_steps != 1 or weighting.kind in ("pcgrad", "uncertainty"):
+        if axis_name is not None or accum_steps != 1 or weighting.kind != "fixed":
             raise ValueError("DP-SGD's per-example clipping runs jitted over a mesh, with accum_steps=1 and "
-                             "task weighting 'fixed' or 'dwa'")
+                             "task weighting 'fixed'")
         grad = clipped_grad(lambda p, row, key: loss_fn(p, row, key, scale), has_aux=True, l2_clip_norm=dp_clip,
                             batch_argnums=1, prng_argnum=2, return_values=True, microbatch_size=dp_microbatch or None)
         grads, aux = grad(params, batch, rng)

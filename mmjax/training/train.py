@@ -223,6 +223,9 @@ def check_resume(config, workdir: str) -> bool:
     if added:
         print(f"Note: settings added to mmjax since {workdir} was started take their values now: "
               f"{', '.join(f'{k}={flat_now[k]!r}' for k in added)}", flush=True)
+    if flat_now.get("privacy.dp") and flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
+        raise ConfigError(f"{workdir} is a DP-SGD run of train.num_steps={flat_before['train.num_steps']}: its noise "
+                          "and privacy accounting are for that length; train longer in another --workdir")
     if flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
         print(f"Note: train.num_steps {flat_before['train.num_steps']} -> {flat_now['train.num_steps']}: the "
               "learning-rate schedule follows the new length from the resumed step on", flush=True)
