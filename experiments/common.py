@@ -57,6 +57,7 @@ def smoke(c: ml_collections.ConfigDict, num_steps: int = 4, every: int = 2, warm
     c.optimizer.warmup_steps = warmup_steps
     c.eval_batch_size = eval_batch_size
     c.eval.bootstrap_resamples = 50
+    c.eval.group_permutations = 100
     c.eval.baselines = False  # ~5-30 s a run (neurokit2's import, the fits): tests that need them turn them on
     c.recipe = "standard"  # the model as configured, whatever the (tiny) dataset's size
     return c

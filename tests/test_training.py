@@ -503,6 +503,9 @@ def test_training_writes_intervals_and_evaluate_mode_reproduces_them(uninterrupt
                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "checkpoint step 7 (best by validation macro_auroc)" in out.stdout and "95% CI" in out.stdout
+    groups = json.load(open(moved / "eval" / "test_subgroups.json"))  # per sex, age band, modality subset
+    assert {"sex", "age", "modalities"} <= set(groups["variables"]) and "  sex (macro_auroc): female" in out.stdout
+    assert sum(g["patients"] for g in groups["variables"]["sex"]["groups"].values()) == 120
     again = json.load(open(moved / "eval" / "test.json"))
     assert again["metrics"] == json.loads(json.dumps(rec["metrics"]))
     assert again["ci"] == rec["ci"]  # the same resamples (seeded)
@@ -771,6 +774,7 @@ def test_after_a_nan_or_a_corrupt_checkpoint_the_last_good_one_is_the_resume_poi
                                                                                     caplog):
     config, a, _ = uninterrupted
     config = config.copy_and_resolve_references()
+    config.eval.baselines = False  # not what this test is about (5-10 s a finished run)
     b = str(tmp_path / "b")
     config.train.stop_at_step = 4
     train_and_evaluate(config, b)  # checkpoints 2 and 4, finite
@@ -830,6 +834,7 @@ def test_a_resume_with_another_config_is_refused_before_anything_is_written(unin
 def test_a_resume_on_other_data_is_refused_and_each_config_is_kept(uninterrupted, tmp_path):
     config, a, _ = uninterrupted
     config = config.copy_and_resolve_references()
+    config.eval.baselines = False  # not what this test is about (5-10 s a finished run)
     b = str(tmp_path / "b")
     config.train.stop_at_step = 3
     train_and_evaluate(config, b)
@@ -876,6 +881,8 @@ def test_evaluation_refuses_data_that_changed_since_training(uninterrupted, tmp_
 def test_an_error_in_the_loop_leaves_no_half_written_checkpoint_and_no_repeated_step(uninterrupted, tmp_path,
                                                                                     monkeypatch):
     config, a, _ = uninterrupted
+    config = config.copy_and_resolve_references()
+    config.eval.baselines = False  # not what this test is about (5-10 s a finished run)
     b = str(tmp_path / "b")
     loader = Experiment.train_loader
     # reading the 6th batch fails, while step 4 takes its batch (the loop puts batches on the device
