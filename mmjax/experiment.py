@@ -170,7 +170,7 @@ class Experiment:
 
     def check(self) -> None:
         """Builds what the config names so that a wrong setting fails now, before any compilation."""
-        self.loss_weights, self.loss_settings, self.model  # noqa: B018
+        self.loss_weights, self.loss_settings, self.model, self.privacy  # noqa: B018
 
     def describe_splits(self) -> str | None:
         """A note when a split is too small for its metrics to mean much (None otherwise)."""
@@ -206,8 +206,9 @@ class Experiment:
         rows = self.train_rows
         count = len(rows) if rows is not None else int(self.spec.split_sizes["train"])
         plan = privacy.plan(self.config, count, jax.device_count())
-        weighted = [t.name for t in self.tasks if t.kind == "multiclass" and t.name in self.class_weights]
-        if plan is not None and weighted:  # one row's weighted mean is its unweighted loss: the weights vanish
+        weighted = plan and [t.name for t in self.tasks if t.kind == "multiclass" and
+                             self.class_weights.get(t.name) is not None]
+        if weighted:  # one row's weighted mean is its unweighted loss: the weights vanish
             raise ConfigError(f"--config.privacy.dp=True: multiclass class weights (loss.class_weights for "
                               f"{', '.join(weighted)}) are not supported with DP-SGD's per-example losses")
         return plan

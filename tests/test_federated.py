@@ -40,6 +40,11 @@ def test_simulated_sites_deal_every_row_once_with_label_skew(tiny_builder):
     with pytest.raises(Exception, match="no modality 'image'"):
         c.federated.absent = "1:image"
         federated.assign_sites(exp, federated.settings(c))
+    # a site named by a number is matched by name before index
+    assert federated._parse_absent("1:signal,2:tabular", ("1", "10", "2"), exp) == {0: ("signal",), 2: ("tabular",)}
+    c.init_from = "/somewhere"
+    with pytest.raises(Exception, match="init_from"):
+        federated.settings(c)
 
 
 def test_weighted_average_and_the_proximal_term():

@@ -197,3 +197,7 @@ def test_a_dp_run_reads_the_plans_batches_logs_epsilon_and_resumes_exactly(tiny_
     jax.tree.map(np.testing.assert_array_equal, a, b)
     saved = json.load(open(os.path.join(tmp_path, "whole", "results.json")))
     assert saved["run"]["privacy"]["sampling"] == "poisson"
+    # what the noise and the accounting depend on cannot change on a resume, allow_config_change or not
+    c.train.num_steps, c.allow_config_change = 6, True
+    with pytest.raises(ConfigError, match=r"train.num_steps \(4 -> 6\)"):
+        train_and_evaluate(c, str(tmp_path / "split"))

@@ -161,6 +161,8 @@ def test_group_variables_come_from_the_manifest(tmp_path):
         labs = any(by_id[i][c] for c in ("age", "crp", "sex", "site"))
         want = [m for m in exp.spec.modality_names if (labs if m == "labs" else present(i, m, cols[m]))]
         assert got == "+".join(want), i
+    run = types.SimpleNamespace(builder=builder, spec=spec, modalities=("labs", "ecg"))  # a run on two of five
+    assert set(subgroups.attributes(run, "test", OPTIONS)[1]["modalities"]) <= {"labs", "ecg", "labs+ecg", "none"}
     with pytest.raises(ConfigError, match="no column 'smoker'.*pid"):
         subgroups.attributes(exp, "test", {**OPTIONS, "groups": ["smoker"]})
     collected_ids = ids[::-1]

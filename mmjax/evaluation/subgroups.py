@@ -36,7 +36,7 @@ from mmjax.config import lower_is_better, parse_list
 from mmjax.console import ConfigError
 from mmjax.data.pipeline import CheckedSource
 from mmjax.evaluation import records
-from mmjax.metrics import bootstrap, calibration
+from mmjax.metrics import calibration
 from mmjax.metrics import tasks as task_metrics
 
 FORMAT = 1
@@ -192,9 +192,8 @@ def permutation_gaps(collected, tasks, groups: np.ndarray, names: list, metrics:
     """{metric: [R] gap (max - min over `names`)} with the patients' groups permuted R times (a patient's
     group: its first row's). `groups` [N]: each row's group; rows in no group of `names` stay out."""
     preds, labels, masks, ids = collected
-    inverse, num_patients = bootstrap.group_index(ids)
-    first = np.full(num_patients, -1)
-    first[inverse[::-1]] = np.arange(len(inverse))[::-1]  # each patient's first row
+    _, first, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)  # each patient's first row
+    inverse = inverse.ravel()
     patient_group = groups[first]
     pool = np.flatnonzero(np.isin(patient_group, names))  # the patients that take part
     chunk = chunk or max(1, min(permutations, (8 << 20) // max(len(inverse), 1)))
@@ -225,10 +224,8 @@ def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dic
     permutes): rows of a patient in another group than its first row's (e.g. a later visit in another
     age band) are counted in `moved_rows` and evaluated with the first row's group."""
     ids = collected[3]
-    inverse, num_patients = bootstrap.group_index(ids)
-    first = np.full(num_patients, -1)
-    first[inverse[::-1]] = np.arange(len(inverse))[::-1]
-    given, groups = groups, groups[first][inverse]
+    _, first, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)  # each patient's first row
+    given, groups = groups, groups[first][inverse.ravel()]
     out, small = {}, {}
     for g in sorted(set(groups.tolist()), key=_order):
         rows = groups == g

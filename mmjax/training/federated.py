@@ -361,13 +361,13 @@ def fit(fed: Federation) -> dict:
         weights[taking] = weights_all[taking]
         fed.state, fed.site_states, metrics = fed.round_fn(fed.state, fed.site_states, batches, jnp.asarray(weights))
         r += 1
-        loss = float(np.sum(np.mean(np.asarray(metrics["loss"]), 1) * weights) / np.sum(weights))
+        site_loss = np.mean(np.asarray(metrics["loss"]), 1)  # a non-participant's (even NaN) is not counted
+        loss = float(site_loss[taking] @ weights[taking] / weights[taking].sum())
         if not np.isfinite(loss):
             raise checkpoint.NonFiniteState(f"non-finite loss in round {r}: stopping the run "
                                             f"({checkpoint.resume_point(fed.manager)})")
-        fed.writer.write("train", r, {"loss": loss, "participants": ",".join(map(str, taking.tolist())),
-                                      "site_loss": {str(k): float(np.mean(np.asarray(metrics["loss"])[k]))
-                                                    for k in taking}})
+        fed.writer.write("train", r, {"loss": loss, "participants": ",".join(fed.trained[k] for k in taking),
+                                      "site_loss": {fed.trained[k]: float(site_loss[k]) for k in taking}})
         val = None
         if "validation" in fed.exp.splits and (r % every_eval == 0 or r == rounds):
             val, collected = evaluate_split(fed, "validation", fed.state.params)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mmjax.config import RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
+from mmjax.config import ADDED_DEFAULTS, RESUME_MAY_CHANGE, config_differences, flatten, lower_is_better, metric_value
 from mmjax.console import ConfigError
 from mmjax.data.spec import DatasetSpec, truncation
 from mmjax.evaluation import baselines, records
@@ -223,9 +223,15 @@ def check_resume(config, workdir: str) -> bool:
     if added:
         print(f"Note: settings added to mmjax since {workdir} was started take their values now: "
               f"{', '.join(f'{k}={flat_now[k]!r}' for k in added)}", flush=True)
-    if flat_now.get("privacy.dp") and flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
-        raise ConfigError(f"{workdir} is a DP-SGD run of train.num_steps={flat_before['train.num_steps']}: its noise "
-                          "and privacy accounting are for that length; train longer in another --workdir")
+    if flat_now.get("privacy.dp") or flat_before.get("privacy.dp"):  # whatever allow_config_change says
+        accounted = [k for k in sorted(set(flat_before) | set(flat_now)) if k.startswith("privacy.") or k in (
+            "train.num_steps", "train.batch_size", "seed", "data.label_fraction", "data.label_seed")]
+        was = lambda k: flat_before.get(k, ADDED_DEFAULTS.get(k))  # a config from before the key existed
+        changed = [k for k in accounted if was(k) != flat_now.get(k)]
+        if changed:
+            raise ConfigError(f"{workdir} holds a run whose DP-SGD noise and privacy accounting depend on "
+                              f"{', '.join(f'{k} ({was(k)!r} -> {flat_now.get(k)!r})' for k in changed)}: "
+                              "these cannot change on a resume; train in another --workdir")
     if flat_before.get("train.num_steps") not in (None, flat_now.get("train.num_steps")):
         print(f"Note: train.num_steps {flat_before['train.num_steps']} -> {flat_now['train.num_steps']}: the "
               "learning-rate schedule follows the new length from the resumed step on", flush=True)
