@@ -198,7 +198,7 @@ def subgroup_figure(result: dict, overall: dict | None = None, metric: str = "ma
         if overall is not None:
             try:
                 ax.axvline(float(subgroups._get(overall, m)), color="k", lw=0.8, ls="--", label="all patients")
-                ax.legend(fontsize=7, loc="lower right")
+                ax.legend(fontsize=7, loc="best")
             except (KeyError, TypeError):
                 pass
         gap = var["gaps"].get(m)
