@@ -332,7 +332,9 @@ def init_or_restore(config, workdir: str) -> Federation:
     print(f"Federated {opts['algorithm']}: {len(names)} training site(s) ({rows} training rows)"
           f"{'; ' + lacks if lacks else ''}; {opts['rounds']} rounds of {opts['local_steps']} local steps, "
           f"{max(1, round(opts['fraction'] * len(names)))} site(s) a round", flush=True)
-    writer = MetricWriter(workdir, opts["rounds"], config.train.batch_size, resume_step=start)
+    # progress lines count rounds: "steps/s" are rounds/s, "examples" every site's rows of a round
+    writer = MetricWriter(workdir, opts["rounds"], config.train.batch_size * opts["local_steps"] * len(members),
+                          resume_step=start)
     predict = parallel.MeshStrategy().predictor(exp.eval_step())
     return Federation(exp, opts, sites, names, members, state, site_states, make_round(train_step, prox), manager,
                       writer, start, predict)
@@ -366,6 +368,8 @@ def fit(fed: Federation) -> dict:
         if not np.isfinite(loss):
             raise checkpoint.NonFiniteState(f"non-finite loss in round {r}: stopping the run "
                                             f"({checkpoint.resume_point(fed.manager)})")
+        if r % max(1, c.train.log_every // L) == 0 or r == rounds:
+            fed.writer.progress(r, loss)
         fed.writer.write("train", r, {"loss": loss, "participants": ",".join(fed.trained[k] for k in taking),
                                       "site_loss": {fed.trained[k]: float(site_loss[k]) for k in taking}})
         val = None
@@ -375,6 +379,7 @@ def fit(fed: Federation) -> dict:
             fed.writer.write("validation", r, val)
             print(f"round {r}/{rounds}: loss {loss:.4f}, validation {c.best_metric} "
                   f"{metric_value(val, c.best_metric):.4f}", flush=True)
+            fed.writer.reset_clock(r)  # an evaluation is not a round
         last = r in (rounds, stop)
         metric = {c.best_metric: metric_value(val, c.best_metric)} if val else None
         checkpoint.save(fed.manager, r, fed.state.replace(opt_state=fed.site_states),
