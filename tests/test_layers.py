@@ -7,7 +7,8 @@ belongs to the longest prefix listed):
   2 `data`, `models`, `losses`                data never imports models, models never import data
   3 `experiment`, the training runtime        state, optimizer, step, checkpoint, parallel, metric_writer
   4 `evaluation`
-  5 `training.train`, `training.sweep`, `training.cv`, `training.label_efficiency`, `benchmarks`
+  5 `training.train`, `training.sweep`, `training.cv`, `training.label_efficiency`, `training.federated`,
+    `benchmarks`
 `launch.py` (6) imports the library; nothing in `mmjax/` imports `experiments/` or `launch.py`.
 """
 
@@ -28,7 +29,7 @@ LAYERS = {
     "mmjax.experiment": 3, "mmjax.training": 3,
     "mmjax.evaluation": 4,
     "mmjax.training.train": 5, "mmjax.training.sweep": 5, "mmjax.training.cv": 5,
-    "mmjax.training.label_efficiency": 5, "mmjax.benchmarks": 5,
+    "mmjax.training.label_efficiency": 5, "mmjax.training.federated": 5, "mmjax.benchmarks": 5,
 }
 APART = [("mmjax.data", "mmjax.models"), ("mmjax.models", "mmjax.data")]  # (importer, imported) never allowed
 

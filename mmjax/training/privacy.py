@@ -21,7 +21,7 @@ sampling, `dp-accounting` (through jax-privacy's DP-SGD accountant) for the priv
   (seed, step): a resumed run reads the batches it would have read.
 
 Epsilon (at `delta`, add-or-remove-one adjacency; PLD accountant) is logged at every evaluation,
-written into `results.json` (`privacy`) and shown in the report. What it covers is the model's
+written into `results.json` (`run.privacy`) and shown in the report. What it covers is the model's
 training on the training rows. It does not cover what is computed from the training rows before
 training: the tabular standardization statistics, the image mean and standard deviation and the text
 vocabulary (words of at least `text_min_patients` patients) of a manifest's preparation, the
