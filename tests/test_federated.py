@@ -130,8 +130,9 @@ def test_one_site_is_ordinary_training(tiny_builder, tmp_path):
 
 def test_fedprox_with_partial_participation_resumes_to_the_uninterrupted_parameters(tiny_builder, tmp_path):
     c = _config(tiny_builder, sites="3", modalities="tabular", algorithm="fedprox", mu=0.05, fraction=0.5)
+    c.train.update(num_steps=4, eval_every=4)  # 2 rounds of 2 local steps, validated at the end (CI time)
     whole = federated.train_federated(c, str(tmp_path / "whole"))
-    assert whole["run"]["federated"]["rounds"] == 3 and set(whole["sites"]["groups"]) <= {"site0", "site1", "site2"}
+    assert whole["run"]["federated"]["rounds"] == 2 and set(whole["sites"]["groups"]) <= {"site0", "site1", "site2"}
     assert whole["run"]["federated"]["absent"] == {}  # 'auto': no signal modality in this run
     c.train.stop_at_step = 2
     assert federated.train_federated(c, str(tmp_path / "split")) == {"stopped_at_step": 2}
@@ -140,7 +141,7 @@ def test_fedprox_with_partial_participation_resumes_to_the_uninterrupted_paramet
     a, b = _final_params(str(tmp_path / "whole"))[0], _final_params(str(tmp_path / "split"))[0]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     events = [json.loads(line) for line in open(os.path.join(tmp_path, "split", "metrics.jsonl"))]
-    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]
+    assert [e["step"] for e in events if e["event"] == "train"] == [1, 2]
     assert all(len(e["participants"].split(",")) == 2 for e in events if e["event"] == "train")
     saved = json.load(open(tmp_path / "whole" / "results.json"))
     assert saved["run"]["federated"]["algorithm"] == "fedprox" and "test" in saved
