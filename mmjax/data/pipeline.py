@@ -258,13 +258,18 @@ def train_loader(builder, spec: DatasetSpec, batch_size: int, seed: int, *, spli
         ds = ds.map(T.ImageToFloat(images))
     ahead = read_ahead(spec, modalities, batch_size, text_max_length, worker_count)
     ds = ds[start_batch:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead))
-    if worker_count:
-        from absl import flags
+    return _with_workers(ds, worker_count)
 
-        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside app.run use defaults
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_cpu_only_worker)
-    return ds
+
+def _with_workers(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    """`ds` prepared in `worker_count` processes (0: in this one)."""
+    if not worker_count:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside app.run use defaults
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_cpu_only_worker)
 
 
 def _through(x, ops, rng: np.random.Generator):
@@ -312,14 +317,8 @@ def sampled_loader(builder, spec: DatasetSpec, batches: Sequence[np.ndarray], ca
     ds = grain.MapDataset.range(start_batch, len(batches)).map(
         _SampledBatches(source, ops[k:], batches, capacity, finish, seed))
     ahead = read_ahead(spec, modalities, capacity, text_max_length, worker_count)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead))
-    if worker_count:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_cpu_only_worker)
-    return ds
+    return _with_workers(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead)),
+                         worker_count)
 
 
 def _cpu_only_worker(worker_index: int, worker_count: int) -> None:

@@ -36,7 +36,7 @@ from mmjax.config import lower_is_better, parse_list
 from mmjax.console import ConfigError
 from mmjax.data.pipeline import CheckedSource
 from mmjax.evaluation import records
-from mmjax.metrics import calibration
+from mmjax.metrics import bootstrap, calibration
 from mmjax.metrics import tasks as task_metrics
 
 FORMAT = 1
@@ -84,7 +84,7 @@ def attributes(experiment, split: str, options: dict) -> tuple[np.ndarray, dict]
     source = CheckedSource(experiment.builder, split)
     keep = ("patient_id", "present", "row", "female", "age")  # not the images and signals: memory
     recs = [{k: r[k] for k in keep if k in r} for r in (source[i] for i in range(len(source)))]
-    ids = np.array([_text(r["patient_id"]) for r in recs])
+    ids = np.array([text(r["patient_id"]) for r in recs])
     names = [m for m in experiment.modalities if all(m in r["present"] for r in recs)]  # the run's modalities
     out = {"modalities": np.array(["+".join(m for m in names if bool(r["present"][m])) or "none" for r in recs])}
     table = _manifest_table(experiment)
@@ -111,7 +111,8 @@ def attributes(experiment, split: str, options: dict) -> tuple[np.ndarray, dict]
     return ids, out
 
 
-def _text(x) -> str:
+def text(x) -> str:
+    """A record's string field (TFDS gives bytes) as str."""
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
@@ -192,8 +193,7 @@ def permutation_gaps(collected, tasks, groups: np.ndarray, names: list, metrics:
     """{metric: [R] gap (max - min over `names`)} with the patients' groups permuted R times (a patient's
     group: its first row's). `groups` [N]: each row's group; rows in no group of `names` stay out."""
     preds, labels, masks, ids = collected
-    _, first, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)  # each patient's first row
-    inverse = inverse.ravel()
+    first, inverse = bootstrap.first_rows(ids)
     patient_group = groups[first]
     pool = np.flatnonzero(np.isin(patient_group, names))  # the patients that take part
     chunk = chunk or max(1, min(permutations, (8 << 20) // max(len(inverse), 1)))
@@ -224,8 +224,8 @@ def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dic
     permutes): rows of a patient in another group than its first row's (e.g. a later visit in another
     age band) are counted in `moved_rows` and evaluated with the first row's group."""
     ids = collected[3]
-    _, first, inverse = np.unique(np.asarray(ids), return_index=True, return_inverse=True)  # each patient's first row
-    given, groups = groups, groups[first][inverse.ravel()]
+    first, inverse = bootstrap.first_rows(ids)
+    given, groups = groups, groups[first][inverse]
     out, small = {}, {}
     for g in sorted(set(groups.tolist()), key=_order):
         rows = groups == g

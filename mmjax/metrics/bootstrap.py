@@ -28,6 +28,12 @@ def group_index(groups) -> tuple[np.ndarray, int]:
     return inverse, (int(inverse.max()) + 1 if len(inverse) else 0)
 
 
+def first_rows(groups) -> tuple[np.ndarray, np.ndarray]:
+    """(each group's first row [G], each row's group as 0..G-1 [N]), groups in `group_index`'s order."""
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    return first, inverse.ravel()
+
+
 def draw_counts(rng: np.random.Generator, inverse: np.ndarray, num_groups: int, num_resamples: int) -> np.ndarray:
     """[r, N] float counts: how often each row's group is drawn in each of r resamples of the G groups
     with replacement. Draws r x G integers in order, so successive calls continue one stream."""

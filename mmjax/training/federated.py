@@ -106,7 +106,7 @@ def settings(config) -> dict:
 def _id_and_label(record: dict, tasks) -> tuple[str, int]:
     """A record's patient id and class of the first classification output (a multilabel task's first
     label; -1: unknown; 0 without a classification task)."""
-    pid = subgroups._text(record["patient_id"])
+    pid = subgroups.text(record["patient_id"])
     task = next((t for t in tasks if t.kind != "regression"), None)
     if task is None:
         return pid, 0
