@@ -89,7 +89,7 @@ def test_a_site_reads_only_its_own_rows_and_lacks_its_absent_modality(tiny_build
     fed = federated.init_or_restore(c, str(tmp_path))
     try:
         train_ids = fed.sites.ids["train"]
-        batches, ids = federated.round_batches(federated.site_loaders(fed, 0), 2)
+        batches, ids = federated.round_batches(federated.site_loaders(fed.exp, fed.sites, fed.members, 2, 0), 2)
         assert batches["signal"]["present"].shape[:2] == (3, 2)
         for k in range(3):
             own = set(train_ids[fed.sites.of_split["train"] == k].tolist())
@@ -109,7 +109,8 @@ def test_one_site_is_ordinary_training(tiny_builder, tmp_path):
     c.federated.local_steps = 3
     fed = federated.init_or_restore(c, str(tmp_path))
     fed.writer.close(), fed.manager.close()
-    batches, ids = federated.round_batches(federated.site_loaders(fed, 1), 3)  # the second round's
+    loaders = federated.site_loaders(fed.exp, fed.sites, fed.members, 3, 1)  # from the second round
+    batches, ids = federated.round_batches(loaders, 3)
     plain_loader = fed.exp.train_loader(c.train.batch_size, sampled=False, shard_index=0, shard_count=1,
                                         start_batch=3)
     plain = [b for _, b in zip(range(3), plain_loader)]
@@ -120,12 +121,18 @@ def test_one_site_is_ordinary_training(tiny_builder, tmp_path):
     for b in plain:
         ordinary, _ = step(ordinary, parallel.device_batch(b))
     state, sites, _ = fed.round_fn(fed.state, fed.site_states, batches, jnp.ones(1))
-    # vmapped-and-scanned against jitted step by step: XLA rounds differently, and Adam turns a gradient that is
-    # rounding noise into a step of ~1e-6 for a few parameters; a wrong batch, key or update moves them by ~1e-3
-    diff = np.concatenate([np.abs(np.ravel(x) - np.ravel(y)) for x, y in
-                           zip(jax.tree.leaves(state.params), jax.tree.leaves(ordinary.params), strict=True)])
-    assert diff.max() < 5e-5 and np.mean(diff > 1e-6) < 0.05, (diff.max(), np.mean(diff > 1e-6))
+    _within_rounding(jax.tree.leaves(state.params), jax.tree.leaves(ordinary.params))
     assert int(sites.step[0]) == int(ordinary.step) == 3
+
+
+def _within_rounding(got: list, want: list) -> None:
+    """Two computations of the same parameters compiled differently (vmapped-and-scanned against step by step,
+    or three sites against one): XLA rounds differently, and Adam turns a gradient that is rounding noise into a
+    step of about the learning rate, compounding over rounds: the attention's key biases (their true gradient is
+    0: softmax ignores a shift shared by all keys) drift apart by up to ~1e-3 after two rounds, a fraction of a
+    percent of the parameters. A wrong batch, key, site or update moves most parameters by ~1e-4 to 1e-3."""
+    diff = np.concatenate([np.abs(np.ravel(x) - np.ravel(y)) for x, y in zip(got, want, strict=True)])
+    assert np.mean(diff > 1e-6) < 0.01 and np.mean(diff > 1e-5) < 0.005, (np.mean(diff > 1e-6), np.mean(diff > 1e-5))
 
 
 def test_fedprox_with_partial_participation_resumes_to_the_uninterrupted_parameters(tiny_builder, tmp_path):
@@ -145,3 +152,84 @@ def test_fedprox_with_partial_participation_resumes_to_the_uninterrupted_paramet
     assert all(len(e["participants"].split(",")) == 2 for e in events if e["event"] == "train")
     saved = json.load(open(tmp_path / "whole" / "results.json"))
     assert saved["run"]["federated"]["algorithm"] == "fedprox" and "test" in saved
+
+
+def test_flower_server_and_three_clients_over_loopback_give_the_simulations_model(tiny_builder, tmp_path):
+    """A Flower server (its command line, in a process of its own) and three mmjax clients (threads) over
+    loopback gRPC: the server's model after each round is the in-process simulation's, within float rounding
+    (same seeds and site order), and every site's test metrics reach the server."""
+    flwr = pytest.importorskip("flwr", reason="Flower is the federated extra: pip install -e '.[federated]'")
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from mmjax.training import flower
+    from tests.test_training import ROOT
+
+    c = _config(tiny_builder, sites="3", modalities="tabular", algorithm="fedprox", mu=0.05)
+    c.train.update(num_steps=4, eval_every=4)  # 2 rounds of 2 local steps
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mmjax.training.flower", "--role=server", f"--address={address}",
+         f"--workdir={tmp_path / 'server'}", "--config=experiments/synthetic_patients.py:smoke,modalities=tabular",
+         "--config.federated.sites=3", "--config.federated.local_steps=2", "--config.federated.algorithm=fedprox",
+         "--config.federated.mu=0.05", "--config.train.num_steps=4", "--config.train.eval_every=4"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    errors = []
+
+    def site(k):
+        try:
+            flower.connect(c, str(tmp_path / f"site{k}"), address, f"site{k}", max_wait_s=120)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    clients = [threading.Thread(target=site, args=(k,), daemon=True) for k in range(3)]
+    for t in clients:
+        t.start()
+    try:  # a client that fails ends the wait (the server would wait for it)
+        for _ in range(400):
+            if server.poll() is not None or errors:
+                break
+            try:
+                server.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        server.kill()
+        out = server.communicate()[0]
+    for t in clients:
+        t.join(timeout=60)
+    assert server.returncode == 0 and not errors, (errors, out[-3000:])
+    assert flower.saved_rounds(str(tmp_path / "server")) == [1, 2]
+
+    fed = federated.init_or_restore(c, str(tmp_path / "simulation"))
+    try:
+        for r in (1, 2):
+            fed.exp.config.train.stop_at_step = 2 * r
+            federated.fit(fed)
+            fed.start_round = r
+            _within_rounding(flower.load_round(str(tmp_path / "server"), r), jax.tree.leaves(fed.state.params))
+        results = json.load(open(tmp_path / "server" / "results.json"))
+        assert set(results["sites"]) == {"site0", "site1", "site2"}
+        assert results["run"]["federated"]["engine"] == f"flwr {flwr.__version__}"
+        for k in range(3):
+            mine = federated.collect(fed.exp, fed.sites, fed.predict, "test", fed.state.params, site=k)
+            want = task_metrics_of(fed, mine)
+            sent = results["sites"][f"site{k}"]
+            assert sent["metrics"]["macro_auroc"] == pytest.approx(want, abs=1e-4)
+            assert sent["patients"] == len(np.unique(mine[3])) and "ci" in sent
+            assert json.load(open(tmp_path / f"site{k}" / "eval" / "test.json"))["metrics"]["macro_auroc"] == \
+                pytest.approx(want, abs=1e-4)
+    finally:
+        fed.writer.close()
+        fed.manager.close()
+
+
+def task_metrics_of(fed, collected) -> float:
+    from mmjax.metrics import tasks
+
+    return tasks.compute_metrics(*collected[:3], fed.exp.tasks)["macro_auroc"]

@@ -29,7 +29,8 @@ LAYERS = {
     "mmjax.experiment": 3, "mmjax.training": 3,
     "mmjax.evaluation": 4,
     "mmjax.training.train": 5, "mmjax.training.sweep": 5, "mmjax.training.cv": 5,
-    "mmjax.training.label_efficiency": 5, "mmjax.training.federated": 5, "mmjax.benchmarks": 5,
+    "mmjax.training.label_efficiency": 5, "mmjax.training.federated": 5, "mmjax.training.flower": 5,
+    "mmjax.benchmarks": 5,
 }
 APART = [("mmjax.data", "mmjax.models"), ("mmjax.models", "mmjax.data")]  # (importer, imported) never allowed
 

@@ -98,14 +98,14 @@ def load_eval(workdir: str, name: str, step: int) -> dict | None:
     return rec if rec.get("step") == step else None
 
 
-def _plain(x):
+def plain(x):
     """JSON-ready: arrays as lists, NaN and infinities as null (strict JSON has no NaN)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _plain(x.tolist())
+        return plain(x.tolist())
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not np.isfinite(x):
@@ -115,4 +115,4 @@ def _plain(x):
 
 def dump_json(obj, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(_plain(obj), f, indent=2, allow_nan=False)
+        json.dump(plain(obj), f, indent=2, allow_nan=False)

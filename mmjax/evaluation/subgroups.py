@@ -159,7 +159,7 @@ def _order(group: str) -> tuple:
     return (3 if group == MISSING else 2, 0.0, group)
 
 
-def _subset(collected, rows: np.ndarray) -> tuple:
+def subset(collected, rows: np.ndarray) -> tuple:
     preds, labels, masks, ids = collected
     take = lambda d: {k: v[rows] for k, v in d.items()}
     return take(preds), take(labels), take(masks), ids[rows]
@@ -233,7 +233,7 @@ def analyze_variable(collected, tasks, groups: np.ndarray, options: dict) -> dic
         if patients < options["min_patients"]:
             small[g] = patients
             continue
-        sub = _subset(collected, rows)
+        sub = subset(collected, rows)
         out[g] = {"patients": patients, "rows": int(rows.sum()), **records.with_intervals(sub, tasks, options),
                   "calibration": group_calibration(sub, tasks, options["bins"])}
     result = {"groups": out, "too_small": small, "gaps": {}, "moved_rows": int(np.sum(given != groups))}

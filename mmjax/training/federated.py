@@ -277,15 +277,16 @@ def _training_sites(sites: Sites, opts: dict, train_rows) -> tuple[list[str], li
     return training, [m for m in members if len(m)]
 
 
-def site_loaders(fed: Federation, start_round: int):
-    """Per training site, an iterator of its batches (its own rows only), from round `start_round` on."""
-    c, L = fed.exp.config, fed.opts["local_steps"]
-    site_of = fed.sites.of_patients("train")
+def site_loaders(exp: Experiment, sites: Sites, members, local_steps: int, start_round: int, first: int = 0):
+    """Per training site (`members`: its training records; the k-th site, counted from `first`, seeded seed + k),
+    an iterator of its batches (its own rows only), from round `start_round` on."""
+    c = exp.config
+    site_of = sites.of_patients("train")
     out = []
-    for k, rows in enumerate(fed.members):
-        loader = fed.exp.train_loader(c.train.batch_size, seed=c.seed + k, rows=rows, start_batch=start_round * L,
-                                      sampled=False, shard_index=0, shard_count=1)
-        out.append(map(lambda b: hide_absent(b, site_of, fed.sites.absent), iter(loader)))
+    for k, rows in enumerate(members, start=first):
+        loader = exp.train_loader(c.train.batch_size, seed=c.seed + k, rows=rows,
+                                  start_batch=start_round * local_steps, sampled=False, shard_index=0, shard_count=1)
+        out.append(map(lambda b: hide_absent(b, site_of, sites.absent), iter(loader)))
     return out
 
 
@@ -296,6 +297,22 @@ def round_batches(loaders, local_steps: int) -> tuple[dict, list]:
     stack = lambda *xs: np.stack(xs)
     batches = [jax.tree.map(stack, *[parallel.device_batch(b) for b in site]) for site in per_site]
     return jax.tree.map(stack, *batches), ids
+
+
+def local_training(exp: Experiment, opts: dict) -> tuple[optax.GradientTransformation, Any]:
+    """(a site's optimizer, the jitted round of `make_round`): the experiment's train step, with FedProx's
+    term before the optimizer for 'fedprox'."""
+    prox = opts["algorithm"] == "fedprox"
+    tx = optax.chain(proximal(opts["mu"]), exp.optimizer) if prox else exp.optimizer
+    return tx, make_round(make_train_step(exp.model, tx, exp.tasks, exp.loss_weights, **exp.loss_settings), prox)
+
+
+def site_state(state: TrainState, tx, k: int) -> TrainState:
+    """The k-th training site's state before the first round: the initial model, its own optimizer state and
+    dropout key (the run's for site 0, folded with k for the others)."""
+    rng = state.rng if k == 0 else jax.random.fold_in(state.rng, k)
+    return TrainState(step=state.step, params=state.params, opt_state=tx.init(state.params), rng=rng,
+                      loss_state=state.loss_state)
 
 
 def init_or_restore(config, workdir: str) -> Federation:
@@ -309,14 +326,9 @@ def init_or_restore(config, workdir: str) -> Federation:
     exp.save()
     sites = assign_sites(exp, opts)
     names, members = _training_sites(sites, opts, exp.train_rows)
-    prox = opts["algorithm"] == "fedprox"
-    tx = optax.chain(proximal(opts["mu"]), exp.optimizer) if prox else exp.optimizer
-    train_step = make_train_step(exp.model, tx, exp.tasks, exp.loss_weights, **exp.loss_settings)
+    tx, round_fn = local_training(exp, opts)
     state = exp.init_state(jax.random.PRNGKey(config.seed))
-    rngs = [state.rng] + [jax.random.fold_in(state.rng, k) for k in range(1, len(members))]
-    one = lambda rng: TrainState(step=state.step, params=state.params, opt_state=tx.init(state.params), rng=rng,
-                                 loss_state=state.loss_state)
-    site_states = jax.tree.map(lambda *xs: jnp.stack(xs), *[one(r) for r in rngs])
+    site_states = jax.tree.map(lambda *xs: jnp.stack(xs), *[site_state(state, tx, k) for k in range(len(members))])
     every = max(1, config.train.checkpoint_every // opts["local_steps"])
     manager = checkpoint.make_manager(exp.path(CHECKPOINTS), every, config.train.keep_checkpoints, config.best_metric,
                                       lower_is_better=lower_is_better(config.best_metric))
@@ -336,16 +348,28 @@ def init_or_restore(config, workdir: str) -> Federation:
     writer = MetricWriter(workdir, opts["rounds"], config.train.batch_size * opts["local_steps"] * len(members),
                           resume_step=start)
     predict = parallel.MeshStrategy().predictor(exp.eval_step())
-    return Federation(exp, opts, sites, names, members, state, site_states, make_round(train_step, prox), manager,
-                      writer, start, predict)
+    return Federation(exp, opts, sites, names, members, state, site_states, round_fn, manager, writer, start,
+                      predict)
 
 
 def evaluate_split(fed: Federation, split: str, params) -> tuple:
     """(metrics, collected) of `params` on `split`, each site's absent modalities hidden in its rows."""
-    site_of, absent = fed.sites.of_patients(split), fed.sites.absent
-    predictor = Predictor(fed.exp, params, 0, predict=fed.predict)
-    collected = predictor.collect(fed.exp.eval_batches(split), transform=lambda b: hide_absent(b, site_of, absent))
+    collected = collect(fed.exp, fed.sites, fed.predict, split, params)
     return task_metrics.compute_metrics(*collected[:3], fed.exp.tasks), collected
+
+
+def collect(exp: Experiment, sites: Sites, predict, split: str, params, site: int | None = None) -> tuple:
+    """(preds, labels, masks, ids) of `params` on `split` (only `site`'s rows, if given), each site's absent
+    modalities hidden in its rows."""
+    site_of = sites.of_patients(split)
+    predictor = Predictor(exp, params, 0, predict=predict)
+    collected = predictor.collect(exp.eval_batches(split), transform=lambda b: hide_absent(b, site_of, sites.absent))
+    if site is None:
+        return collected
+    mine = np.array([site_of.get(str(i), -1) == site for i in collected[3]], bool)
+    if not mine.any():
+        raise ConfigError(f"site {sites.names[site]}: no rows in the {split} split")
+    return subgroups.subset(collected, mine)
 
 
 def fit(fed: Federation) -> dict:
@@ -354,7 +378,7 @@ def fit(fed: Federation) -> dict:
     stop = (c.train.stop_at_step or c.train.num_steps) // L
     every_eval = max(1, c.train.eval_every // L)
     weights_all = np.array([len(m) for m in fed.members], np.float32)
-    loaders = site_loaders(fed, fed.start_round)
+    loaders = site_loaders(fed.exp, fed.sites, fed.members, L, fed.start_round)
     r, validation, started = fed.start_round, None, time.perf_counter()
     while r < min(rounds, stop):
         batches, _ = round_batches(loaders, L)

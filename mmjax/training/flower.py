@@ -1,0 +1,371 @@
+"""Federated training across real sites over Flower (`flwr`, https://flower.ai): an mmjax client at each
+site, a server with Flower's own FedAvg or FedProx strategy. `pip install -e ".[federated]"`.
+
+    # the server (holds no data; every site and the server use the same config file and flags)
+    python -m mmjax.training.flower --role=server --address=0.0.0.0:8080 --workdir=W --num_sites=3 \
+        --config=experiments/manifest.py:... --config.federated.sites=hospital --config.federated.local_steps=10
+    # each site, with its own manifest (or the shared one: only its rows are read)
+    python -m mmjax.training.flower --role=client --address=server:8080 --site=north --workdir=W_north \
+        --config=experiments/manifest.py:... --config.federated.sites=hospital --config.federated.local_steps=10
+
+A round is the simulation's (`mmjax/training/federated.py`): the server sends the round's model, each
+site takes `federated.local_steps` steps of the experiment's train step on its own rows (the same
+compiled local round, its own optimizer state kept between rounds, its dropout key and batch order
+seeded as the simulation seeds its k-th site) and sends back its parameters and training row count; the
+strategy averages them weighted by those counts. With the same config, data and site order the server's
+model equals the simulation's within float rounding (tested over loopback: a server and three clients).
+
+- Rounds: `train.num_steps / federated.local_steps`. Every site must connect: each round trains all
+  of them (`federated.fraction` < 1 is the simulation's; Flower's sampling of clients differs).
+- The server writes each round's model (`W/rounds/round_NNNN.npz`, the parameter leaves in the model's
+  order) and `W/history.jsonl`; each site its state after the round it last trained (its parameters and
+  optimizer state, `W_site/rounds/`, the newest two kept). A restarted server resumes from its last
+  round's model, a restarted site from its state after the round before the one the server asks for.
+- Evaluation: every `train.eval_every / local_steps` rounds and at the last, each site evaluates the
+  round's model on its validation rows, and after the last round on its test rows with patient
+  bootstrap intervals (`W_site/eval/test.json`); the server writes every site's test metrics and their
+  mean weighted by test rows (not a pooled metric: no predictions leave a site) to `W/results.json`.
+  Flower's `loss` slot carries 1 - `best_metric` (the metric itself when lower is better).
+- Only parameters, row counts and metrics leave a site. The preparation (vocabulary, standardization)
+  is each site's own unless the sites share one config and data preparation, as in the test.
+- Flower's `start_server`/`start_client` are its gRPC API, deprecated since flwr 1.13 in favour of the
+  SuperLink/SuperNode deployment but maintained in 1.x; telemetry is off (`FLWR_TELEMETRY_ENABLED=0`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower would send usage events over the network
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.config import lower_is_better, metric_value
+from mmjax.console import ConfigError
+from mmjax.evaluation import records
+from mmjax.experiment import RESULTS_FILE, Experiment
+from mmjax.metrics import tasks as task_metrics
+from mmjax.training import checkpoint, federated, parallel
+from mmjax.training.state import TrainState
+
+ROUNDS_DIR = "rounds"
+HISTORY_FILE = "history.jsonl"
+
+
+def _flwr():
+    try:
+        import flwr
+    except ImportError as e:
+        raise ConfigError("federated training over Flower needs flwr: pip install -e \".[federated]\"") from e
+    return flwr
+
+
+def _plan(config) -> dict:
+    """The federated settings a Flower run supports (FedAvg or FedProx, every site each round)."""
+    opts = federated.settings(config)
+    if opts["algorithm"] not in ("fedavg", "fedprox"):
+        raise ConfigError(f"--config.federated.algorithm={opts['algorithm']!r}: Flower runs fedavg or fedprox "
+                          "(centralized and local are the simulation's references)")
+    if opts["fraction"] != 1.0:
+        raise ConfigError("--config.federated.fraction < 1 is the simulation's; over Flower every site trains each "
+                          "round")
+    opts["eval_every"] = max(1, config.train.eval_every // opts["local_steps"])
+    return opts
+
+
+def _evaluated(round_index: int, opts: dict) -> bool:
+    return round_index % opts["eval_every"] == 0 or round_index == opts["rounds"]
+
+
+def _score(value: float, metric: str) -> float:
+    """Flower's `loss` slot: lower is better."""
+    return value if lower_is_better(metric) else 1.0 - value
+
+
+# ---- A site ------------------------------------------------------------------------------------------------
+def make_client(run, workdir: str, site: str):
+    """The Flower NumPyClient of `site` (a site name of `run.federated.sites`: a manifest column's value,
+    or 'site<k>' of simulated sites), training and evaluating on that site's rows only."""
+    flwr = _flwr()
+
+    class SiteClient(flwr.client.NumPyClient):
+        def __init__(self):
+            self.settings = run
+            self.opts = _plan(run)
+            self.exp = Experiment.from_config(run, workdir)
+            self.exp.check()
+            self.exp.save()
+            self.sites = federated.assign_sites(self.exp, self.opts)
+            names, members = federated._training_sites(self.sites, self.opts, self.exp.train_rows)
+            if site not in names:
+                raise ConfigError(f"--site={site!r}: no training rows at that site; the sites with training rows are "
+                                  f"{', '.join(names)}")
+            self.name, self.index, self.rows = site, names.index(site), members[names.index(site)]
+            self.tx, self.round_fn = federated.local_training(self.exp, self.opts)
+            self.initial = self.exp.init_state(jax.random.PRNGKey(run.seed))
+            self.treedef = jax.tree.structure(self.initial.params)
+            self.state = _stacked(federated.site_state(self.initial, self.tx, self.index))
+            self.done, self.loader = 0, None
+            if saved_rounds(workdir):
+                self._restore(saved_rounds(workdir)[-1])
+                print(f"Site {site}: resuming after round {self.done}", flush=True)
+            self.predict = parallel.MeshStrategy().predictor(self.exp.eval_step())
+            print(f"Site {site}: {len(self.rows)} training rows, {self.opts['rounds']} rounds of "
+                  f"{self.opts['local_steps']} local steps", flush=True)
+
+        def _restore(self, round_index: int):
+            self.state = jax.tree.unflatten(jax.tree.structure(self.state), load_round(workdir, round_index))
+            self.done, self.loader = round_index, None
+
+        def _params(self, parameters):
+            return jax.tree.unflatten(self.treedef, [jnp.asarray(p) for p in parameters])
+
+        def get_parameters(self, config):
+            return [np.asarray(p) for p in jax.tree.leaves(self.initial.params)]
+
+        def fit(self, parameters, config):
+            r = int(config["round"])
+            mu = float(config.get("proximal_mu", 0.0))
+            if not np.isclose(mu, self.opts["mu"]):
+                raise ConfigError(f"the server's FedProx mu {mu} is not this site's --config.federated.mu "
+                                  f"{self.opts['mu']} (algorithm {self.opts['algorithm']})")
+            if r - 1 != self.done:  # a restarted server or client: from this site's state after round r - 1
+                if r == 1:
+                    self.state, self.done, self.loader = _stacked(federated.site_state(
+                        self.initial, self.tx, self.index)), 0, None
+                elif r - 1 in saved_rounds(workdir):
+                    self._restore(r - 1)
+                else:
+                    raise ConfigError(f"site {self.name}: the server asks for round {r}, this site has no checkpoint "
+                                      f"of round {r - 1} in {workdir} (rounds {saved_rounds(workdir)})")
+            if self.loader is None:
+                self.loader = federated.site_loaders(self.exp, self.sites, [self.rows], self.opts["local_steps"],
+                                                     r - 1, first=self.index)
+            batches, _ = federated.round_batches(self.loader, self.opts["local_steps"])
+            copy = lambda tree: jax.tree.map(jnp.array, tree)  # the round donates its inputs
+            start = TrainState(step=jnp.asarray(r - 1, jnp.int32), params=self._params(parameters), opt_state=(),
+                               rng=copy(self.initial.rng), loss_state=copy(self.initial.loss_state))
+            new, self.state, metrics = self.round_fn(start, self.state, batches, jnp.ones(1))
+            loss = float(np.mean(np.asarray(metrics["loss"])))
+            if not np.isfinite(loss):
+                raise checkpoint.NonFiniteState(f"site {self.name}: non-finite loss in round {r}")
+            self.done = r
+            save_round(workdir, r, self.state, keep=2)
+            return [np.asarray(p) for p in jax.tree.leaves(new.params)], len(self.rows), {"loss": loss,
+                                                                                        "site": self.name}
+
+        def evaluate(self, parameters, config):
+            split, metric = str(config["split"]), self.settings.best_metric
+            if split not in self.exp.splits:
+                raise ConfigError(f"site {self.name}: no {split} split")
+            collected = federated.collect(self.exp, self.sites, self.predict, split, self._params(parameters),
+                                          site=self.sites.names.index(self.name))
+            n = len(np.unique(collected[3]))
+            out = {"site": self.name, "patients": n}
+            if split == "test":
+                rec = records.write(workdir, "test", collected, self.exp.tasks, int(config["round"]), self.settings)
+                value = metric_value(rec["metrics"], metric)
+                out["results"] = json.dumps(records.plain({k: rec[k] for k in ("metrics", "ci") if k in rec}))
+            else:
+                value = metric_value(task_metrics.compute_metrics(*collected[:3], self.exp.tasks), metric)
+            out[metric] = value
+            return _score(value, metric), n, out
+
+    return SiteClient()
+
+
+def _stacked(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+
+
+# ---- The server --------------------------------------------------------------------------------------------
+def saved_rounds(workdir: str) -> list[int]:
+    paths = glob.glob(os.path.join(workdir, ROUNDS_DIR, "round_*.npz"))
+    return sorted(int(m.group(1)) for p in paths if (m := re.search(r"round_(\d+)\.npz$", p)))
+
+
+def load_round(workdir: str, round_index: int) -> list[np.ndarray]:
+    """The server's model after `round_index` (parameter leaves in the model's order)."""
+    with np.load(os.path.join(workdir, ROUNDS_DIR, f"round_{round_index:04d}.npz")) as f:
+        return [f[f"leaf_{k}"] for k in range(len(f.files))]
+
+
+def save_round(workdir: str, round_index: int, tree, keep: int = 0) -> None:
+    """Writes the leaves of `tree` (a model, or a site's state) after `round_index`, whole or not at all; a
+    non-finite tree is refused; `keep` > 0: only the newest `keep` rounds stay."""
+    if not bool(checkpoint.all_finite(tree)):
+        raise checkpoint.NonFiniteState(f"round {round_index}: the parameters or optimizer state are not finite")
+    folder = os.path.join(workdir, ROUNDS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"round_{round_index:04d}.npz")
+    with open(path + ".partial", "wb") as f:
+        np.savez(f, **{f"leaf_{k}": np.asarray(a) for k, a in enumerate(jax.tree.leaves(tree))})
+    os.replace(path + ".partial", path)
+    for old in saved_rounds(workdir)[:-keep] if keep else []:
+        os.remove(os.path.join(folder, f"round_{old:04d}.npz"))
+
+
+def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, initial=None):
+    """Flower's FedAvg (or FedProx with `federated.mu`) over all `num_sites` each round, saving every round's
+    model and writing the sites' metrics; a site's failure stops the run (it is not averaged away). Rounds
+    are numbered from `first_round` + 1 (a resumed server)."""
+    flwr = _flwr()
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvg, FedProx
+
+    opts, metric = _plan(config), config.best_metric
+    base = FedProx if opts["algorithm"] == "fedprox" else FedAvg
+    absolute = lambda server_round: first_round + server_round
+
+    def log(event: dict) -> None:
+        with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    class Strategy(base):
+        def _check(self, what: str, server_round: int, failures) -> None:
+            if failures:
+                first = failures[0] if isinstance(failures[0], BaseException) else failures[0][1].status
+                raise RuntimeError(f"round {absolute(server_round)}: {len(failures)} site(s) failed to {what}: {first}")
+
+        def aggregate_fit(self, server_round, results, failures):
+            self._check("train", server_round, failures)
+            aggregated, _ = super().aggregate_fit(server_round, results, failures)
+            r = absolute(server_round)
+            save_round(workdir, r, parameters_to_ndarrays(aggregated))
+            rows = {res.metrics["site"]: res.num_examples for _, res in results}
+            loss = {res.metrics["site"]: res.metrics["loss"] for _, res in results}
+            mean = sum(loss[s] * rows[s] for s in rows) / sum(rows.values())
+            log({"event": "train", "round": r, "loss": mean, "site_loss": loss, "training_rows": rows})
+            print(f"round {r}/{opts['rounds']}: loss {mean:.4f} ({len(results)} sites)", flush=True)
+            return aggregated, {"loss": mean}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            if not _evaluated(absolute(server_round), opts):
+                return []
+            return super().configure_evaluate(server_round, parameters, client_manager)
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            self._check("evaluate", server_round, failures)
+            r = absolute(server_round)
+            split = "test" if r == opts["rounds"] else "validation"
+            per_site = {res.metrics["site"]: res for _, res in results}
+            n = sum(res.num_examples for res in per_site.values())
+            mean = sum(res.metrics[metric] * res.num_examples for res in per_site.values()) / n
+            by_site = {s: {metric: res.metrics[metric], "patients": res.num_examples} for s, res in per_site.items()}
+            log({"event": split, "round": r, metric: mean, "sites": by_site})
+            shown = ", ".join(f"{s} {v[metric]:.4f}" for s, v in sorted(by_site.items()))
+            print(f"round {r}: {split} {metric} {mean:.4f} (mean of {len(per_site)} sites by patients: {shown})",
+                  flush=True)
+            if split == "test":
+                sites = {s: {"patients": res.num_examples, **json.loads(res.metrics["results"])}
+                         for s, res in sorted(per_site.items())}
+                out = {"test": {metric: mean, "weighting": "mean of the sites' metric weighted by test patients"},
+                       "sites": sites, "run": {"federated": {**{k: opts[k] for k in ("algorithm", "local_steps", "mu",
+                                                                                     "rounds")},
+                                                             "engine": f"flwr {flwr.__version__}",
+                                                             "num_sites": num_sites}}}
+                records.dump_json(out, os.path.join(workdir, RESULTS_FILE + ".partial"))
+                os.replace(os.path.join(workdir, RESULTS_FILE + ".partial"), os.path.join(workdir, RESULTS_FILE))
+            return _score(mean, metric), {metric: mean}
+
+    kwargs = {"proximal_mu": opts["mu"]} if base is FedProx else {}
+    return Strategy(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=num_sites,
+                    min_evaluate_clients=num_sites, min_available_clients=num_sites, accept_failures=False,
+                    initial_parameters=None if initial is None else ndarrays_to_parameters(initial),
+                    on_fit_config_fn=lambda server_round: {"round": absolute(server_round)},
+                    on_evaluate_config_fn=lambda server_round: {
+                        "round": absolute(server_round),
+                        "split": "test" if absolute(server_round) == opts["rounds"] else "validation"},
+                    **kwargs)
+
+
+def serve(config, workdir: str, address: str, num_sites: int | None = None) -> dict:
+    """Runs the Flower server until the last round (resuming from `workdir`'s last saved round); returns
+    the test results the sites sent."""
+    flwr = _flwr()
+    opts = _plan(config)
+    if num_sites is None:
+        if not opts["sites"].isdigit():
+            raise ConfigError(f"--config.federated.sites={opts['sites']!r} is a column: give --num_sites, the number "
+                              "of sites that will connect")
+        num_sites = int(opts["sites"])
+    os.makedirs(workdir, exist_ok=True)
+    done = saved_rounds(workdir)
+    first = done[-1] if done else 0
+    if first >= opts["rounds"]:
+        print(f"{workdir} has every round ({first}); nothing to do", flush=True)
+    else:
+        if first:
+            print(f"Resuming from round {first} in {workdir}", flush=True)
+        strategy = make_strategy(config, workdir, num_sites, first, load_round(workdir, first) if first else None)
+        print(f"Flower server on {address}: {opts['algorithm']}, {opts['rounds'] - first} rounds of "
+              f"{opts['local_steps']} local steps, waiting for {num_sites} sites", flush=True)
+        flwr.server.start_server(server_address=address, strategy=strategy,
+                                 config=flwr.server.ServerConfig(num_rounds=opts["rounds"] - first))
+    path = os.path.join(workdir, RESULTS_FILE)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def connect(config, workdir: str, address: str, site: str, max_wait_s: float | None = None) -> None:
+    """Runs `site`'s client until the server ends the run."""
+    flwr = _flwr()
+    client = make_client(config, workdir, site)
+    _wait_for_server(address, max_wait_s)
+    flwr.client.start_client(server_address=address, client=client.to_client(), max_wait_time=max_wait_s)
+
+
+def _wait_for_server(address: str, max_wait_s: float | None) -> None:
+    """Blocks until `address` accepts connections: Flower's gRPC stream fails at once (UNAVAILABLE) rather than
+    retrying when the server is not listening yet."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    start, delay = time.monotonic(), 0.1
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            waited = time.monotonic() - start
+            if max_wait_s is not None and waited > max_wait_s:
+                raise ConnectionError(f"no Flower server at {address} after {waited:.0f} s: {e}") from e
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
+def main(argv):
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = _FLAGS
+    if f["role"].value == "server":
+        serve(f["config"].value, f["workdir"].value, f["address"].value, f["num_sites"].value)
+    else:
+        if not f["site"].value:
+            raise app.UsageError("--role=client needs --site, the site's name")
+        connect(f["config"].value, f["workdir"].value, f["address"].value, f["site"].value)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    from mmjax.console import define_config_flag
+
+    _default = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
+    _FLAGS = {"config": define_config_flag("config", os.path.normpath(_default), "Experiment config file."),
+              "role": flags.DEFINE_enum("role", "client", ["server", "client"], "This process's part."),
+              "address": flags.DEFINE_string("address", "127.0.0.1:8080", "The server's host:port."),
+              "workdir": flags.DEFINE_string("workdir", "workdirs/flower", "Where this process's files go."),
+              "site": flags.DEFINE_string("site", "", "client: the site's name (a value of the sites column, or "
+                                          "site<k> for a count of simulated sites)."),
+              "num_sites": flags.DEFINE_integer("num_sites", None, "server: how many sites connect (default: "
+                                                "federated.sites when it is a count).")}
+    app.run(main)
