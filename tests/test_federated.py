@@ -154,11 +154,9 @@ def test_fedprox_with_partial_participation_resumes_to_the_uninterrupted_paramet
     assert saved["run"]["federated"]["algorithm"] == "fedprox" and "test" in saved
 
 
-def test_flower_server_and_three_clients_over_loopback_give_the_simulations_model(tiny_builder, tmp_path):
-    """A Flower server (its command line, in a process of its own) and three mmjax clients (threads) over
-    loopback gRPC: the server's model after each round is the in-process simulation's, within float rounding
-    (same seeds and site order), and every site's test metrics reach the server."""
-    flwr = pytest.importorskip("flwr", reason="Flower is the federated extra: pip install -e '.[federated]'")
+def _flower_round_trip(c, tmp_path, server_flags: list) -> str:
+    """Runs a Flower server (its command line, a process of its own) and three sites' clients (threads) over
+    loopback until the server ends; its output."""
     import socket
     import subprocess
     import sys
@@ -167,18 +165,13 @@ def test_flower_server_and_three_clients_over_loopback_give_the_simulations_mode
     from mmjax.training import flower
     from tests.test_training import ROOT
 
-    c = _config(tiny_builder, sites="3", modalities="tabular", algorithm="fedprox", mu=0.05)
-    c.train.update(num_steps=4, eval_every=4)  # 2 rounds of 2 local steps
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mmjax.training.flower", "--role=server", f"--address={address}",
-         f"--workdir={tmp_path / 'server'}", "--config=experiments/synthetic_patients.py:smoke,modalities=tabular",
-         "--config.federated.sites=3", "--config.federated.local_steps=2", "--config.federated.algorithm=fedprox",
-         "--config.federated.mu=0.05", "--config.train.num_steps=4", "--config.train.eval_every=4"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+         f"--workdir={tmp_path / 'server'}", *server_flags], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     errors = []
 
     def site(k):
@@ -204,7 +197,26 @@ def test_flower_server_and_three_clients_over_loopback_give_the_simulations_mode
     for t in clients:
         t.join(timeout=60)
     assert server.returncode == 0 and not errors, (errors, out[-3000:])
-    assert flower.saved_rounds(str(tmp_path / "server")) == [1, 2]
+    return out
+
+
+def test_flower_server_and_three_clients_over_loopback_give_the_simulations_model(tiny_builder, tmp_path):
+    """A Flower server and three mmjax clients over loopback gRPC: the server's model after each round is the
+    in-process simulation's, within float rounding (same seeds and site order), every
+    site's test metrics reach the server; a server and sites restarted before the last round's evaluation was
+    recorded redo that round whole, to the same model bit for bit."""
+    flwr = pytest.importorskip("flwr", reason="Flower is the federated extra: pip install -e '.[federated]'")
+    from mmjax.training import flower
+
+    c = _config(tiny_builder, sites="3", modalities="tabular", algorithm="fedprox", mu=0.05)
+    c.train.update(num_steps=4, eval_every=4)  # 2 rounds of 2 local steps
+    c.model.dropout = 0.1  # each site's own dropout key matters (tabular alone: modality dropout does nothing)
+    flags = ["--config=experiments/synthetic_patients.py:smoke,modalities=tabular",
+             "--config.federated.sites=3", "--config.federated.local_steps=2", "--config.federated.algorithm=fedprox",
+             "--config.federated.mu=0.05", "--config.train.num_steps=4", "--config.train.eval_every=4"]
+    _flower_round_trip(c, tmp_path, flags)
+    server = str(tmp_path / "server")
+    assert flower.saved_rounds(server) == [1, 2]
 
     fed = federated.init_or_restore(c, str(tmp_path / "simulation"))
     try:
@@ -212,10 +224,11 @@ def test_flower_server_and_three_clients_over_loopback_give_the_simulations_mode
             fed.exp.config.train.stop_at_step = 2 * r
             federated.fit(fed)
             fed.start_round = r
-            _within_rounding(flower.load_round(str(tmp_path / "server"), r), jax.tree.leaves(fed.state.params))
+            _within_rounding(flower.load_round(server, r), jax.tree.leaves(fed.state.params))
         results = json.load(open(tmp_path / "server" / "results.json"))
         assert set(results["sites"]) == {"site0", "site1", "site2"}
         assert results["run"]["federated"]["engine"] == f"flwr {flwr.__version__}"
+        means = []
         for k in range(3):
             mine = federated.collect(fed.exp, fed.sites, fed.predict, "test", fed.state.params, site=k)
             want = task_metrics_of(fed, mine)
@@ -224,9 +237,26 @@ def test_flower_server_and_three_clients_over_loopback_give_the_simulations_mode
             assert sent["patients"] == len(np.unique(mine[3])) and "ci" in sent
             assert json.load(open(tmp_path / f"site{k}" / "eval" / "test.json"))["metrics"]["macro_auroc"] == \
                 pytest.approx(want, abs=1e-4)
+            means.append((want, sent["patients"]))
+        assert results["test"]["macro_auroc"] == pytest.approx(
+            sum(m * n for m, n in means) / sum(n for _, n in means), abs=1e-4)
     finally:
         fed.writer.close()
         fed.manager.close()
+
+    # interrupted before the last round's test evaluation was recorded: round 2 is redone from round 1
+    before = flower.load_round(server, 2)
+    os.remove(os.path.join(server, "results.json"))
+    history = open(os.path.join(server, "history.jsonl")).readlines()
+    open(os.path.join(server, "history.jsonl"), "w").writelines(history[:-1])
+    out = _flower_round_trip(c, tmp_path, flags)
+    assert "Resuming after round 1" in out, out[-2000:]
+    jax.tree.map(np.testing.assert_array_equal, flower.load_round(server, 2), before)
+    assert os.path.exists(os.path.join(server, "results.json"))
+    with pytest.raises(Exception, match="another config"):
+        c2 = c.copy_and_resolve_references()
+        c2.optimizer.learning_rate *= 2
+        flower.make_client(c2, str(tmp_path / "site1"), "site1")
 
 
 def task_metrics_of(fed, collected) -> float:

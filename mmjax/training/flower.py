@@ -15,19 +15,28 @@ seeded as the simulation seeds its k-th site) and sends back its parameters and 
 strategy averages them weighted by those counts. With the same config, data and site order the server's
 model equals the simulation's within float rounding (tested over loopback: a server and three clients).
 
-- Rounds: `train.num_steps / federated.local_steps`. Every site must connect: each round trains all
-  of them (`federated.fraction` < 1 is the simulation's; Flower's sampling of clients differs).
+- Rounds: `train.num_steps / federated.local_steps` (`train.stop_at_step` is the simulation's). Every
+  site must connect, once: each round trains all of them and the server stops at a missing, doubled or
+  failed site (`federated.fraction` < 1 is the simulation's; Flower's sampling of clients differs).
 - The server writes each round's model (`W/rounds/round_NNNN.npz`, the parameter leaves in the model's
   order) and `W/history.jsonl`; each site its state after the round it last trained (its parameters and
-  optimizer state, `W_site/rounds/`, the newest two kept). A restarted server resumes from its last
-  round's model, a restarted site from its state after the round before the one the server asks for.
-- Evaluation: every `train.eval_every / local_steps` rounds and at the last, each site evaluates the
-  round's model on its validation rows, and after the last round on its test rows with patient
-  bootstrap intervals (`W_site/eval/test.json`); the server writes every site's test metrics and their
-  mean weighted by test rows (not a pooled metric: no predictions leave a site) to `W/results.json`.
-  Flower's `loss` slot carries 1 - `best_metric` (the metric itself when lower is better).
+  optimizer state, `W_site/rounds/`, the newest two kept). A restarted server resumes after its last
+  round whose evaluation was recorded (a round is redone whole), a restarted site from its state after
+  the round before the one the server asks for; a config other than the one the rounds were made with
+  is refused (`flower_config.json`). After a failure restart every process: a site's client ends with
+  the server's stream.
+- Evaluation: every `train.eval_every / local_steps` rounds each site evaluates the round's model on its
+  validation rows (a site without any reports none); after the last round, instead, on its test rows,
+  with patient bootstrap intervals (`W_site/eval/test.json`). The server writes every site's test
+  metrics and their mean weighted by test patients (not a pooled metric: no predictions leave a site)
+  to `W/results.json`. This is the last round's model (the simulation's `results.json` is the best round
+  by validation). Flower's `loss` slot carries 1 - `best_metric` (the metric itself when lower is better).
 - Only parameters, row counts and metrics leave a site. The preparation (vocabulary, standardization)
-  is each site's own unless the sites share one config and data preparation, as in the test.
+  is each site's own unless the sites share one config and data preparation, as in the test. A site
+  reading its own manifest finds one site in it, so it is site 0 there: the simulation's seeding of the
+  k-th site needs the shared manifest; with manifests of their own give the sites different
+  `--config.seed` for their own dropout keys and batch order (the model they start from is the one the
+  server takes from the first site that answers, the same for all).
 - Flower's `start_server`/`start_client` are its gRPC API, deprecated since flwr 1.13 in favour of the
   SuperLink/SuperNode deployment but maintained in 1.x; telemetry is off (`FLWR_TELEMETRY_ENABLED=0`).
 """
@@ -38,6 +47,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower would send usage events over the network
 
@@ -45,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.config import lower_is_better, metric_value
+from mmjax.config import RESUME_MAY_CHANGE, config_differences, lower_is_better, metric_value
 from mmjax.console import ConfigError
 from mmjax.evaluation import records
 from mmjax.experiment import RESULTS_FILE, Experiment
@@ -55,6 +65,7 @@ from mmjax.training.state import TrainState
 
 ROUNDS_DIR = "rounds"
 HISTORY_FILE = "history.jsonl"
+FLOWER_CONFIG = "flower_config.json"  # the config as given, to check a resume against
 
 
 def _flwr():
@@ -97,6 +108,7 @@ def make_client(run, workdir: str, site: str):
         def __init__(self):
             self.settings = run
             self.opts = _plan(run)
+            _check_resume(run, workdir)
             self.exp = Experiment.from_config(run, workdir)
             self.exp.check()
             self.exp.save()
@@ -143,6 +155,7 @@ def make_client(run, workdir: str, site: str):
                 else:
                     raise ConfigError(f"site {self.name}: the server asks for round {r}, this site has no checkpoint "
                                       f"of round {r - 1} in {workdir} (rounds {saved_rounds(workdir)})")
+                drop_rounds_after(workdir, r - 1)  # a later round of this site's is not the server's any more
             if self.loader is None:
                 self.loader = federated.site_loaders(self.exp, self.sites, [self.rows], self.opts["local_steps"],
                                                      r - 1, first=self.index)
@@ -161,10 +174,10 @@ def make_client(run, workdir: str, site: str):
 
         def evaluate(self, parameters, config):
             split, metric = str(config["split"]), self.settings.best_metric
-            if split not in self.exp.splits:
-                raise ConfigError(f"site {self.name}: no {split} split")
-            collected = federated.collect(self.exp, self.sites, self.predict, split, self._params(parameters),
-                                          site=self.sites.names.index(self.name))
+            k = self.sites.names.index(self.name)
+            if split not in self.exp.splits or not np.any(self.sites.of_split[split] == k):
+                return 0.0, 0, {"site": self.name, "patients": 0}  # nothing to evaluate here: left out
+            collected = federated.collect(self.exp, self.sites, self.predict, split, self._params(parameters), site=k)
             n = len(np.unique(collected[3]))
             out = {"site": self.name, "patients": n}
             if split == "test":
@@ -183,15 +196,19 @@ def _stacked(state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: jnp.asarray(x)[None], state)
 
 
-# ---- The server --------------------------------------------------------------------------------------------
+# ---- Rounds on disk ----------------------------------------------------------------------------------------
 def saved_rounds(workdir: str) -> list[int]:
     paths = glob.glob(os.path.join(workdir, ROUNDS_DIR, "round_*.npz"))
     return sorted(int(m.group(1)) for p in paths if (m := re.search(r"round_(\d+)\.npz$", p)))
 
 
+def _round_path(workdir: str, round_index: int) -> str:
+    return os.path.join(workdir, ROUNDS_DIR, f"round_{round_index:04d}.npz")
+
+
 def load_round(workdir: str, round_index: int) -> list[np.ndarray]:
-    """The server's model after `round_index` (parameter leaves in the model's order)."""
-    with np.load(os.path.join(workdir, ROUNDS_DIR, f"round_{round_index:04d}.npz")) as f:
+    """The leaves saved after `round_index` (the server's model, or a site's state), in the tree's order."""
+    with np.load(_round_path(workdir, round_index)) as f:
         return [f[f"leaf_{k}"] for k in range(len(f.files))]
 
 
@@ -200,20 +217,63 @@ def save_round(workdir: str, round_index: int, tree, keep: int = 0) -> None:
     non-finite tree is refused; `keep` > 0: only the newest `keep` rounds stay."""
     if not bool(checkpoint.all_finite(tree)):
         raise checkpoint.NonFiniteState(f"round {round_index}: the parameters or optimizer state are not finite")
-    folder = os.path.join(workdir, ROUNDS_DIR)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"round_{round_index:04d}.npz")
+    path = _round_path(workdir, round_index)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".partial", "wb") as f:
         np.savez(f, **{f"leaf_{k}": np.asarray(a) for k, a in enumerate(jax.tree.leaves(tree))})
     os.replace(path + ".partial", path)
     for old in saved_rounds(workdir)[:-keep] if keep else []:
-        os.remove(os.path.join(folder, f"round_{old:04d}.npz"))
+        os.remove(_round_path(workdir, old))
 
 
+def drop_rounds_after(workdir: str, round_index: int) -> None:
+    for later in saved_rounds(workdir):
+        if later > round_index:
+            os.remove(_round_path(workdir, later))
+
+
+def _check_resume(config, workdir: str) -> None:
+    """Refuses to resume `workdir`'s rounds under another config (but for what a resume may change: how long,
+    how often to evaluate, where the data is), unless `--config.allow_config_change=True`; then records the
+    config as given (`FLOWER_CONFIG`)."""
+    path = os.path.join(workdir, FLOWER_CONFIG)
+    now = config.to_json_best_effort(indent=2)
+    if saved_rounds(workdir) and os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        differ = config_differences(before, json.loads(now), RESUME_MAY_CHANGE, new_keys=False)
+        if differ and not config.get("allow_config_change", False):
+            raise ConfigError(f"{workdir} holds rounds (up to {saved_rounds(workdir)[-1]}) of a run with another "
+                              f"config: {', '.join(differ[:8])} differ. Use another --workdir, or "
+                              "--config.allow_config_change=True")
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(now)
+
+
+def _history(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, HISTORY_FILE)
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def resume_round(workdir: str, opts: dict) -> int:
+    """The round a restarted server starts after: its last saved model, or the round before when that
+    round's evaluation (validation, or the last round's test) was not recorded (it is redone whole)."""
+    done = saved_rounds(workdir)
+    last = done[-1] if done else 0
+    if last and _evaluated(last, opts):
+        split = "test" if last == opts["rounds"] else "validation"
+        if not any(e["event"] == split and e["round"] == last for e in _history(workdir)) or (
+                split == "test" and not os.path.exists(os.path.join(workdir, RESULTS_FILE))):
+            return last - 1
+    return last
+
+
+# ---- The server --------------------------------------------------------------------------------------------
 def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, initial=None):
     """Flower's FedAvg (or FedProx with `federated.mu`) over all `num_sites` each round, saving every round's
-    model and writing the sites' metrics; a site's failure stops the run (it is not averaged away). Rounds
-    are numbered from `first_round` + 1 (a resumed server)."""
+    model and writing the sites' metrics; a site's failure, a missing or doubled site stops the run (nothing is
+    averaged away). Rounds are numbered from `first_round` + 1 (a resumed server)."""
     flwr = _flwr()
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.strategy import FedAvg, FedProx
@@ -221,19 +281,26 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
     opts, metric = _plan(config), config.best_metric
     base = FedProx if opts["algorithm"] == "fedprox" else FedAvg
     absolute = lambda server_round: first_round + server_round
+    split_of = lambda r: "test" if r == opts["rounds"] else "validation"
 
     def log(event: dict) -> None:
         with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
             f.write(json.dumps(event) + "\n")
 
     class Strategy(base):
-        def _check(self, what: str, server_round: int, failures) -> None:
+        def _check(self, what: str, server_round: int, results, failures) -> list:
+            """The results in site order, after checking that every site answered once."""
+            r = absolute(server_round)
             if failures:
                 first = failures[0] if isinstance(failures[0], BaseException) else failures[0][1].status
-                raise RuntimeError(f"round {absolute(server_round)}: {len(failures)} site(s) failed to {what}: {first}")
+                raise RuntimeError(f"round {r}: {len(failures)} site(s) failed to {what}: {first}")
+            names = [res.metrics["site"] for _, res in results]
+            if len(set(names)) != len(names) or len(names) != num_sites:
+                raise RuntimeError(f"round {r}: {num_sites} sites expected to {what}, answered: {sorted(names)}")
+            return sorted(results, key=lambda item: item[1].metrics["site"])  # the average's order: fixed
 
         def aggregate_fit(self, server_round, results, failures):
-            self._check("train", server_round, failures)
+            results = self._check("train", server_round, results, failures)
             aggregated, _ = super().aggregate_fit(server_round, results, failures)
             r = absolute(server_round)
             save_round(workdir, r, parameters_to_ndarrays(aggregated))
@@ -250,43 +317,40 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
             return super().configure_evaluate(server_round, parameters, client_manager)
 
         def aggregate_evaluate(self, server_round, results, failures):
-            self._check("evaluate", server_round, failures)
-            r = absolute(server_round)
-            split = "test" if r == opts["rounds"] else "validation"
-            per_site = {res.metrics["site"]: res for _, res in results}
+            results = self._check("evaluate", server_round, results, failures)
+            r, split = absolute(server_round), split_of(absolute(server_round))
+            per_site = {res.metrics["site"]: res for _, res in results if res.num_examples > 0}
             n = sum(res.num_examples for res in per_site.values())
-            mean = sum(res.metrics[metric] * res.num_examples for res in per_site.values()) / n
+            mean = sum(res.metrics[metric] * res.num_examples for res in per_site.values()) / n if n else float("nan")
             by_site = {s: {metric: res.metrics[metric], "patients": res.num_examples} for s, res in per_site.items()}
-            log({"event": split, "round": r, metric: mean, "sites": by_site})
-            shown = ", ".join(f"{s} {v[metric]:.4f}" for s, v in sorted(by_site.items()))
-            print(f"round {r}: {split} {metric} {mean:.4f} (mean of {len(per_site)} sites by patients: {shown})",
-                  flush=True)
+            shown = ", ".join(f"{s} {v[metric]:.4f}" for s, v in sorted(by_site.items())) or "no site has rows"
+            print(f"round {r}: {split} {metric} {mean:.4f} (mean of the sites by patients: {shown})", flush=True)
             if split == "test":
                 sites = {s: {"patients": res.num_examples, **json.loads(res.metrics["results"])}
                          for s, res in sorted(per_site.items())}
+                info = {**{k: opts[k] for k in ("algorithm", "local_steps", "mu", "rounds")},
+                        "engine": f"flwr {flwr.__version__}", "num_sites": num_sites, "evaluated_round": r}
                 out = {"test": {metric: mean, "weighting": "mean of the sites' metric weighted by test patients"},
-                       "sites": sites, "run": {"federated": {**{k: opts[k] for k in ("algorithm", "local_steps", "mu",
-                                                                                     "rounds")},
-                                                             "engine": f"flwr {flwr.__version__}",
-                                                             "num_sites": num_sites}}}
+                       "sites": sites, "run": {"federated": info}}
                 records.dump_json(out, os.path.join(workdir, RESULTS_FILE + ".partial"))
                 os.replace(os.path.join(workdir, RESULTS_FILE + ".partial"), os.path.join(workdir, RESULTS_FILE))
-            return _score(mean, metric), {metric: mean}
+            log({"event": split, "round": r, metric: mean, "sites": by_site})  # last: the round's evaluation is done
+            return (_score(mean, metric) if n else None), {metric: mean}
 
     kwargs = {"proximal_mu": opts["mu"]} if base is FedProx else {}
     return Strategy(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=num_sites,
                     min_evaluate_clients=num_sites, min_available_clients=num_sites, accept_failures=False,
                     initial_parameters=None if initial is None else ndarrays_to_parameters(initial),
                     on_fit_config_fn=lambda server_round: {"round": absolute(server_round)},
-                    on_evaluate_config_fn=lambda server_round: {
-                        "round": absolute(server_round),
-                        "split": "test" if absolute(server_round) == opts["rounds"] else "validation"},
+                    on_evaluate_config_fn=lambda server_round: {"round": absolute(server_round),
+                                                                "split": split_of(absolute(server_round))},
                     **kwargs)
 
 
 def serve(config, workdir: str, address: str, num_sites: int | None = None) -> dict:
-    """Runs the Flower server until the last round (resuming from `workdir`'s last saved round); returns
-    the test results the sites sent."""
+    """Runs the Flower server until the last round (resuming `workdir`: `resume_round`); returns the test
+    results the sites sent. An error leaves Flower's gRPC server running (its sites waiting): the command
+    line ends the process."""
     flwr = _flwr()
     opts = _plan(config)
     if num_sites is None:
@@ -294,14 +358,14 @@ def serve(config, workdir: str, address: str, num_sites: int | None = None) -> d
             raise ConfigError(f"--config.federated.sites={opts['sites']!r} is a column: give --num_sites, the number "
                               "of sites that will connect")
         num_sites = int(opts["sites"])
-    os.makedirs(workdir, exist_ok=True)
-    done = saved_rounds(workdir)
-    first = done[-1] if done else 0
+    _check_resume(config, workdir)
+    first = resume_round(workdir, opts)
     if first >= opts["rounds"]:
-        print(f"{workdir} has every round ({first}); nothing to do", flush=True)
+        print(f"{workdir} has every round ({first}) and its results; nothing to do", flush=True)
     else:
         if first:
-            print(f"Resuming from round {first} in {workdir}", flush=True)
+            print(f"Resuming after round {first} in {workdir}", flush=True)
+        drop_rounds_after(workdir, first)
         strategy = make_strategy(config, workdir, num_sites, first, load_round(workdir, first) if first else None)
         print(f"Flower server on {address}: {opts['algorithm']}, {opts['rounds'] - first} rounds of "
               f"{opts['local_steps']} local steps, waiting for {num_sites} sites", flush=True)
@@ -347,7 +411,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = _FLAGS
     if f["role"].value == "server":
-        serve(f["config"].value, f["workdir"].value, f["address"].value, f["num_sites"].value)
+        try:
+            serve(f["config"].value, f["workdir"].value, f["address"].value, f["num_sites"].value)
+        except Exception:  # noqa: BLE001 - printed; os._exit, since Flower's gRPC threads would keep it alive
+            import traceback
+
+            traceback.print_exc()
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)
     else:
         if not f["site"].value:
             raise app.UsageError("--role=client needs --site, the site's name")
