@@ -253,6 +253,9 @@ def test_flower_server_and_three_clients_over_loopback_give_the_simulations_mode
     assert "Resuming after round 1" in out, out[-2000:]
     jax.tree.map(np.testing.assert_array_equal, flower.load_round(server, 2), before)
     assert os.path.exists(os.path.join(server, "results.json"))
+    history = [json.loads(line) for line in open(os.path.join(server, "history.jsonl"))]
+    assert [e["round"] for e in history if e["event"] == "train"] == [1, 2]  # the redone round's lines, once
+    assert [e["round"] for e in history if e["event"] == "test"] == [2]
     with pytest.raises(Exception, match="another config"):
         c2 = c.copy_and_resolve_references()
         c2.optimizer.learning_rate *= 2

@@ -4,7 +4,7 @@ site, a server with Flower's own FedAvg or FedProx strategy. `pip install -e ".[
     # the server (holds no data; every site and the server use the same config file and flags)
     python -m mmjax.training.flower --role=server --address=0.0.0.0:8080 --workdir=W --num_sites=3 \
         --config=experiments/manifest.py:... --config.federated.sites=hospital --config.federated.local_steps=10
-    # each site, with its own manifest (or the shared one: only its rows are read)
+    # each site, with its own manifest (or the shared one: it trains and reports on its site's rows only)
     python -m mmjax.training.flower --role=client --address=server:8080 --site=north --workdir=W_north \
         --config=experiments/manifest.py:... --config.federated.sites=hospital --config.federated.local_steps=10
 
@@ -15,9 +15,10 @@ seeded as the simulation seeds its k-th site) and sends back its parameters and 
 strategy averages them weighted by those counts. With the same config, data and site order the server's
 model equals the simulation's within float rounding (tested over loopback: a server and three clients).
 
-- Rounds: `train.num_steps / federated.local_steps` (`train.stop_at_step` is the simulation's). Every
-  site must connect, once: each round trains all of them and the server stops at a missing, doubled or
-  failed site (`federated.fraction` < 1 is the simulation's; Flower's sampling of clients differs).
+- Rounds: `train.num_steps / federated.local_steps` (`train.stop_at_step` is the simulation's). Each round
+  trains every site: the server waits until all `--num_sites` are connected, and stops at more, at a site
+  that answers twice or fails, and at a site whose `local_steps`, rounds or mu differ from its own
+  (`federated.fraction` < 1 is the simulation's; Flower's sampling of clients differs).
 - The server writes each round's model (`W/rounds/round_NNNN.npz`, the parameter leaves in the model's
   order) and `W/history.jsonl`; each site its state after the round it last trained (its parameters and
   optimizer state, `W_site/rounds/`, the newest two kept). A restarted server resumes after its last
@@ -26,7 +27,8 @@ model equals the simulation's within float rounding (tested over loopback: a ser
   is refused (`flower_config.json`). After a failure restart every process: a site's client ends with
   the server's stream.
 - Evaluation: every `train.eval_every / local_steps` rounds each site evaluates the round's model on its
-  validation rows (a site without any reports none); after the last round, instead, on its test rows,
+  validation rows (a site without any reports none, and a site's undefined metric, e.g. AUROC of one
+  class, is left out of the mean); after the last round, instead, on its test rows,
   with patient bootstrap intervals (`W_site/eval/test.json`). The server writes every site's test
   metrics and their mean weighted by test patients (not a pooled metric: no predictions leave a site)
   to `W/results.json`. This is the last round's model (the simulation's `results.json` is the best round
@@ -36,7 +38,7 @@ model equals the simulation's within float rounding (tested over loopback: a ser
   reading its own manifest finds one site in it, so it is site 0 there: the simulation's seeding of the
   k-th site needs the shared manifest; with manifests of their own give the sites different
   `--config.seed` for their own dropout keys and batch order (the model they start from is the one the
-  server takes from the first site that answers, the same for all).
+  server takes from one connected site, the same for all).
 - Flower's `start_server`/`start_client` are its gRPC API, deprecated since flwr 1.13 in favour of the
   SuperLink/SuperNode deployment but maintained in 1.x; telemetry is off (`FLWR_TELEMETRY_ENABLED=0`).
 """
@@ -142,10 +144,12 @@ def make_client(run, workdir: str, site: str):
 
         def fit(self, parameters, config):
             r = int(config["round"])
-            mu = float(config.get("proximal_mu", 0.0))
-            if not np.isclose(mu, self.opts["mu"]):
-                raise ConfigError(f"the server's FedProx mu {mu} is not this site's --config.federated.mu "
-                                  f"{self.opts['mu']} (algorithm {self.opts['algorithm']})")
+            server = {"mu": float(config.get("proximal_mu", 0.0)), "local_steps": int(config["local_steps"]),
+                      "rounds": int(config["rounds"])}
+            differ = [f"{k} {v} (here {self.opts[k]})" for k, v in server.items() if not np.isclose(v, self.opts[k])]
+            if differ:
+                raise ConfigError(f"site {self.name}: the server's plan is not this site's config: "
+                                  f"{', '.join(differ)} (--config.federated.* and train.num_steps must agree)")
             if r - 1 != self.done:  # a restarted server or client: from this site's state after round r - 1
                 if r == 1:
                     self.state, self.done, self.loader = _stacked(federated.site_state(
@@ -168,20 +172,21 @@ def make_client(run, workdir: str, site: str):
             if not np.isfinite(loss):
                 raise checkpoint.NonFiniteState(f"site {self.name}: non-finite loss in round {r}")
             self.done = r
-            save_round(workdir, r, self.state, keep=2)
+            save_round(workdir, r, self.state, keep=3)  # the server may ask for the round before its last
             return [np.asarray(p) for p in jax.tree.leaves(new.params)], len(self.rows), {"loss": loss,
                                                                                         "site": self.name}
 
         def evaluate(self, parameters, config):
             split, metric = str(config["split"]), self.settings.best_metric
             k = self.sites.names.index(self.name)
-            if split not in self.exp.splits or not np.any(self.sites.of_split[split] == k):
+            if split not in self.exp.splits or k not in set(self.sites.of_patients(split).values()):
                 return 0.0, 0, {"site": self.name, "patients": 0}  # nothing to evaluate here: left out
             collected = federated.collect(self.exp, self.sites, self.predict, split, self._params(parameters), site=k)
             n = len(np.unique(collected[3]))
             out = {"site": self.name, "patients": n}
             if split == "test":
-                rec = records.write(workdir, "test", collected, self.exp.tasks, int(config["round"]), self.settings)
+                step = int(config["round"]) * self.opts["local_steps"]  # local steps, as the simulation counts
+                rec = records.write(workdir, "test", collected, self.exp.tasks, step, self.settings)
                 value = metric_value(rec["metrics"], metric)
                 out["results"] = json.dumps(records.plain({k: rec[k] for k in ("metrics", "ci") if k in rec}))
             else:
@@ -285,7 +290,7 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
 
     def log(event: dict) -> None:
         with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(json.dumps(records.plain(event), allow_nan=False) + "\n")
 
     class Strategy(base):
         def _check(self, what: str, server_round: int, results, failures) -> list:
@@ -298,6 +303,15 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
             if len(set(names)) != len(names) or len(names) != num_sites:
                 raise RuntimeError(f"round {r}: {num_sites} sites expected to {what}, answered: {sorted(names)}")
             return sorted(results, key=lambda item: item[1].metrics["site"])  # the average's order: fixed
+
+        def _wait_for_every_site(self, client_manager) -> None:
+            client_manager.wait_for(num_sites)  # Flower would sample a subset of more, or wait for fewer
+            if client_manager.num_available() != num_sites:
+                raise RuntimeError(f"{client_manager.num_available()} sites connected, {num_sites} expected")
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            self._wait_for_every_site(client_manager)
+            return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
             results = self._check("train", server_round, results, failures)
@@ -314,14 +328,17 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
         def configure_evaluate(self, server_round, parameters, client_manager):
             if not _evaluated(absolute(server_round), opts):
                 return []
+            self._wait_for_every_site(client_manager)
             return super().configure_evaluate(server_round, parameters, client_manager)
 
         def aggregate_evaluate(self, server_round, results, failures):
             results = self._check("evaluate", server_round, results, failures)
             r, split = absolute(server_round), split_of(absolute(server_round))
             per_site = {res.metrics["site"]: res for _, res in results if res.num_examples > 0}
-            n = sum(res.num_examples for res in per_site.values())
-            mean = sum(res.metrics[metric] * res.num_examples for res in per_site.values()) / n if n else float("nan")
+            # a site's undefined metric (one class in its rows: AUROC NaN) is left out of the mean, and shown
+            scored = [res for res in per_site.values() if np.isfinite(res.metrics[metric])]
+            n = sum(res.num_examples for res in scored)
+            mean = sum(res.metrics[metric] * res.num_examples for res in scored) / n if n else float("nan")
             by_site = {s: {metric: res.metrics[metric], "patients": res.num_examples} for s, res in per_site.items()}
             shown = ", ".join(f"{s} {v[metric]:.4f}" for s, v in sorted(by_site.items())) or "no site has rows"
             print(f"round {r}: {split} {metric} {mean:.4f} (mean of the sites by patients: {shown})", flush=True)
@@ -338,10 +355,12 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
             return (_score(mean, metric) if n else None), {metric: mean}
 
     kwargs = {"proximal_mu": opts["mu"]} if base is FedProx else {}
-    return Strategy(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=num_sites,
+    return Strategy(fit_metrics_aggregation_fn=lambda metrics: {},  # aggregate_fit writes them
+                    fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=num_sites,
                     min_evaluate_clients=num_sites, min_available_clients=num_sites, accept_failures=False,
                     initial_parameters=None if initial is None else ndarrays_to_parameters(initial),
-                    on_fit_config_fn=lambda server_round: {"round": absolute(server_round)},
+                    on_fit_config_fn=lambda server_round: {"round": absolute(server_round), "rounds": opts["rounds"],
+                                                           "local_steps": opts["local_steps"]},
                     on_evaluate_config_fn=lambda server_round: {"round": absolute(server_round),
                                                                 "split": split_of(absolute(server_round))},
                     **kwargs)
@@ -359,6 +378,10 @@ def serve(config, workdir: str, address: str, num_sites: int | None = None) -> d
                               "of sites that will connect")
         num_sites = int(opts["sites"])
     _check_resume(config, workdir)
+    done = saved_rounds(workdir)
+    if done and done[-1] > opts["rounds"]:
+        raise ConfigError(f"{workdir} has {done[-1]} rounds, more than the {opts['rounds']} of train.num_steps / "
+                          "federated.local_steps: use another --workdir")
     first = resume_round(workdir, opts)
     if first >= opts["rounds"]:
         print(f"{workdir} has every round ({first}) and its results; nothing to do", flush=True)
@@ -366,6 +389,9 @@ def serve(config, workdir: str, address: str, num_sites: int | None = None) -> d
         if first:
             print(f"Resuming after round {first} in {workdir}", flush=True)
         drop_rounds_after(workdir, first)
+        kept = [e for e in _history(workdir) if e["round"] <= first]  # a redone round's lines are written anew
+        with open(os.path.join(workdir, HISTORY_FILE), "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in kept)
         strategy = make_strategy(config, workdir, num_sites, first, load_round(workdir, first) if first else None)
         print(f"Flower server on {address}: {opts['algorithm']}, {opts['rounds'] - first} rounds of "
               f"{opts['local_steps']} local steps, waiting for {num_sites} sites", flush=True)
@@ -409,10 +435,15 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import logging
+
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; not twice through absl's handler
     f = _FLAGS
     if f["role"].value == "server":
         try:
             serve(f["config"].value, f["workdir"].value, f["address"].value, f["num_sites"].value)
+        except ConfigError:
+            raise  # one line (console.run); nothing of Flower's is running yet
         except Exception:  # noqa: BLE001 - printed; os._exit, since Flower's gRPC threads would keep it alive
             import traceback
 
@@ -426,9 +457,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
-    from mmjax.console import define_config_flag
+    from mmjax.console import define_config_flag, run
 
     _default = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic_patients.py")
     _FLAGS = {"config": define_config_flag("config", os.path.normpath(_default), "Experiment config file."),
@@ -439,4 +470,4 @@ if __name__ == "__main__":
                                           "site<k> for a count of simulated sites)."),
               "num_sites": flags.DEFINE_integer("num_sites", None, "server: how many sites connect (default: "
                                                 "federated.sites when it is a count).")}
-    app.run(main)
+    run(main)
