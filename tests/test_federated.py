@@ -266,3 +266,39 @@ def task_metrics_of(fed, collected) -> float:
     from mmjax.metrics import tasks
 
     return tasks.compute_metrics(*collected[:3], fed.exp.tasks)["macro_auroc"]
+
+
+def test_flower_rounds_on_disk_and_the_round_a_server_resumes_after(tmp_path, tiny_builder):
+    from mmjax.training import flower
+
+    w = str(tmp_path)
+    tree = {"a": np.arange(3.0), "b": {"c": np.ones((2, 2))}}
+    for r in (1, 2, 3, 4):
+        flower.save_round(w, r, jax.tree.map(lambda x, r=r: x * r, tree), keep=3)
+    assert flower.saved_rounds(w) == [2, 3, 4]  # the newest three
+    np.testing.assert_array_equal(flower.load_round(w, 3)[0], np.arange(3.0) * 3)
+    with pytest.raises(Exception, match="not finite"):
+        flower.save_round(w, 5, {"a": np.array([np.nan])})
+    flower.drop_rounds_after(w, 2)
+    assert flower.saved_rounds(w) == [2]
+
+    opts = {"rounds": 4, "eval_every": 2}
+    server = str(tmp_path / "server")
+    for r in (1, 2):
+        flower.save_round(server, r, tree)
+    history = os.path.join(server, "history.jsonl")
+    with open(history, "w") as f:
+        f.write(json.dumps({"event": "train", "round": 1}) + "\n" + json.dumps({"event": "train", "round": 2}) + "\n")
+    assert flower.resume_round(server, opts) == 1  # round 2's validation was not recorded: redo round 2
+    with open(history, "a") as f:
+        f.write(json.dumps({"event": "validation", "round": 2}) + "\n")
+    assert flower.resume_round(server, opts) == 2
+    flower.save_round(server, 3, tree)
+    assert flower.resume_round(server, opts) == 3  # round 3 is not evaluated
+
+    c = _config(tiny_builder, sites="3", algorithm="centralized")
+    with pytest.raises(Exception, match="Flower runs fedavg or fedprox"):
+        flower._plan(c)
+    c.federated.update(algorithm="fedavg", fraction=0.5)
+    with pytest.raises(Exception, match="every site trains each round"):
+        flower._plan(c)

@@ -188,7 +188,7 @@ def make_client(run, workdir: str, site: str):
                 step = int(config["round"]) * self.opts["local_steps"]  # local steps, as the simulation counts
                 rec = records.write(workdir, "test", collected, self.exp.tasks, step, self.settings)
                 value = metric_value(rec["metrics"], metric)
-                out["results"] = json.dumps(records.plain({k: rec[k] for k in ("metrics", "ci") if k in rec}))
+                out["results"] = json.dumps(records.plain({key: rec[key] for key in ("metrics", "ci") if key in rec}))
             else:
                 value = metric_value(task_metrics.compute_metrics(*collected[:3], self.exp.tasks), metric)
             out[metric] = value
