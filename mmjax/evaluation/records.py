@@ -114,5 +114,7 @@ def plain(x):
 
 
 def dump_json(obj, path: str) -> None:
-    with open(path, "w") as f:
+    """Strict JSON of `obj` (`plain`) at `path`, written whole or not at all (a reader never sees half a file)."""
+    with open(path + ".partial", "w") as f:
         json.dump(plain(obj), f, indent=2, allow_nan=False)
+    os.replace(path + ".partial", path)

@@ -441,9 +441,7 @@ def finish(fed: Federation, loop: dict) -> dict:
             "absent": {fed.sites.names[k]: list(m) for k, m in fed.sites.absent.items()},
             "wall_seconds": round(loop["wall_seconds"], 2)}
     out = {**results, "run": {"federated": info, "evaluated_step": int(best)}, "sites": by_site}
-    partial = exp.path(RESULTS_FILE + ".partial")
-    records.dump_json(out, partial)  # written whole or not at all
-    os.replace(partial, exp.path(RESULTS_FILE))
+    records.dump_json(out, exp.path(RESULTS_FILE))
     return out
 
 

@@ -349,8 +349,7 @@ def make_strategy(config, workdir: str, num_sites: int, first_round: int = 0, in
                         "engine": f"flwr {flwr.__version__}", "num_sites": num_sites, "evaluated_round": r}
                 out = {"test": {metric: mean, "weighting": "mean of the sites' metric weighted by test patients"},
                        "sites": sites, "run": {"federated": info}}
-                records.dump_json(out, os.path.join(workdir, RESULTS_FILE + ".partial"))
-                os.replace(os.path.join(workdir, RESULTS_FILE + ".partial"), os.path.join(workdir, RESULTS_FILE))
+                records.dump_json(out, os.path.join(workdir, RESULTS_FILE))
             log({"event": split, "round": r, metric: mean, "sites": by_site})  # last: the round's evaluation is done
             return (_score(mean, metric) if n else None), {metric: mean}
 
